@@ -1,0 +1,48 @@
+"""Balancers: ways to combine task losses or task gradients into one update.
+
+>>> import mtlkit
+>>> b = mtlkit.balancers.create("dwa", tasks=["seg", "depth"], temperature=2.0)
+>>> "uw" in mtlkit.balancers.available()
+True
+"""
+
+from mtlkit.balancers._base import Balancer, BalanceStep, GradientBalancer
+from mtlkit.balancers._dynamic import (
+    DynamicTaskPrioritization,
+    DynamicWeightAverage,
+    LossBalancedTaskWeighting,
+    RandomLossWeighting,
+)
+from mtlkit.balancers._famo import FAMO
+from mtlkit.balancers._registry import available, create, get, register
+from mtlkit.balancers._scaling import (
+    EqualWeighting,
+    FixedWeighting,
+    GeometricWeighting,
+    InitialLossWeighting,
+    PriorLossWeighting,
+    prior_loss,
+)
+from mtlkit.balancers._uncertainty import UncertaintyWeighting
+
+__all__ = [
+    "FAMO",
+    "BalanceStep",
+    "Balancer",
+    "DynamicTaskPrioritization",
+    "DynamicWeightAverage",
+    "EqualWeighting",
+    "FixedWeighting",
+    "GradientBalancer",
+    "GeometricWeighting",
+    "InitialLossWeighting",
+    "LossBalancedTaskWeighting",
+    "PriorLossWeighting",
+    "RandomLossWeighting",
+    "UncertaintyWeighting",
+    "available",
+    "create",
+    "get",
+    "prior_loss",
+    "register",
+]

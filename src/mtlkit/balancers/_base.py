@@ -1,0 +1,358 @@
+"""The balancer contract: validation, dispatch to the gradient engine, and the result of a step.
+
+Every balancer is an :class:`torch.nn.Module` whose state (loss histories, learned parameters,
+inner optimiser moments) is registered as buffers or parameters, so ``state_dict()`` /
+``load_state_dict()`` round-trip exactly and a resumed run follows the same trajectory.
+
+Subclasses implement one small hook, chosen by the class attribute ``requires``:
+
+* ``"losses"``  -> :meth:`Balancer._loss_weights`: weights from the detached losses; the update is
+  one backward pass of ``sum_k w_k L_k`` (methods with learned weights override
+  :meth:`Balancer._objective` instead).
+* ``"gramian"`` -> :meth:`Balancer._gramian_weights`: weights from the K x K Gram matrix of the
+  per-task gradients; the engine writes ``sum_k w_k g_k`` without another backward pass.
+* ``"jacobian"`` -> :meth:`Balancer._aggregate`: the combined shared gradient from the full
+  K x P Jacobian (for methods that are not a linear combination, e.g. GradDrop).
+
+Task-specific parameters (heads, i.e. every parameter reached from the losses that is not in
+``shared``) always receive the plain gradient of their own task's loss, whatever the method.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mtlkit.engine import GRAD_ON, STRATEGIES, GradOn, Strategy, TaskGradients, task_gradients
+
+Requirement = Literal["losses", "gramian", "jacobian"]
+Losses = Mapping[str, Tensor] | Sequence[Tensor]
+
+
+@dataclass(frozen=True)
+class BalanceStep:
+    """What one :meth:`Balancer.backward` call did.
+
+    The tensors stay on the device; the dict views (``weights``) synchronise with the host only
+    when read, so logging them is the caller's choice.
+
+    Attributes:
+        tasks: task names, in the balancer's order.
+        loss: the detached scalar ``sum_k w_k L_k`` whose gradient the shared parameters received
+            (for learned balancers, plus their regulariser).
+        weight_tensor: effective weight of each task's gradient in the shared update, shape (K,).
+        gramian: the K x K Gram matrix of the task gradients, for gradient methods; else None.
+    """
+
+    tasks: tuple[str, ...]
+    loss: Tensor
+    weight_tensor: Tensor
+    gramian: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Effective weight of each task in this update (reads the device once)."""
+        return dict(zip(self.tasks, self.weight_tensor.detach().cpu().tolist()))
+
+    @property
+    def cosine(self) -> Tensor | None:
+        """Pairwise cosine similarity of the task gradients (K x K), from the Gram matrix at no
+        extra cost; None for methods that never compute per-task gradients. A task with a zero
+        gradient has cosine 0 with every other task."""
+        if self.gramian is None:
+            return None
+        norms = self.gramian.diagonal().clamp_min(0).sqrt()
+        denom = norms[:, None] * norms[None, :]
+        return torch.where(denom > 0, self.gramian / denom.clamp_min(1e-300), 0.0)
+
+
+class Balancer(nn.Module):
+    """Base class of every balancer. See the module docstring for the contract.
+
+    Args:
+        tasks: the task names, in a fixed order (used for weights, state and reports).
+        check_finite: raise on a non-finite loss (costs one host synchronisation per step).
+    """
+
+    #: What the balancer needs from the engine; the trainer and CLI read this, never a name.
+    requires: ClassVar[Requirement] = "losses"
+    #: Keyword context a step accepts (e.g. ``kpi`` for DTP); anything else is an error.
+    context_keys: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`after_step` must be called with the post-step losses (FAMO).
+    needs_after_step: ClassVar[bool] = False
+    #: Registry name, set by :func:`mtlkit.balancers.register`.
+    name: ClassVar[str] = ""
+
+    step: Tensor
+
+    def __init__(self, tasks: Sequence[str], *, check_finite: bool = True) -> None:
+        super().__init__()
+        if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+            raise TypeError(f"tasks must be a sequence of task names, got {tasks!r}")
+        tasks = tuple(tasks)
+        if not tasks:
+            raise ValueError("tasks must name at least one task")
+        for t in tasks:
+            if not isinstance(t, str) or not t:
+                raise ValueError(f"task names must be non-empty strings, got {t!r}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names must be unique, got {list(tasks)}")
+        self.tasks: tuple[str, ...] = tasks
+        self.check_finite = check_finite
+        # Number of completed steps (int64 scalar). Counter-based randomness derives from it.
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    # ------------------------------------------------------------------ public API
+    def backward(
+        self,
+        losses: Losses,
+        *,
+        shared: Iterable[Tensor] | None = None,
+        features: Tensor | None = None,
+        **context: Any,
+    ) -> BalanceStep:
+        """Combine the task losses and accumulate the update into ``.grad`` of the parameters.
+
+        Args:
+            losses: task name -> scalar loss (or a sequence in task order).
+            shared: the shared parameters; required by gradient-based balancers.
+            features: the last shared representation (for ``grad_on="features"``).
+            **context: per-step inputs some methods need (see ``context_keys``).
+
+        Returns:
+            A :class:`BalanceStep` with the effective task weights.
+
+        The step is validated completely before any state changes, so a rejected step leaves the
+        balancer exactly as it was.
+        """
+        stacked = self._check_losses(losses)
+        self._check_context(context)
+        if self.requires == "losses":
+            out = self._backward_losses(stacked, context)
+        else:
+            out = self._backward_gradients(stacked, shared, features, context)
+        self.step += 1
+        return out
+
+    def after_step(self, losses: Losses) -> None:
+        """Look at the losses after the optimiser step (only methods with ``needs_after_step``)."""
+        if self.needs_after_step:
+            self._after_step(self._check_losses(losses, need_grad=False).detach())
+
+    def new_epoch(self) -> None:
+        """Mark an epoch boundary (used by per-epoch methods such as DWA and LBTW)."""
+
+    # ------------------------------------------------------------------ hooks
+    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+    def _objective(self, losses: Tensor, context: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """(scalar to backpropagate, effective weights). Default: ``sum_k w_k L_k`` with the
+        weights of :meth:`_loss_weights`, treated as constants."""
+        with torch.no_grad():
+            weights = self._loss_weights(losses.detach(), context).to(losses.dtype)
+        return (weights * losses).sum(), weights
+
+    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (combined shared gradient of shape (P,), effective weights (K,))."""
+        raise NotImplementedError
+
+    def _after_step(self, losses: Tensor) -> None:
+        pass
+
+    #: For gradient methods: where per-task gradients are taken (set by subclasses' __init__).
+    grad_on: GradOn = "parameters"
+    strategy: Strategy = "auto"
+    chunk_size: int | None = None
+
+    # ------------------------------------------------------------------ internals
+    def _backward_losses(self, losses: Tensor, context: Mapping[str, Any]) -> BalanceStep:
+        total, weights = self._objective(losses, context)
+        total.backward()
+        return BalanceStep(self.tasks, total.detach(), weights.detach())
+
+    def _backward_gradients(
+        self,
+        losses: Tensor,
+        shared: Iterable[Tensor] | None,
+        features: Tensor | None,
+        context: Mapping[str, Any],
+    ) -> BalanceStep:
+        if shared is None:
+            raise ValueError(
+                f"{type(self).__name__} combines task gradients: pass shared=<the shared "
+                "parameters> to backward()"
+            )
+        shared = [p for p in shared if p.requires_grad]
+        if not shared:
+            raise ValueError("shared contains no parameter that requires grad")
+        if self.grad_on == "features" and features is None:
+            raise ValueError(
+                f"{type(self).__name__}(grad_on='features') needs features=<the last shared "
+                "representation> in backward()"
+            )
+        grads: TaskGradients = task_gradients(
+            list(losses.unbind()) if losses.dim() else [losses],
+            shared,
+            features,
+            grad_on=self.grad_on,
+            strategy=self.strategy,
+            chunk_size=self.chunk_size,
+            need_jacobian=self.requires == "jacobian",
+        )
+        detached = losses.detach()
+        with torch.no_grad():
+            if self.requires == "jacobian":
+                combined, weights = self._aggregate(grads.jacobian_matrix(), detached)
+                grads.apply_vector(combined)
+            else:
+                weights = self._gramian_weights(grads.gramian, detached).to(grads.gramian.dtype)
+                grads.apply_weights(weights)
+        weights = weights.detach().to(losses.dtype)
+        return BalanceStep(self.tasks, (weights * detached).sum(), weights, grads.gramian)
+
+    def _check_losses(self, losses: Losses, need_grad: bool = True) -> Tensor:
+        """Validate and stack the losses in task order; errors name the task and the problem."""
+        if isinstance(losses, Mapping):
+            unknown = [k for k in losses if k not in self.tasks]
+            missing = [t for t in self.tasks if t not in losses]
+            if unknown:
+                raise KeyError(f"unknown task(s) {unknown}; this balancer has tasks {list(self.tasks)}")
+            if missing:
+                raise KeyError(f"missing loss for task(s) {missing}")
+            items = [(t, losses[t]) for t in self.tasks]
+        elif isinstance(losses, Sequence) and not isinstance(losses, (str, Tensor)):
+            if len(losses) != self.num_tasks:
+                raise ValueError(
+                    f"got {len(losses)} losses for {self.num_tasks} tasks {list(self.tasks)}"
+                )
+            items = list(zip(self.tasks, losses))
+        else:
+            raise TypeError(
+                f"losses must be a mapping task -> scalar tensor or a sequence, got {type(losses)}"
+            )
+        for task, loss in items:
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"loss of task {task!r} is a {type(loss).__name__}, not a Tensor")
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"loss of task {task!r} must be a scalar, got shape {tuple(loss.shape)} "
+                    "(reduce it, e.g. with .mean())"
+                )
+            if need_grad and not loss.requires_grad:
+                raise ValueError(
+                    f"loss of task {task!r} does not require grad: it is not connected to any "
+                    "trainable parameter (was it computed under torch.no_grad() or detached?)"
+                )
+        stacked = torch.stack([loss.reshape(()) for _, loss in items])
+        if self.check_finite:
+            finite = torch.isfinite(stacked.detach())
+            if not bool(finite.all()):  # one host sync, opt out with check_finite=False
+                bad = [t for (t, _), ok in zip(items, finite.tolist()) if not ok]
+                raise FloatingPointError(f"non-finite loss for task(s) {bad}: {stacked.tolist()}")
+        return stacked
+
+    def _check_context(self, context: Mapping[str, Any]) -> None:
+        unknown = [k for k in context if k not in self.context_keys]
+        if unknown:
+            accepted = list(self.context_keys) or "none"
+            raise TypeError(
+                f"{type(self).__name__}.backward() got unexpected context {unknown}; "
+                f"it accepts: {accepted}"
+            )
+        self._validate_context(context)
+
+    def _validate_context(self, context: Mapping[str, Any]) -> None:
+        """Raise on bad context before any state changes (override where context is used)."""
+
+    def _task_values(self, values: Mapping[str, float] | float, what: str) -> Tensor:
+        """A per-task hyperparameter given as one number or a task -> number mapping."""
+        if isinstance(values, Mapping):
+            unknown = [k for k in values if k not in self.tasks]
+            missing = [t for t in self.tasks if t not in values]
+            if unknown or missing:
+                raise ValueError(
+                    f"{what} must give a value for exactly the tasks {list(self.tasks)}; "
+                    f"unknown {unknown}, missing {missing}"
+                )
+            out = [float(values[t]) for t in self.tasks]
+        else:
+            out = [float(values)] * self.num_tasks
+        for t, v in zip(self.tasks, out):
+            if not math.isfinite(v):
+                raise ValueError(f"{what} for task {t!r} must be finite, got {v}")
+        return torch.tensor(out, dtype=torch.float32)
+
+    def _rng(self, salt: int = 0) -> torch.Generator:
+        """A generator derived from (seed, step): reproducible, and exact on resume with no
+        generator state to save."""
+        seed = int(getattr(self, "seed", 0))
+        gen = torch.Generator()
+        gen.manual_seed((seed * 1_000_003 + int(self.step) * 7919 + salt) % (2**63 - 1))
+        return gen
+
+    def __str__(self) -> str:
+        return self.name or type(self).__name__
+
+
+class GradientBalancer(Balancer):
+    """Base of the balancers that combine per-task gradients (``requires`` is ``"gramian"`` or
+    ``"jacobian"``).
+
+    Args:
+        tasks: task names.
+        grad_on: ``"parameters"`` (exact: gradients of the shared parameters) or ``"features"``
+            (cheap: gradients of the shared representation, as MGDA-UB; pass ``features=`` to
+            :meth:`backward`).
+        strategy: how the engine runs the K backward passes: ``"auto"``, ``"batched"``, ``"loop"``.
+        chunk_size: at most this many tasks per batched backward (bounds memory).
+        check_finite: raise on a non-finite loss.
+    """
+
+    requires: ClassVar[Requirement] = "gramian"
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        grad_on: GradOn = "parameters",
+        strategy: Strategy = "auto",
+        chunk_size: int | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(tasks, check_finite=check_finite)
+        if grad_on not in GRAD_ON:
+            raise ValueError(f"grad_on must be one of {GRAD_ON}, got {grad_on!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        self.grad_on = grad_on
+        self.strategy = strategy
+        self.chunk_size = chunk_size
+
+    def extra_repr(self) -> str:
+        return f"grad_on={self.grad_on!r}, strategy={self.strategy!r}"
+
+
+def positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """Validate a hyperparameter that must be positive (or non-negative)."""
+    value = float(value)
+    ok = value >= 0 if allow_zero else value > 0
+    if not math.isfinite(value) or not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return value

@@ -1,0 +1,92 @@
+"""Uncertainty weighting (Kendall, Gal & Cipolla 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mtlkit.balancers._base import Balancer
+from mtlkit.balancers._registry import register
+
+Kind = Literal["regression", "classification"]
+KINDS = ("regression", "classification")
+
+
+@register("uw")
+class UncertaintyWeighting(Balancer):
+    r"""Homoscedastic uncertainty weighting with a learned log-variance per task.
+
+    Proposed in Kendall, Gal & Cipolla, *Multi-Task Learning Using Uncertainty to Weigh Losses for
+    Scene Geometry and Semantics* (CVPR 2018, arXiv:1705.07115), eqs. (7) and (10).
+
+    The parameter is :math:`s_k = \log \sigma_k^2` (**the log-variance**, not :math:`\log\sigma`,
+    a factor-of-two mix-up in several ports). The backpropagated loss is
+
+    .. math::  \sum_k c_k e^{-s_k} L_k + \tfrac12 s_k,
+        \qquad c_k = \tfrac12 \text{ (regression)},\ 1 \text{ (classification)},
+
+    so the effective weight reported in ``BalanceStep.weights`` is :math:`c_k e^{-s_k}`, i.e.
+    :math:`1/(2\sigma_k^2)` or :math:`1/\sigma_k^2`. The :math:`\tfrac12 s_k = \log\sigma_k` term
+    makes the total loss negative once :math:`\sigma_k < 1`: this is expected, not a bug.
+
+    The log-variances are parameters of this module: hand them to the optimiser, e.g.
+    ``torch.optim.Adam([*model.parameters(), *balancer.parameters()])``.
+
+    Args:
+        tasks: task names.
+        kinds: ``"regression"`` or ``"classification"``, one for all tasks or per task
+            (default regression, the paper's Gaussian likelihood).
+        init_log_var: initial :math:`s_k` (default 0, i.e. :math:`\sigma = 1`).
+
+    State:
+        ``log_vars`` (K,) learned :math:`s_k`.
+
+    Example:
+        >>> import torch
+        >>> from mtlkit.balancers import UncertaintyWeighting
+        >>> p = torch.nn.Parameter(torch.tensor(1.0))
+        >>> b = UncertaintyWeighting(["a", "b"], kinds={"a": "regression", "b": "classification"})
+        >>> b.backward([p * 2, p * 3]).weights
+        {'a': 0.5, 'b': 1.0}
+        >>> b.log_vars.grad  # d/ds (c e^{-s} L + s/2) at s=0: -c L + 1/2
+        tensor([-0.5000, -2.5000])
+    """
+
+    log_vars: nn.Parameter
+    scale: Tensor
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        kinds: Kind | Mapping[str, Kind] = "regression",
+        init_log_var: float = 0.0,
+        *,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(tasks, check_finite=check_finite)
+        per_task = kinds if isinstance(kinds, Mapping) else dict.fromkeys(self.tasks, kinds)
+        unknown = [k for k in per_task if k not in self.tasks]
+        missing = [t for t in self.tasks if t not in per_task]
+        if unknown or missing:
+            raise ValueError(f"kinds must cover exactly the tasks; unknown {unknown}, missing {missing}")
+        for t, kind in per_task.items():
+            if kind not in KINDS:
+                raise ValueError(f"kinds[{t!r}] must be one of {KINDS}, got {kind!r}")
+        self.kinds = {t: per_task[t] for t in self.tasks}
+        init = self._task_values(init_log_var, "init_log_var")
+        self.log_vars = nn.Parameter(init)
+        # c_k: 1/2 for a Gaussian (regression) likelihood, 1 for a softmax (classification) one.
+        scale = [0.5 if self.kinds[t] == "regression" else 1.0 for t in self.tasks]
+        self.register_buffer("scale", torch.tensor(scale), persistent=False)
+
+    def _objective(self, losses: Tensor, context: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        # Differentiable in the log-variances: they learn from this same backward pass.
+        s = self.log_vars.to(losses.dtype)
+        weights = self.scale.to(losses.dtype) * torch.exp(-s)
+        return (weights * losses).sum() + 0.5 * s.sum(), weights
+
+    def extra_repr(self) -> str:
+        return f"kinds={self.kinds}"
