@@ -132,6 +132,9 @@ class Balancer(nn.Module):
         Returns:
             A :class:`BalanceStep` with the effective task weights.
 
+        Parameters reached from the losses but not listed in ``shared`` receive the sum of the
+        task gradients that reach them: for a head, exactly its own task's gradient.
+
         The step is validated completely before any state changes, so a rejected step leaves the
         balancer exactly as it was.
         """
@@ -205,7 +208,7 @@ class Balancer(nn.Module):
                 "representation> in backward()"
             )
         grads: TaskGradients = task_gradients(
-            list(losses.unbind()) if losses.dim() else [losses],
+            list(losses.unbind()),
             shared,
             features,
             grad_on=self.grad_on,

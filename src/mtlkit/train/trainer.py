@@ -1,0 +1,381 @@
+"""The trainer: one model, its tasks, one balancer; epochs, evaluation, logs, checkpoints, resume.
+
+Every run is repeatable from its seed: data order comes from a generator seeded by
+``(seed, epoch)``, the global RNG state (dropout) is saved in the checkpoint, and the balancer's
+state round-trips through ``state_dict``. A run resumed from the checkpoint of epoch e therefore
+follows the same trajectory as an uninterrupted one.
+
+Model selection uses the validation split only (never test): the selected epoch maximises the
+mean over tasks of the primary validation metric's relative improvement over epoch 1
+(sign-corrected for lower-is-better metrics), or is the last epoch with ``select="last"``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from mtlkit.balancers import Balancer
+from mtlkit.optim import model_param_groups
+from mtlkit.train.checkpoint import load_checkpoint, save_checkpoint
+from mtlkit.train.logs import RunLog
+
+if TYPE_CHECKING:
+    from mtlkit.tasks import Task
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """How to train one run. Every field is validated by :meth:`validate`."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    shared_lr: float | None = None
+    task_lr: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    cosine_every: int = 25
+    select: Literal["val", "last"] = "val"
+    device: str = "cpu"
+    progress: bool = True
+
+    def validate(self, tasks: Sequence[str]) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        for name in ("lr", "shared_lr"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v < math.inf):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        for t, v in self.task_lr.items():
+            if t not in tasks:
+                raise ValueError(f"task_lr names unknown task {t!r}; tasks are {list(tasks)}")
+            if not (isinstance(v, (int, float)) and 0 < v < math.inf):
+                raise ValueError(f"task_lr.{t} must be a positive number, got {v!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("log_every", "cosine_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        if self.select not in ("val", "last"):
+            raise ValueError(f"select must be 'val' or 'last', got {self.select!r}")
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports."""
+
+    method: str
+    tasks: list[str]
+    selected_epoch: int
+    val: dict[str, float]
+    test: dict[str, float]
+    step_time: float
+    history: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Trainer:
+    """Train a multi-task model with a balancer.
+
+    Args:
+        model: a model with ``forward(x) -> {task: output}``, ``features`` (last shared
+            representation, or None), ``shared_parameters()`` and ``task_parameters(task)``.
+        tasks: the tasks (name, loss, metrics) in the model's order.
+        balancer: how the task losses are combined.
+        config: a :class:`TrainConfig`.
+        out_dir: where logs and the checkpoint go (None: keep nothing on disk).
+
+    Example:
+        >>> # trainer = Trainer(model, tasks, mtlkit.balancers.create("dwa", [t.name for t in tasks]),
+        >>> #                   TrainConfig(epochs=5), out_dir="runs/dwa")
+        >>> # result = trainer.fit(train_set, val_set, test_set)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: Sequence[Task],
+        balancer: Balancer,
+        config: TrainConfig,
+        out_dir: str | Path | None = None,
+    ) -> None:
+        self.tasks = list(tasks)
+        self.names = [t.name for t in self.tasks]
+        if list(balancer.tasks) != self.names:
+            raise ValueError(
+                f"balancer tasks {list(balancer.tasks)} differ from the tasks {self.names}"
+            )
+        config.validate(self.names)
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model = model.to(self.device)
+        self.balancer = balancer.to(self.device)
+        groups = model_param_groups(
+            model, lr=config.lr, shared_lr=config.shared_lr, task_lr=config.task_lr
+        )
+        extra = [p for p in balancer.parameters() if p.requires_grad]
+        if extra:
+            groups.append({"name": "balancer", "params": extra, "lr": config.lr})
+        self.optimizer = torch.optim.Adam(groups, weight_decay=config.weight_decay)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.log = RunLog(self.out_dir)
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.step_times: list[float] = []
+        self._kpi_scale: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ public
+    def fit(
+        self,
+        train: Dataset,
+        val: Dataset,
+        test: Dataset | None = None,
+        *,
+        resume: bool = False,
+    ) -> RunResult:
+        """Train for ``config.epochs`` epochs (continuing from the checkpoint with ``resume``)."""
+        if resume:
+            self._resume()
+        eval_batch = max(self.config.batch_size, 256)
+        val_loader = DataLoader(val, batch_size=eval_batch)
+        test_loader = DataLoader(test, batch_size=eval_batch) if test is not None else None
+        while self.epoch < self.config.epochs:
+            gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
+            loader = DataLoader(train, batch_size=self.config.batch_size, shuffle=True,
+                                generator=gen, drop_last=len(train) > self.config.batch_size)
+            self._train_epoch(loader)
+            record: dict[str, Any] = {"epoch": self.epoch + 1}
+            record["val"] = evaluate(self.model, self.tasks, val_loader, self.device)
+            if test_loader is not None:
+                record["test"] = evaluate(self.model, self.tasks, test_loader, self.device)
+            self.history.append(record)
+            self.log.epoch(record)
+            self.epoch += 1
+            self.balancer.new_epoch()
+            if self.out_dir is not None:
+                self._save()
+        return self.result()
+
+    def result(self) -> RunResult:
+        if not self.history:
+            raise RuntimeError("no epoch has been trained yet")
+        best = select_epoch(self.history, self.tasks, self.config.select)
+        rec = self.history[best]
+        return RunResult(
+            method=str(self.balancer),
+            tasks=self.names,
+            selected_epoch=rec["epoch"],
+            val=rec["val"],
+            test=rec.get("test", {}),
+            step_time=statistics.median(self.step_times) if self.step_times else float("nan"),
+            history=self.history,
+        )
+
+    # ------------------------------------------------------------------ training
+    def _train_epoch(self, loader: Iterable) -> None:
+        self.model.train()
+        n = len(loader)  # type: ignore[arg-type]
+        for i, batch in enumerate(loader):
+            x, y, mask = _unpack(batch, self.device)
+            t0 = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.model(x)
+            losses = {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name)) for t in self.tasks}
+            cosine = None
+            if self._want_cosine():
+                c0 = time.perf_counter()
+                cosine = feature_cosine(losses, getattr(self.model, "features", None))
+                t0 += time.perf_counter() - c0  # diagnostics are not part of the step time
+            context = self._context(out, y, losses)
+            step = self.balancer.backward(
+                losses,
+                shared=self.model.shared_parameters(),
+                features=getattr(self.model, "features", None),
+                **context,
+            )
+            self.optimizer.step()
+            if self.balancer.needs_after_step:
+                with torch.no_grad():
+                    out2 = self.model(x)
+                    self.balancer.after_step(
+                        {t.name: t.loss(out2[t.name], y[t.name], mask.get(t.name))
+                         for t in self.tasks}
+                    )
+            self.step_times.append(time.perf_counter() - t0)
+            self.global_step += 1
+            if step.cosine is not None:
+                cosine = step.cosine
+            if self.config.log_every and (self.global_step % self.config.log_every == 0
+                                          or cosine is not None):
+                self.log.step(self._step_record(losses, step.weight_tensor, cosine))
+            if self.config.progress and sys.stderr.isatty():
+                print(f"\r  epoch {self.epoch + 1}/{self.config.epochs} "
+                      f"step {i + 1}/{n}", end="", file=sys.stderr)
+        if self.config.progress and sys.stderr.isatty():
+            print(file=sys.stderr)
+
+    def _want_cosine(self) -> bool:
+        every = self.config.cosine_every
+        return (bool(every) and self.balancer.requires == "losses"
+                and getattr(self.model, "features", None) is not None
+                and self.global_step % every == 0)
+
+    def _context(self, out: Mapping[str, Tensor], y: Mapping[str, Tensor],
+                 losses: Mapping[str, Tensor]) -> dict[str, Any]:
+        if "kpi" not in self.balancer.context_keys:
+            return {}
+        return {"kpi": {t.name: self._kpi(t, out[t.name], y[t.name], losses[t.name])
+                        for t in self.tasks}}
+
+    def _kpi(self, task: Task, pred: Tensor, target: Tensor, loss: Tensor) -> float:
+        """A KPI in (0, 1] for DTP: batch accuracy for classification tasks; for the others
+        exp(-L / L_first), which is 1/e at the first batch and rises as the loss falls."""
+        with torch.no_grad():
+            if task.kind == "classification":
+                acc = (pred.argmax(-1) == target).float().mean().item()
+            elif task.kind == "multilabel":
+                acc = ((pred > 0).long() == target.long()).float().mean().item()
+            else:
+                first = self._kpi_scale.setdefault(task.name, max(loss.item(), 1e-12))
+                acc = math.exp(-loss.item() / first)
+        return min(1.0, max(acc, 1e-3))
+
+    def _step_record(self, losses: Mapping[str, Tensor], weights: Tensor,
+                     cosine: Tensor | None) -> dict[str, Any]:
+        rec: dict[str, Any] = {"step": self.global_step, "epoch": self.epoch + 1}
+        rec["loss"] = {t: float(v.detach()) for t, v in losses.items()}
+        rec["weight"] = dict(zip(self.names, weights.detach().cpu().tolist()))
+        if cosine is not None:
+            c = cosine.detach().cpu()
+            rec["cosine"] = {f"{a}|{b}": float(c[i, j]) for i, a in enumerate(self.names)
+                             for j, b in enumerate(self.names) if i < j}
+        return rec
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self) -> None:
+        assert self.out_dir is not None
+        save_checkpoint(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "balancer": self.balancer.state_dict(),
+                "epoch": self.epoch,
+                "global_step": self.global_step,
+                "rng": torch.get_rng_state(),
+                "history": json.dumps(self.history),
+                "step_times": self.step_times,
+                "kpi_scale": self._kpi_scale,
+            },
+            self.out_dir / CHECKPOINT,
+        )
+
+    def _resume(self) -> None:
+        if self.out_dir is None:
+            raise ValueError("resume needs an out_dir holding a checkpoint")
+        state = load_checkpoint(self.out_dir / CHECKPOINT)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        torch.set_rng_state(state["rng"])
+        self.history = json.loads(state["history"])
+        self.step_times = list(state["step_times"])
+        self._kpi_scale = dict(state["kpi_scale"])
+        self.log.truncate(self.global_step, self.epoch)
+
+
+def _unpack(batch: Any, device: torch.device) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    if isinstance(batch, (list, tuple)) and len(batch) == 3:
+        x, y, mask = batch
+    else:
+        x, y = batch
+        mask = {}
+    return (x.to(device), {k: v.to(device) for k, v in y.items()},
+            {k: v.to(device) for k, v in mask.items()})
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tasks: Sequence[Task], loader: Iterable,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Every task's metrics (and mean loss) over a whole split, accumulated exactly.
+
+    Keys are ``"task/metric"``; ``"task/loss"`` is the sample-weighted mean loss.
+    """
+    was_training = model.training
+    model.eval()
+    metrics = {t.name: t.metrics() for t in tasks}
+    loss_sum = dict.fromkeys(metrics, 0.0)
+    count = 0
+    for batch in loader:
+        x, y, mask = _unpack(batch, torch.device(device))
+        out = model(x)
+        n = x.shape[0]
+        count += n
+        for t in tasks:
+            m = mask.get(t.name)
+            loss_sum[t.name] += float(t.loss(out[t.name], y[t.name], m)) * n
+            for metric in metrics[t.name].values():
+                metric.update(out[t.name], y[t.name], m)
+    model.train(was_training)
+    result: dict[str, float] = {}
+    for t in tasks:
+        for name, metric in metrics[t.name].items():
+            result[f"{t.name}/{name}"] = float(metric.compute())
+        result[f"{t.name}/loss"] = loss_sum[t.name] / max(count, 1)
+    return result
+
+
+def select_epoch(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task], select: str) -> int:
+    """Index of the selected epoch: on validation only (see the module docstring)."""
+    if select == "last" or len(history) == 1:
+        return len(history) - 1
+    first = history[0]["val"]
+
+    def score(rec: Mapping[str, Any]) -> float:
+        total = 0.0
+        for t in tasks:
+            key = f"{t.name}/{t.primary}"
+            sign = 1.0 if t.metrics()[t.primary].higher_is_better else -1.0
+            base = abs(first[key]) or 1.0
+            total += sign * (rec["val"][key] - first[key]) / base
+        return total / len(tasks)
+
+    scores = [score(r) for r in history]
+    return max(range(len(history)), key=lambda i: (scores[i], i))
+
+
+def feature_cosine(losses: Mapping[str, Tensor], features: Tensor | None) -> Tensor | None:
+    """Pairwise cosine similarity of the task gradients at the shared features (diagnostics)."""
+    if features is None or not features.requires_grad:
+        return None
+    grads = []
+    for loss in losses.values():
+        (g,) = torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True)
+        grads.append(torch.zeros_like(features) if g is None else g)
+    flat = torch.stack(grads).reshape(len(grads), -1).float()
+    norms = flat.norm(dim=1)
+    denom = norms[:, None] * norms[None, :]
+    gram = flat @ flat.T
+    return torch.where(denom > 0, gram / denom.clamp_min(1e-30), 0.0)

@@ -1,0 +1,92 @@
+"""Trainer: resume exactness, logs, model selection on validation, config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtlkit import balancers
+from mtlkit.train import TrainConfig, Trainer
+from mtlkit.train.trainer import select_epoch
+
+from _fakes import RegressionTask, TinyModel, TwoTaskData
+
+TASKS = [RegressionTask("a"), RegressionTask("b")]
+
+
+def make(method: str, out, epochs: int, **hp) -> Trainer:
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=1e-2, seed=3, log_every=1, cosine_every=4)
+    return Trainer(TinyModel(), TASKS, balancers.create(method, tasks=["a", "b"], **hp), cfg, out)
+
+
+DATA = (TwoTaskData(96, 0), TwoTaskData(32, 1), TwoTaskData(32, 2))
+
+
+@pytest.mark.parametrize("method", ["dwa", "uw", "famo", "rlw"])
+def test_resume_after_epoch_1_equals_uninterrupted(tmp_path, method):
+    full = make(method, tmp_path / "full", 3)
+    ref = full.fit(*DATA)
+
+    first = make(method, tmp_path / "resumed", 1)
+    first.fit(*DATA)
+    torch.manual_seed(1234)  # a fresh process has other RNG state; resume must restore it
+    resumed = make(method, tmp_path / "resumed", 3)
+    res = resumed.fit(*DATA, resume=True)
+
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    assert res.history == ref.history
+    steps = lambda d: [json.loads(l) for l in (d / "steps.jsonl").read_text().splitlines()]  # noqa
+    assert steps(tmp_path / "resumed") == steps(tmp_path / "full")
+
+
+def test_logs_hold_losses_weights_cosines_and_csv(tmp_path):
+    t = make("dwa", tmp_path, 2)
+    res = t.fit(*DATA)
+    steps = [json.loads(l) for l in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 * (96 // 16)
+    assert set(steps[0]["weight"]) == {"a", "b"} and set(steps[0]["loss"]) == {"a", "b"}
+    assert "cosine" in steps[0] and -1 <= steps[0]["cosine"]["a|b"] <= 1
+    header = (tmp_path / "epochs.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "val/a/mae", "test/b/loss"} <= set(header)
+    assert res.selected_epoch in (1, 2) and res.step_time > 0
+
+
+def test_gradient_balancer_logs_its_cosine(tmp_path):
+    pytest.importorskip("mtlkit.balancers._mgda")
+    t = make("mgda", tmp_path, 1)
+    t.fit(*DATA)
+    steps = [json.loads(l) for l in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert all("cosine" in s for s in steps)
+
+
+def test_selection_uses_validation_never_test():
+    history = [
+        {"epoch": 1, "val": {"a/mae": 1.0, "b/mae": 1.0}, "test": {"a/mae": 9.0, "b/mae": 9.0}},
+        {"epoch": 2, "val": {"a/mae": 0.5, "b/mae": 0.9}, "test": {"a/mae": 0.1, "b/mae": 0.1}},
+        {"epoch": 3, "val": {"a/mae": 0.4, "b/mae": 0.8}, "test": {"a/mae": 5.0, "b/mae": 5.0}},
+    ]
+    assert select_epoch(history, TASKS, "val") == 2  # best on val, though worst on test
+    assert select_epoch(history, TASKS, "last") == 2
+    history[2]["val"] = {"a/mae": 0.9, "b/mae": 0.95}
+    assert select_epoch(history, TASKS, "val") == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "msg"),
+    [("lr", -1.0, "lr must be a positive"), ("epochs", 0, "epochs must be"),
+     ("task_lr", {"c": 1.0}, "unknown task 'c'"), ("batch_size", 0, "batch_size"),
+     ("select", "test", "select must be 'val' or 'last'")],
+)
+def test_bad_config_is_named(field, value, msg):
+    cfg = TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match=msg):
+        Trainer(TinyModel(), TASKS, balancers.create("ew", tasks=["a", "b"]), cfg)
+
+
+def test_resume_without_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        make("ew", tmp_path, 2).fit(*DATA, resume=True)
