@@ -1,45 +1,172 @@
-"""The ``mtlkit`` command line tool."""
+"""The ``mtlkit`` command line tool.
+
+    mtlkit compare [--config FILE] [--dataset NAME] [--methods a,b] [--seeds N] [--out DIR]
+    mtlkit train --method NAME [...]
+    mtlkit report DIR
+    mtlkit bench speed [...]
+    mtlkit list
+
+Bad input (unknown method or task, negative learning rate, missing data root, a malformed
+config) ends with a one-line error naming the field, and exit status 2 (set MTLKIT_DEBUG=1
+for the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
-import torch
+import yaml
 
 from mtlkit import balancers
 
+EXIT_USAGE = 2
 
-def _compare_random(args: argparse.Namespace) -> int:
-    """Interim ``compare``: train a tiny two-task model on random data with each balancer."""
-    names = args.methods.split(",")
-    for name in names:
-        balancers.get(name)
-    print(f"{'method':<14}{'loss a':>10}{'loss b':>10}")
-    for name in names:
-        torch.manual_seed(0)
-        trunk = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh())
-        heads = torch.nn.ModuleDict({t: torch.nn.Linear(16, 1) for t in ("a", "b")})
-        b = balancers.create(name, tasks=["a", "b"])
-        opt = torch.optim.Adam([*trunk.parameters(), *heads.parameters(), *b.parameters()], 1e-2)
-        x = torch.randn(256, 8)
-        y = {"a": x[:, :1].sin(), "b": 100 * x[:, 1:2]}
-        for _ in range(200):
-            opt.zero_grad()
-            z = trunk(x)
-            losses = {t: (heads[t](z) - y[t]).pow(2).mean() for t in ("a", "b")}
-            b.backward(losses, shared=trunk.parameters(), features=z)
-            opt.step()
-        print(f"{name:<14}{losses['a'].item():>10.4f}{losses['b'].item():>10.2f}")
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _load_config(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config: no file {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"config: {p} is not valid YAML ({err.__class__.__name__})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {p} must hold a mapping of field: value")
+    return data
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("dataset", "root", "seeds", "epochs", "batch_size", "lr", "out", "device"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = value
+    if getattr(args, "methods", None):
+        out["methods"] = _split(args.methods)
+    if getattr(args, "method", None):
+        out["methods"] = [args.method]
+    if getattr(args, "task_lr", None):
+        out["task_lr"] = {}
+        for item in _split(args.task_lr):
+            task, _, lr = item.partition("=")
+            try:
+                out["task_lr"][task] = float(lr)
+            except ValueError:
+                raise ValueError(f"task_lr: expected task=lr, got {item!r}") from None
+    return out
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mtlkit.train.compare import compare_config_from_dict, format_table, run_compare
+    from mtlkit.train.report import write_report
+
+    data = {**_load_config(args.config), **_overrides(args)}
+    if args.quick:
+        data.setdefault("epochs", 1)
+        data.setdefault("dataset_options", {"size": 600})
+    cfg = compare_config_from_dict(data)
+    results = run_compare(cfg, log=lambda s: print(s, file=sys.stderr))
+    report = write_report(cfg.out)
+    print(format_table(results))
+    print(f"\nreport: {report}  (results.json, results.csv, report.html and plots beside it)")
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtlkit.train.compare import compare_config_from_dict, train_one
+
+    data = {**_load_config(args.config), **_overrides(args)}
+    data.setdefault("out", f"runs/{args.method}")
+    cfg = compare_config_from_dict(data)
+    result = train_one(cfg, resume=args.resume)
+    print(json.dumps({"method": result.method, "selected_epoch": result.selected_epoch,
+                      "test": result.test}, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mtlkit.train.compare import format_table
+    from mtlkit.train.report import write_report
+
+    path = write_report(args.dir)
+    print(format_table(json.loads((Path(args.dir) / "results.json").read_text())))
+    print(f"\nreport: {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mtlkit.benchmarks import speed
+
+    return int(speed.run(args))
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from mtlkit import data
+
+    print("balancers:", ", ".join(balancers.available()))
+    print("datasets: ", ", ".join(data.available()))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with the fields of a comparison")
+    p.add_argument("--dataset", help="dataset name (default multidigits; see `mtlkit list`)")
+    p.add_argument("--root", help="data folder, for datasets read from disk")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--task-lr", dest="task_lr", help="per-task learning rates: task=lr,task=lr")
+    p.add_argument("--device", help="cpu or cuda")
+    p.add_argument("--out", help="output folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtlkit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mtlkit", description="Multi-task learning for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    compare = sub.add_parser("compare", help="compare balancers")
-    compare.add_argument("--methods", default="ew,uw,dwa,geometric")
-    compare.set_defaults(func=_compare_random)
+
+    p = sub.add_parser("compare", help="train single-task baselines and balancers; table + report")
+    _common(p)
+    p.add_argument("--methods", help="comma-separated balancer names")
+    p.add_argument("--seeds", type=int, help="number of seeds (mean ± std)")
+    p.add_argument("--quick", action="store_true", help="a tiny run to check the set-up")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("train", help="train one method")
+    _common(p)
+    p.add_argument("--method", required=True, help="balancer name")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("report", help="rebuild the report of a compare run from its files")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    speed_parser = bench.add_parser("speed", help="step time and memory of each balancer")
+    try:
+        from mtlkit.benchmarks import speed
+
+        speed.add_arguments(speed_parser)
+    except ImportError:  # the benchmark module is optional at import time
+        pass
+    speed_parser.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("list", help="list balancers and datasets")
+    p.set_defaults(func=cmd_list)
     return parser
 
 
@@ -48,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
-        print(f"mtlkit: error: {err}", file=sys.stderr)
-        return 2
+        if os.environ.get("MTLKIT_DEBUG"):
+            raise
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"mtlkit: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -9,10 +9,20 @@ Subclasses implement one small hook, chosen by the class attribute ``requires``:
 * ``"losses"``  -> :meth:`Balancer._loss_weights`: weights from the detached losses; the update is
   one backward pass of ``sum_k w_k L_k`` (methods with learned weights override
   :meth:`Balancer._objective` instead).
+* ``"last_shared"`` -> :meth:`Balancer._last_shared_objective`: like ``"losses"`` (one backward
+  pass of the returned objective), with the per-task gradients of the last shared layer given
+  to the hook (GradNorm). The layer is chosen by :meth:`Balancer._select_last_shared`.
 * ``"gramian"`` -> :meth:`Balancer._gramian_weights`: weights from the K x K Gram matrix of the
   per-task gradients; the engine writes ``sum_k w_k g_k`` without another backward pass.
+* ``"block_gramian"`` -> :meth:`Balancer._block_weights`: one weight vector per block of shared
+  parameters (one block per shared tensor), from each block's own Gram matrix (GradVac's
+  per-layer granularity); block b receives ``sum_k W[b, k] g_k^(b)``.
 * ``"jacobian"`` -> :meth:`Balancer._aggregate`: the combined shared gradient from the full
   K x P Jacobian (for methods that are not a linear combination, e.g. GradDrop).
+
+Gradient methods may transform the losses before differentiating them
+(:meth:`Balancer._transform_losses`, e.g. the log-loss of DB-MTL); effective weights are then
+reported with respect to the gradients of the original losses.
 
 Task-specific parameters (heads, i.e. every parameter reached from the losses that is not in
 ``shared``) always receive the plain gradient of their own task's loss, whatever the method.
@@ -28,9 +38,17 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from mtlkit.engine import GRAD_ON, STRATEGIES, GradOn, Strategy, TaskGradients, task_gradients
+from mtlkit.engine import (
+    GRAD_ON,
+    STRATEGIES,
+    GradOn,
+    Strategy,
+    TaskGradients,
+    task_gradients,
+    task_jacobian,
+)
 
-Requirement = Literal["losses", "gramian", "jacobian"]
+Requirement = Literal["losses", "last_shared", "gramian", "block_gramian", "jacobian"]
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
 
 
@@ -138,12 +156,15 @@ class Balancer(nn.Module):
         The step is validated completely before any state changes, so a rejected step leaves the
         balancer exactly as it was.
         """
-        stacked = self._check_losses(losses)
+        items = self._loss_list(losses)
+        stacked = self._stack_checked(items)
         self._check_context(context)
         if self.requires == "losses":
             out = self._backward_losses(stacked, context)
+        elif self.requires == "last_shared":
+            out = self._backward_last_shared(stacked, items, shared, context)
         else:
-            out = self._backward_gradients(stacked, shared, features, context)
+            out = self._backward_gradients(stacked, items, shared, features, context)
         self.step += 1
         return out
 
@@ -166,8 +187,33 @@ class Balancer(nn.Module):
             weights = self._loss_weights(losses.detach(), context).to(losses.dtype)
         return (weights * losses).sum(), weights
 
+    def _last_shared_objective(
+        self, losses: Tensor, grads: list[Tensor], context: Mapping[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        """(scalar to backpropagate, effective weights), given the per-task gradients of the
+        last shared layer (blocks of shape (K, *shape), detached)."""
+        raise NotImplementedError
+
+    def _select_last_shared(self, shared: list[Tensor]) -> list[Tensor]:
+        """The tensors of ``shared`` that form the last shared layer (``"last_shared"``)."""
+        raise NotImplementedError
+
     def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _block_weights(self, gramians: Tensor, losses: Tensor) -> Tensor:
+        """Per-block weights (B, K) from the per-block Gram matrices (B, K, K)."""
+        raise NotImplementedError
+
+    def _transform_losses(self, losses: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """(losses to differentiate, detached d transformed / d loss per task, shape (K,)).
+
+        Gradient methods differentiate the transformed losses; the second tensor converts
+        their weights into effective weights on the original task gradients. Each transformed
+        loss must depend on its own task's loss only (so that a backward pass from it does not
+        traverse the other tasks' heads). Default: identity.
+        """
+        return losses, torch.ones(len(losses), device=losses[0].device)
 
     def _aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         """Return (combined shared gradient of shape (P,), effective weights (K,))."""
@@ -187,28 +233,51 @@ class Balancer(nn.Module):
         total.backward()
         return BalanceStep(self.tasks, total.detach(), weights.detach())
 
+    def _shared_list(self, shared: Iterable[Tensor] | None) -> list[Tensor]:
+        if shared is None:
+            raise ValueError(
+                f"{type(self).__name__} uses per-task gradients: pass shared=<the shared "
+                "parameters> to backward()"
+            )
+        out = [p for p in shared if p.requires_grad]
+        if not out:
+            raise ValueError("shared contains no parameter that requires grad")
+        return out
+
+    def _backward_last_shared(
+        self,
+        losses: Tensor,
+        items: list[Tensor],
+        shared: Iterable[Tensor] | None,
+        context: Mapping[str, Any],
+    ) -> BalanceStep:
+        layer = self._select_last_shared(self._shared_list(shared))
+        # One vectorised backward from the K losses down to the last shared layer only (heads
+        # and that layer); the graph is kept for the single full backward below.
+        grads = [g.detach() for g in task_jacobian(items, layer)]
+        total, weights = self._last_shared_objective(losses, grads, context)
+        total.backward()
+        return BalanceStep(self.tasks, total.detach(), weights.detach())
+
     def _backward_gradients(
         self,
         losses: Tensor,
+        items: list[Tensor],
         shared: Iterable[Tensor] | None,
         features: Tensor | None,
         context: Mapping[str, Any],
     ) -> BalanceStep:
-        if shared is None:
-            raise ValueError(
-                f"{type(self).__name__} combines task gradients: pass shared=<the shared "
-                "parameters> to backward()"
-            )
-        shared = [p for p in shared if p.requires_grad]
-        if not shared:
-            raise ValueError("shared contains no parameter that requires grad")
+        shared = self._shared_list(shared)
         if self.grad_on == "features" and features is None:
             raise ValueError(
                 f"{type(self).__name__}(grad_on='features') needs features=<the last shared "
                 "representation> in backward()"
             )
+        # The engine gets the task losses themselves, not views of the stacked tensor: a
+        # backward pass from one of them must not traverse every task's head.
+        transformed, factor = self._transform_losses(items)
         grads: TaskGradients = task_gradients(
-            list(losses.unbind()),
+            transformed,
             shared,
             features,
             grad_on=self.grad_on,
@@ -221,14 +290,24 @@ class Balancer(nn.Module):
             if self.requires == "jacobian":
                 combined, weights = self._aggregate(grads.jacobian_matrix(), detached)
                 grads.apply_vector(combined)
+            elif self.requires == "block_gramian":
+                blocks = grads.block_gramians
+                per_block = self._block_weights(blocks, detached).to(blocks.dtype)
+                grads.apply_block_weights(per_block)
+                weights = _blend_block_weights(per_block, blocks)
             else:
                 weights = self._gramian_weights(grads.gramian, detached).to(grads.gramian.dtype)
                 grads.apply_weights(weights)
-        weights = weights.detach().to(losses.dtype)
+            factor = factor.to(device=weights.device, dtype=weights.dtype)
+            weights = (weights.detach() * factor).to(losses.dtype)
         return BalanceStep(self.tasks, (weights * detached).sum(), weights, grads.gramian)
 
     def _check_losses(self, losses: Losses, need_grad: bool = True) -> Tensor:
         """Validate and stack the losses in task order; errors name the task and the problem."""
+        return self._stack_checked(self._loss_list(losses, need_grad))
+
+    def _loss_list(self, losses: Losses, need_grad: bool = True) -> list[Tensor]:
+        """Validate the losses; return them in task order as 0-d tensors."""
         if isinstance(losses, Mapping):
             unknown = [k for k in losses if k not in self.tasks]
             missing = [t for t in self.tasks if t not in losses]
@@ -260,11 +339,14 @@ class Balancer(nn.Module):
                     f"loss of task {task!r} does not require grad: it is not connected to any "
                     "trainable parameter (was it computed under torch.no_grad() or detached?)"
                 )
-        stacked = torch.stack([loss.reshape(()) for _, loss in items])
+        return [loss.reshape(()) for _, loss in items]
+
+    def _stack_checked(self, items: list[Tensor]) -> Tensor:
+        stacked = torch.stack(items)
         if self.check_finite:
             finite = torch.isfinite(stacked.detach())
             if not bool(finite.all()):  # one host sync, opt out with check_finite=False
-                bad = [t for (t, _), ok in zip(items, finite.tolist()) if not ok]
+                bad = [t for t, ok in zip(self.tasks, finite.tolist()) if not ok]
                 raise FloatingPointError(f"non-finite loss for task(s) {bad}: {stacked.tolist()}")
         return stacked
 
@@ -299,11 +381,12 @@ class Balancer(nn.Module):
                 raise ValueError(f"{what} for task {t!r} must be finite, got {v}")
         return torch.tensor(out, dtype=torch.float32)
 
-    def _rng(self, salt: int = 0) -> torch.Generator:
+    def _rng(self, salt: int = 0, device: torch.device | str | None = None) -> torch.Generator:
         """A generator derived from (seed, step): reproducible, and exact on resume with no
-        generator state to save."""
+        generator state to save. ``device`` places it (draws on a CUDA tensor's device need a
+        CUDA generator; the streams of different devices differ)."""
         seed = int(getattr(self, "seed", 0))
-        gen = torch.Generator()
+        gen = torch.Generator() if device is None else torch.Generator(device=device)
         gen.manual_seed((seed * 1_000_003 + int(self.step) * 7919 + salt) % (2**63 - 1))
         return gen
 
@@ -349,6 +432,16 @@ class GradientBalancer(Balancer):
 
     def extra_repr(self) -> str:
         return f"grad_on={self.grad_on!r}, strategy={self.strategy!r}"
+
+
+def _blend_block_weights(per_block: Tensor, gramians: Tensor) -> Tensor:
+    """One effective weight per task from per-block weights (B, K): the blocks' weights averaged
+    in proportion to the task's squared gradient norm in each block (exact when all blocks
+    agree); the plain mean for a task whose gradient is zero everywhere."""
+    sq = gramians.diagonal(dim1=1, dim2=2)  # (B, K)
+    total = sq.sum(0)
+    blended = (per_block * sq).sum(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
+    return torch.where(total > 0, blended, per_block.mean(0))
 
 
 def positive(name: str, value: float, *, allow_zero: bool = False) -> float:

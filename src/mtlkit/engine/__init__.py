@@ -1,5 +1,21 @@
 """Per-task gradient engine: Jacobians, Gram matrices and the features mode."""
 
-from mtlkit.engine._grads import GRAD_ON, STRATEGIES, GradOn, Strategy, TaskGradients, task_gradients
+from mtlkit.engine._grads import (
+    GRAD_ON,
+    STRATEGIES,
+    GradOn,
+    Strategy,
+    TaskGradients,
+    task_gradients,
+    task_jacobian,
+)
 
-__all__ = ["GRAD_ON", "STRATEGIES", "GradOn", "Strategy", "TaskGradients", "task_gradients"]
+__all__ = [
+    "GRAD_ON",
+    "STRATEGIES",
+    "GradOn",
+    "Strategy",
+    "TaskGradients",
+    "task_gradients",
+    "task_jacobian",
+]

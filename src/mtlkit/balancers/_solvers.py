@@ -1,0 +1,278 @@
+"""Small exact solvers on K x K Gram matrices, shared by the gradient balancers.
+
+They run on the host in float64: the Gram matrix is copied from the device once per step
+(:func:`to_host`), the solver iterates on K numbers with ordinary Python control flow (no device
+synchronisation inside the loop), and the K weights go back with one asynchronous copy.
+
+* :func:`min_norm_simplex`: the minimum-norm point of the convex hull of the task gradients
+  (MGDA), by Wolfe's exact active-set algorithm.
+* :func:`lower_bounded_qp`: ``min_v v^T Q v`` subject to ``v >= lower`` (UPGrad's projection onto
+  the dual cone), by a primal active-set method, for several bounds at once.
+* :func:`cagrad_dual`: CAGrad's dual ``min_{w in simplex} w^T G 1/K + rho ||J^T w||``, reduced to
+  a one-dimensional root search over min-norm problems.
+* :func:`nash_bargaining`: the solution of ``G a = 1 / a`` (Nash-MTL) by damped Newton.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_F64 = torch.float64
+
+
+def to_host(gramian: Tensor) -> Tensor:
+    """The K x K Gram matrix as a float64 CPU tensor.
+
+    This is the one device-to-host transfer of a step for the solver-based methods (K x K
+    numbers); everything after it runs on the host without further synchronisation.
+    """
+    return gramian.detach().to(device="cpu", dtype=_F64)
+
+
+def _kkt_affine_min(m: Tensor) -> Tensor:
+    """Barycentric weights of the point of minimum norm in the affine hull of points with Gram
+    matrix ``m``: ``min mu^T m mu`` subject to ``sum(mu) = 1``."""
+    n = m.shape[0]
+    kkt = torch.zeros(n + 1, n + 1, dtype=_F64)
+    kkt[:n, :n] = m
+    kkt[:n, n] = 1.0
+    kkt[n, :n] = 1.0
+    rhs = torch.zeros(n + 1, dtype=_F64)
+    rhs[n] = 1.0
+    sol, info = torch.linalg.solve_ex(kkt, rhs)
+    if int(info) != 0 or not bool(torch.isfinite(sol).all()):
+        sol = torch.linalg.lstsq(kkt, rhs[:, None]).solution[:, 0]
+    mu = sol[:n]
+    return mu / mu.sum()
+
+
+def min_norm_simplex(gramian: Tensor, *, tol: float = 1e-13) -> Tensor:
+    """Weights ``a`` on the simplex minimising ``a^T G a``: the min-norm point of the convex hull.
+
+    Wolfe's algorithm (*Finding the nearest point in a polytope*, Math. Programming 1976) on
+    the Gram matrix: it keeps a set of affinely independent vertices (a "corral"), moves to the
+    affine minimiser of that set, and adds the vertex most opposed to the current point until
+    no vertex improves it. It terminates after finitely many steps at the exact minimiser (up
+    to rounding); ``tol`` is the optimality gap ``||x||^2 - min_i <x, g_i>`` relative to the
+    largest squared norm. Ties are broken towards the lowest index, so the output is
+    deterministic.
+
+    Args:
+        gramian: (K, K) float64 CPU, symmetric positive semi-definite.
+
+    Returns:
+        (K,) float64 weights, non-negative, summing to 1 (uniform when every gradient is zero).
+    """
+    k = gramian.shape[0]
+    scale = float(gramian.diagonal().max()) if k else 0.0
+    if not scale > 0 or not math.isfinite(scale):
+        return torch.full((k,), 1.0 / k, dtype=_F64)
+    g = gramian / scale
+    support = [int(torch.argmin(g.diagonal()))]
+    lam = torch.ones(1, dtype=_F64)
+    tiny = 1e-14
+    for _ in range(50 * k + 50):
+        x_dot = g[:, support] @ lam  # <g_i, x> for every vertex i
+        xx = float(lam @ x_dot[support])
+        i = int(torch.argmin(x_dot))
+        if xx - float(x_dot[i]) <= tol or i in support:
+            break
+        support.append(i)
+        lam = torch.cat([lam, torch.zeros(1, dtype=_F64)])
+        for _ in range(len(support) + 1):  # minor cycle: at most one removal per pass
+            idx = torch.tensor(support)
+            mu = _kkt_affine_min(g[idx][:, idx])
+            if bool((mu > tiny).all()):
+                lam = mu
+                break
+            bad = mu <= tiny
+            theta = float((lam[bad] / (lam[bad] - mu[bad]).clamp_min(tiny)).min().clamp(0, 1))
+            lam = lam + theta * (mu - lam)
+            keep = lam > tiny
+            if not bool(keep.any()):
+                keep[int(torch.argmax(lam))] = True
+            support = [s for s, kp in zip(support, keep.tolist()) if kp]
+            lam = lam[keep]
+            lam = lam / lam.sum()
+    out = torch.zeros(k, dtype=_F64)
+    out[torch.tensor(support)] = lam.clamp_min(0)
+    return out / out.sum()
+
+
+def lower_bounded_qp(q: Tensor, lower: Tensor, *, tol: float = 1e-13) -> Tensor:
+    """``argmin_v v^T Q v`` subject to ``v >= lower``, for a positive definite ``Q``; several
+    problems sharing ``Q`` at once (one per row of ``lower``).
+
+    A primal active-set method (as Lawson and Hanson's for non-negative least squares), run on
+    all problems together: start at ``v = lower`` with every bound active, free the bound with
+    the most negative multiplier ``(Q v)_i``, solve the equality-constrained problem on the free
+    set, and step back to the feasible region when a free variable would cross its bound. Exact
+    after finitely many steps. The per-problem systems are solved as one batch: the rows of
+    the bound variables are replaced by identity rows.
+
+    Args:
+        q: (K, K) float64 CPU, positive definite (regularise a PSD Gram matrix first).
+        lower: (N, K) float64 lower bounds, one problem per row.
+
+    Returns:
+        (N, K) solutions.
+    """
+    n, k = lower.shape
+    v = lower.clone()
+    scale = float(q.diagonal().max()) if k else 0.0
+    if not scale > 0 or n == 0:
+        return v
+    free = torch.zeros(n, k, dtype=torch.bool)
+    eye = torch.eye(k, dtype=torch.bool)
+    bound_tol = 1e-15 * max(float(lower.abs().max()), 1e-300)
+    tol = tol * scale * max(float(lower.abs().max()), 1e-300)
+
+    def solve_free() -> Tensor:
+        both = free[:, :, None] & free[:, None, :]
+        system = torch.where(both, q, 0.0) + torch.where(~free, 1.0, 0.0).diag_embed()
+        fixed = torch.where(free, 0.0, lower)
+        rhs = torch.where(free, -(fixed @ q), lower)
+        return torch.linalg.solve(system, rhs)
+
+    for _ in range(3 * k + 3):
+        grad = v @ q  # the multipliers of the active bounds are (Q v)_i (objective / 2)
+        cand = (~free) & (grad < -tol)
+        todo = cand.any(1)
+        if not bool(todo.any()):
+            break
+        pick = torch.argmin(torch.where(cand, grad, torch.inf), dim=1)
+        free |= todo[:, None] & eye[pick]
+        pending = todo
+        for _ in range(k + 1):
+            z = solve_free()
+            below = free & (z <= lower)
+            ok = pending & ~below.any(1)
+            v = torch.where(ok[:, None], z, v)
+            pending = pending & ~ok
+            if not bool(pending.any()):
+                break
+            ratio = torch.where(below, (v - lower) / (v - z).clamp_min(1e-300), torch.inf)
+            step = ratio.min(1).values.clamp(0, 1)
+            moved = v + step[:, None] * (z - v)
+            v = torch.where(pending[:, None], moved, v)
+            free = torch.where(pending[:, None], free & (v > lower + bound_tol), free)
+            v = torch.where(free, v, lower)
+    return v
+
+
+def cagrad_dual(gramian: Tensor, c: float) -> tuple[Tensor, float]:
+    """Solve CAGrad's dual: ``w = argmin_{w in simplex} w^T b + rho ||J^T w||``.
+
+    Here ``b = G 1 / K`` (the inner products with the mean gradient ``g0``) and ``rho = c ||g0||``.
+    For ``x = J^T w`` the problem is ``min_{x in hull} <x, g0> + rho ||x||``. Its minimiser also
+    minimises ``<x, g0> + ||x||^2 / (2 tau)`` with ``tau = ||x*|| / rho``, whose solution is the
+    min-norm point of the hull shifted by ``tau g0`` (:func:`min_norm_simplex` on a shifted Gram
+    matrix). ``s(tau) = ||x(tau)||`` is non-decreasing, so the fixed point ``s(tau) = rho tau``
+    is found by a bracketing root search (regula falsi, Illinois variant) to machine precision.
+
+    Returns:
+        (w, lam): the dual weights and ``lam = rho / ||J^T w||``, so that CAGrad's update is
+        ``J^T (1/K + lam w)``. ``lam`` is 0 when ``g0 = 0`` or when the optimum is the origin of
+        the hull (the direction ``x / ||x||`` is then undefined).
+    """
+    k = gramian.shape[0]
+    trace = float(gramian.diagonal().sum())
+    uniform = torch.full((k,), 1.0 / k, dtype=_F64)
+    if not trace > 0 or not math.isfinite(trace):
+        return uniform, 0.0
+    g = gramian / trace  # the weights are invariant to the scale of G
+    b = g.mean(1)
+    g0_sq = float(g.mean())
+    rho = c * math.sqrt(max(g0_sq, 0.0))
+    if not rho > 0:
+        return uniform, 0.0
+
+    def solve(tau: float) -> tuple[Tensor, float]:
+        shifted = g + tau * (b[:, None] + b[None, :]) + tau * tau * g0_sq
+        w = min_norm_simplex(shifted)
+        return w, math.sqrt(max(float(w @ g @ w), 0.0))
+
+    max_norm = math.sqrt(float(g.diagonal().max()))
+    hi = 2.0 * max_norm / rho  # s <= max_norm, so s(hi) - rho hi < 0
+    f_hi = solve(hi)[1] - rho * hi
+    lo = 0.0
+    w, s = solve(lo)
+    f_lo = s
+    if not f_lo > 1e-12 * max_norm:
+        # The hull contains (almost) the origin: look for a positive root closer to 0.
+        for j in range(1, 13):
+            t = hi * 10.0**-j
+            _, s_t = solve(t)
+            if s_t - rho * t > 0:
+                lo, f_lo = t, s_t - rho * t
+                break
+        else:
+            return w, 0.0
+    side = 0
+    for _ in range(200):
+        tau = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
+        w, s = solve(tau)
+        f = s - rho * tau
+        if f == 0 or hi - lo <= 1e-15 * hi or abs(f) <= 1e-15 * max_norm:
+            break
+        if f > 0:
+            lo, f_lo = tau, f
+            if side == 1:
+                f_hi /= 2
+            side = 1
+        else:
+            hi, f_hi = tau, f
+            if side == -1:
+                f_lo /= 2
+            side = -1
+    return w, (rho / s if s > 0 else 0.0)
+
+
+class BargainingFailure(Exception):
+    """No weights with ``G a = 1 / a``: the Nash bargaining problem has no solution."""
+
+
+def nash_bargaining(gramian: Tensor, *, tol: float = 1e-10, max_iter: int = 200) -> Tensor:
+    """The positive solution of ``G a = 1 / a`` (Nash-MTL's bargaining condition).
+
+    It is the minimiser of the strictly convex ``f(a) = a^T G a / 2 - sum_i log a_i``; damped
+    Newton steps (``f`` is self-concordant, so the damped step stays positive and converges from
+    any start) reach it quadratically. Works on ``G / ||G||_F`` and rescales (``a`` scales as
+    ``1 / sqrt(scale)``).
+
+    Raises:
+        BargainingFailure: when ``f`` is unbounded below (for example two exactly opposite
+            gradients: no direction improves both tasks) and the iteration diverges, or when the
+            returned point does not satisfy the condition to ``tol``.
+    """
+    k = gramian.shape[0]
+    scale = float(torch.linalg.matrix_norm(gramian))
+    if not scale > 0 or not math.isfinite(scale):
+        raise BargainingFailure(f"the Gram matrix has norm {scale}")
+    g = gramian / scale
+    diag = g.diagonal().clamp_min(1e-300)
+    a = 1.0 / torch.sqrt(diag * k)
+    for _ in range(max_iter):
+        ga = g @ a
+        grad = ga - 1.0 / a
+        hess = g + torch.diag(1.0 / (a * a))
+        step, info = torch.linalg.solve_ex(hess, grad)
+        if int(info) != 0:
+            break
+        decrement = math.sqrt(max(float(step @ grad), 0.0))
+        a = a - step / (1.0 + decrement) if decrement > 0.25 else a - step
+        a = a.clamp_min(1e-300)
+        if float(a.max()) > 1e12:
+            break
+        if float((a * (g @ a) - 1.0).abs().max()) <= tol:
+            break
+    residual = float((a * (g @ a) - 1.0).abs().max())
+    if not residual <= tol * 100:
+        raise BargainingFailure(
+            f"G a = 1/a does not hold after solving (max |a_i (G a)_i - 1| = {residual:.3g}); "
+            "typically some task gradients cancel exactly (0 is in their convex hull)"
+        )
+    return a / math.sqrt(scale)

@@ -1,0 +1,134 @@
+"""Benchmark models in plain torch: a small ResNet-style encoder with dense or linear heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Block(nn.Module):
+    """Two 3x3 convolutions with batch norm and a residual connection (1x1 projection when the
+    shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.skip: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.skip(x))
+
+
+class Encoder(nn.Module):
+    """Stem and four residual blocks; output stride 4, ``4 * width`` channels."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
+                                  nn.ReLU())
+        self.blocks = nn.Sequential(Block(w, w), Block(w, 2 * w, 2), Block(2 * w, 2 * w),
+                                    Block(2 * w, 4 * w, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.blocks(self.stem(x))
+        return out
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One benchmark problem."""
+
+    name: str
+    tasks: tuple[str, ...]
+    batch: int
+    size: int
+    width: int
+
+    def describe(self) -> str:
+        return (f"{self.name}: K={len(self.tasks)}, batch {self.batch}, input 3x{self.size}x"
+                f"{self.size}, encoder width {self.width}")
+
+
+class DenseMTL(nn.Module):
+    """Encoder plus three dense heads (conv-BN-ReLU-conv): 7-class segmentation (cross-entropy),
+    depth (L1) and surface normals (1 - cosine), at the encoder's resolution."""
+
+    tasks = ("segmentation", "depth", "normals")
+
+    def __init__(self, width: int, classes: int = 7) -> None:
+        super().__init__()
+        self.encoder = Encoder(width)
+        c = 4 * width
+        outs = {"segmentation": classes, "depth": 1, "normals": 3}
+        self.heads = nn.ModuleDict({
+            t: nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                             nn.Conv2d(c, n, 1))
+            for t, n in outs.items()
+        })
+        self.classes = classes
+
+    def make_batch(self, suite: Suite, device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+        g = torch.Generator().manual_seed(0)
+        b, s = suite.batch, suite.size // 4
+        x = torch.randn(b, 3, suite.size, suite.size, generator=g)
+        y = {"segmentation": torch.randint(0, self.classes, (b, s, s), generator=g),
+             "depth": torch.rand(b, 1, s, s, generator=g),
+             "normals": F.normalize(torch.randn(b, 3, s, s, generator=g), dim=1)}
+        return x.to(device), {k: v.to(device) for k, v in y.items()}
+
+    def losses(self, x: Tensor, y: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        z = self.encoder(x)
+        out = {t: h(z) for t, h in self.heads.items()}
+        return {
+            "segmentation": F.cross_entropy(out["segmentation"], y["segmentation"]),
+            "depth": (out["depth"] - y["depth"]).abs().mean(),
+            "normals": 1 - F.cosine_similarity(out["normals"], y["normals"], dim=1).mean(),
+        }, z
+
+
+class ManyTaskClassifier(nn.Module):
+    """Encoder, global average pooling, and one linear binary classifier per task (as the 40
+    attributes of CelebA), with binary cross-entropy."""
+
+    def __init__(self, width: int, tasks: tuple[str, ...]) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.encoder = Encoder(width)
+        self.heads = nn.ModuleDict({t: nn.Linear(4 * width, 1) for t in tasks})
+
+    def make_batch(self, suite: Suite, device: torch.device) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(suite.batch, 3, suite.size, suite.size, generator=g)
+        y = torch.randint(0, 2, (suite.batch, len(self.tasks)), generator=g).float()
+        return x.to(device), y.to(device)
+
+    def losses(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        z = self.encoder(x).mean((2, 3))
+        return {t: F.binary_cross_entropy_with_logits(h(z).squeeze(-1), y[:, i])
+                for i, (t, h) in enumerate(self.heads.items())}, z
+
+
+def build(suite: Suite) -> DenseMTL | ManyTaskClassifier:
+    if suite.name == "dense":
+        return DenseMTL(suite.width)
+    return ManyTaskClassifier(suite.width, suite.tasks)
+
+
+def suites(quick: bool) -> dict[str, Suite]:
+    many = tuple(f"attr{i:02d}" for i in range(40))
+    if quick:
+        return {"dense": Suite("dense", DenseMTL.tasks, 2, 16, 4),
+                "many": Suite("many", many, 4, 16, 4)}
+    return {"dense": Suite("dense", DenseMTL.tasks, 8, 64, 16),
+            "many": Suite("many", many, 32, 32, 16)}
