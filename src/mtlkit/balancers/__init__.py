@@ -14,7 +14,12 @@ from mtlkit.balancers._dynamic import (
     RandomLossWeighting,
 )
 from mtlkit.balancers._famo import FAMO
+from mtlkit.balancers._gradnorm import GradNorm, GradNormScaling
+from mtlkit.balancers._gramian import CAGrad, DBMTL, IMTL, AlignedMTL, BargainingWarning, NashMTL, UPGrad
+from mtlkit.balancers._mgda import MGDA
 from mtlkit.balancers._registry import available, create, get, register
+from mtlkit.balancers._surgery import GradDrop, GradVac, PCGrad
+from mtlkit.balancers._torchjd import TorchJDWeighting
 from mtlkit.balancers._scaling import (
     EqualWeighting,
     FixedWeighting,
@@ -26,7 +31,21 @@ from mtlkit.balancers._scaling import (
 from mtlkit.balancers._uncertainty import UncertaintyWeighting
 
 __all__ = [
+    "DBMTL",
     "FAMO",
+    "IMTL",
+    "MGDA",
+    "AlignedMTL",
+    "BargainingWarning",
+    "CAGrad",
+    "GradDrop",
+    "GradNorm",
+    "GradNormScaling",
+    "GradVac",
+    "NashMTL",
+    "PCGrad",
+    "TorchJDWeighting",
+    "UPGrad",
     "BalanceStep",
     "Balancer",
     "DynamicTaskPrioritization",
