@@ -44,10 +44,11 @@ def conflicting_jacobian(k: int, p: int, *, seed: int = 0, strength: float = 0.8
 
 
 def degenerate_jacobians(k: int = 3, p: int = 5) -> dict[str, Tensor]:
-    """The inputs every gradient method must survive with finite weights."""
-    base = random_jacobian(k, p, seed=11)
+    """The inputs every gradient method must survive with finite weights and update. The
+    ``tiny`` and ``huge`` cases are ``scaled_base(k, p)`` times 1e-10 and 1e15."""
+    base = scaled_base(k, p)
     one = base[:1]
-    opposite = torch.cat([one, -one, *([one] * (k - 2))]) if k > 2 else torch.cat([one, -one])
+    opposite = torch.cat([one, -one, *([one] * (k - 2))])
     one_zero = base.clone()
     one_zero[1] = 0
     return {
@@ -60,6 +61,11 @@ def degenerate_jacobians(k: int = 3, p: int = 5) -> dict[str, Tensor]:
         "rank_one": random_jacobian(k, p, seed=3, rank=1),
         "single_task": base[:1].clone(),
     }
+
+
+def scaled_base(k: int = 3, p: int = 5) -> Tensor:
+    """The generic Jacobian that the ``tiny`` and ``huge`` degenerate cases rescale."""
+    return random_jacobian(k, p, seed=11)
 
 
 def linear_losses(jac: Tensor, offset: float | Tensor = 1.0,
