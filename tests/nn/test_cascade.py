@@ -34,11 +34,14 @@ def test_without_detach_the_downstream_loss_trains_the_upstream_head() -> None:
     model = _model(detach=False)
     out = model(torch.randn(5, 3))
     assert _grad_norm(out["b"].pow(2).mean(), model.heads["a"]) > 0
-    # a's head now serves a and b: it is shared, and features is no single shared cut.
+    # a's head now serves a and b: it is shared, and features packs the encoder output (4)
+    # with a's prediction (2), which b's head and a's output read.
     assert list(model.task_parameters("a")) == []
     shared = {id(p) for p in model.shared_parameters()}
     assert all(id(p) in shared for p in model.heads["a"].parameters())
-    assert model.features is None
+    assert model.features.shape == (5, 6)
+    torch.testing.assert_close(out["a"], model.features[:, 4:])
+    torch.testing.assert_close(out["b"], model.heads["b"](model.features))
 
 
 def test_downstream_head_reads_features_and_upstream_prediction() -> None:

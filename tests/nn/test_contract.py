@@ -1,4 +1,6 @@
-"""The MultiTaskModel contract, checked on every architecture of ``tiny_models()``."""
+"""The MultiTaskModel contract, checked on every architecture of ``tiny_models()``: outputs,
+the parameter partition and its gradient flow, the features cut, training through balancers,
+per-task learning rates."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import pytest
 import torch
 from _models import Entry, tiny_models
 
+import mtlkit.balancers
+from mtlkit.engine import task_gradients
 from mtlkit.nn import MultiTaskModel
+from mtlkit.optim import per_task_param_groups
 
 NAMES = sorted(tiny_models())
 
@@ -71,7 +76,7 @@ def test_unknown_task_is_a_value_error_naming_it(name: str) -> None:
 
 
 #: Architectures documenting ``features = None`` (no single tensor carries all shared work).
-FEATURES_NONE = {"mtan", "segnet_mtan", "ple", "cascade_no_detach", "fafs_widened"}
+FEATURES_NONE = {"mtan", "segnet_mtan", "ple"}
 #: Architectures where some shared parameters serve a subset of the tasks (at least two).
 SUBSET_SHARING = {"cascade_no_detach", "fafs_widened"}
 
@@ -133,7 +138,16 @@ def test_features_carry_the_whole_shared_gradient(name: str) -> None:
     feats = model.features
     assert (feats is None) == (name in FEATURES_NONE)
     if feats is None:
+        with pytest.raises(ValueError, match="no single shared representation.*grad_on='param"):
+            model.require_features()
         return
+    assert model.require_features() is feats
+    # Nothing task-specific lies behind the features (else features mode would never train it).
+    owned = [p for t in model.tasks for p in model.task_parameters(t)]
+    behind = torch.autograd.grad(
+        feats, owned, torch.randn_like(feats), retain_graph=True, allow_unused=True
+    )
+    assert not any(_nonzero(g) for g in behind)
     shared = list(model.shared_parameters())
     for t in model.tasks:
         loss = losses[t](out[t])
@@ -181,3 +195,123 @@ def test_copy_and_pickle_after_a_forward(name: str) -> None:
         torch.testing.assert_close(clone(x)[t], y)
         torch.testing.assert_close(again(x)[t], y)
     assert set(out) == set(model.tasks)
+
+
+def test_require_features_before_any_forward_says_so() -> None:
+    model, _, _ = _entry("hard_sharing")
+    with pytest.raises(ValueError, match="run a forward pass first"):
+        model.require_features()
+
+
+@pytest.mark.parametrize("name", sorted(set(NAMES) - FEATURES_NONE))
+def test_passing_features_in_parameters_mode_changes_no_gradient(name: str) -> None:
+    """The engine splits the backward at ``features`` when given them; the split must give the
+    same task Gram matrix and the same gradient of every parameter as the unsplit pass."""
+    results = []
+    for give in (False, True):
+        model, x, losses = _entry(name)
+        _eval_with_batch_statistics(model, x)
+        out = model(x)
+        grads = task_gradients(
+            [losses[t](out[t]) for t in model.tasks],
+            list(model.shared_parameters()),
+            model.features if give else None,
+            strategy="loop",
+        )
+        grads.apply_weights(torch.ones(len(model.tasks)))
+        results.append((grads.gramian, [p.grad for p in model.parameters()]))
+    (gram_a, grads_a), (gram_b, grads_b) = results
+    torch.testing.assert_close(gram_b, gram_a, rtol=1e-4, atol=1e-7)
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+#: One balancer of each kind: (registry name, constructor arguments).
+BALANCERS = {
+    "uw": ("uw", {}),  # loss weighting with learned log-variances (balancer parameters)
+    "mgda-parameters": ("mgda", {"grad_on": "parameters"}),
+    "upgrad-features": ("upgrad", {"grad_on": "features"}),
+}
+STEPS = 8
+
+
+@pytest.mark.parametrize("balancer_id", sorted(BALANCERS))
+@pytest.mark.parametrize("name", NAMES)
+def test_each_architecture_trains_with_loss_and_gradient_balancers(
+    name: str, balancer_id: str
+) -> None:
+    """A few Adam steps through ``balancer.backward`` on one fixed random batch lower the sum
+    of the raw task losses, for a loss balancer and for gradient balancers at the parameters
+    and at the features. Architectures with no single shared representation refuse features
+    mode with a clear error, before anything is written."""
+    model, x, losses = _entry(name)
+    key, kwargs = BALANCERS[balancer_id]
+    balancer = mtlkit.balancers.create(key, tasks=list(model.tasks), **kwargs)
+    opt = torch.optim.Adam([*model.parameters(), *balancer.parameters()], lr=1e-2)
+    features_mode = kwargs.get("grad_on") == "features"
+    model.train()  # BatchNorm uses batch statistics throughout; the tiny models have no dropout
+
+    def task_losses() -> dict[str, torch.Tensor]:
+        out = model(x)
+        return {t: fn(out[t]) for t, fn in losses.items()}
+
+    if features_mode and name in FEATURES_NONE:
+        step_losses = task_losses()
+        with pytest.raises(ValueError, match="no single shared representation"):
+            model.require_features()
+        with pytest.raises(ValueError, match="features"):
+            balancer.backward(
+                step_losses, shared=model.shared_parameters(), features=model.features
+            )
+        assert all(p.grad is None for p in model.parameters())
+        assert int(balancer.step) == 0
+        return
+
+    with torch.no_grad():
+        before = sum(task_losses().values()).item()
+    initial = [p.detach().clone() for p in balancer.parameters()]
+    for _ in range(STEPS):
+        opt.zero_grad()
+        step_losses = task_losses()
+        features = model.require_features() if features_mode else model.features
+        step = balancer.backward(step_losses, shared=model.shared_parameters(), features=features)
+        assert torch.isfinite(step.weight_tensor).all()
+        opt.step()
+    with torch.no_grad():
+        after = sum(task_losses().values()).item()
+    assert after < 0.9 * before, (before, after)
+    assert int(balancer.step) == STEPS
+    for p, p0 in zip(balancer.parameters(), initial):  # the balancer's own parameters learn
+        assert not torch.equal(p.detach(), p0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_per_task_learning_rates_cover_every_parameter_once(name: str) -> None:
+    model, x, losses = _entry(name)
+    first = model.tasks[0]
+    groups = per_task_param_groups(
+        model.shared_parameters(),
+        {t: model.task_parameters(t) for t in model.tasks},
+        lr=1e-2,
+        shared_lr=1e-3,
+        task_lr={first: 1e-1},
+    )
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(_ids(model.parameters())) and len(set(ids)) == len(ids)
+    with_params = [t for t in model.tasks if list(model.task_parameters(t))]
+    assert [g["name"] for g in groups] == ["shared", *with_params]
+    # One plain SGD step moves every parameter by its own group's learning rate.
+    opt = torch.optim.SGD(groups)
+    model.train()
+    out = model(x)
+    sum(fn(out[t]) for t, fn in losses.items()).backward()
+    old = {id(p): p.detach().clone() for p in model.parameters()}
+    opt.step()
+    expected_lr = {"shared": 1e-3, first: 1e-1}
+    for g in groups:
+        assert g["lr"] == expected_lr.get(g["name"], 1e-2)
+        for p in g["params"]:
+            if p.grad is not None:
+                torch.testing.assert_close(p.detach(), old[id(p)] - g["lr"] * p.grad)

@@ -77,7 +77,8 @@ def test_new_branches_start_as_copies_so_the_function_is_unchanged() -> None:
     before, after = model(x), wide(x)
     for t in TASKS:
         torch.testing.assert_close(after[t], before[t], rtol=0, atol=0)
-    assert model.features is not None and wide.features is None
+    # features packs the two depth-2 branches, (a, b) and (c, d), of 6 units each.
+    assert model.features.shape == (7, 6) and wide.features.shape == (7, 12)
     first, second = wide.branches[2][0], wide.branches[2][1]
     assert first[0].weight is not second[0].weight
     torch.testing.assert_close(first[0].weight, second[0].weight)
@@ -127,3 +128,20 @@ def test_a_widened_structure_can_be_rebuilt_and_loaded() -> None:
             {t: nn.Linear(6, 1) for t in TASKS},
             groups=[[("a", "b"), ("c", "d")], [("a", "c"), ("b", "d")]],
         )
+
+
+def test_features_pack_the_deepest_shared_branch_of_every_task() -> None:
+    model = widen(_thin(), AFFINITY, num_groups=3)  # top: (a, b), (c), (d) below one trunk
+    assert model.groups[2] == (("a", "b"), ("c",), ("d",))
+    x = torch.randn(7, 5)
+    out = model(x)
+    h1 = model.branches[1][0](model.branches[0][0](x))  # the all-task layers
+    ab = model.branches[2][0](h1)
+    torch.testing.assert_close(model.features, torch.cat([h1, ab], dim=1))
+    torch.testing.assert_close(out["a"], model.heads["a"](ab))
+    torch.testing.assert_close(out["d"], model.heads["d"](model.branches[2][2](h1)))
+    alone = widen(_thin(depth=1), AFFINITY, branch_cost=0.0)  # nothing shared at all
+    alone(x)
+    assert alone.features is None
+    with pytest.raises(ValueError, match="no layer is shared"):
+        alone.require_features()

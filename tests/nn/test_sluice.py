@@ -38,8 +38,9 @@ def test_alpha_mixes_subspaces_across_tasks() -> None:
     x = torch.randn(2, 3)
     model(x)
     ha, hb = model.columns["a"][0](x), model.columns["b"][0](x)
-    torch.testing.assert_close(model.features[0], torch.cat([ha[:, :2], hb[:, :2]], 1))
-    torch.testing.assert_close(model.features[1], torch.cat([ha[:, 2:], hb[:, 2:]], 1))
+    # features: (tasks, layers, batch, channels), before the beta combination.
+    torch.testing.assert_close(model.features[0, 0], torch.cat([ha[:, :2], hb[:, :2]], 1))
+    torch.testing.assert_close(model.features[1, 0], torch.cat([ha[:, 2:], hb[:, 2:]], 1))
 
 
 def test_default_alpha_init_and_its_size() -> None:
@@ -77,3 +78,24 @@ def test_bad_configurations_are_rejected() -> None:
     model = Sluice(["a", "b"], [lambda: nn.Linear(3, 4), lambda: nn.Linear(4, 2)], _heads())
     with pytest.raises(ValueError, match="equal layer output shapes"):
         model(torch.randn(2, 3))
+
+
+def test_betas_get_their_own_gradient_from_a_gradient_balancer() -> None:
+    # Regression: features used to be taken after the beta combination, so a balancer that
+    # splits the backward at the features never gave the (task-specific) betas a gradient.
+    from mtlkit.balancers import create
+
+    model = Sluice(["a", "b"], _layers(), _heads())
+    x = torch.randn(5, 3)
+    for grad_on in ("parameters", "features"):
+        model.zero_grad()
+        out = model(x)
+        losses = {t: out[t].pow(2).mean() for t in model.tasks}
+        expected = {
+            t: torch.autograd.grad(losses[t], model.betas[t], retain_graph=True)[0]
+            for t in model.tasks
+        }
+        balancer = create("mgda", tasks=list(model.tasks), grad_on=grad_on)
+        balancer.backward(losses, shared=model.shared_parameters(), features=model.features)
+        for t in model.tasks:
+            torch.testing.assert_close(model.betas[t].grad, expected[t])

@@ -67,7 +67,9 @@ class MultiTaskModel(nn.Module, ABC):
             which the per-task losses depend on only through the task-specific parameters
             after it), used by balancers with ``grad_on="features"``. ``None`` before the
             first forward and for architectures with no single shared tensor (each class
-            documents its choice). It holds the graph of the last forward until the next one.
+            documents its choice; :meth:`require_features` raises with the reason). Every
+            parameter behind it is shared. It holds the graph of the last forward until the
+            next one.
 
     "Shared" means *used by more than one task*: a parameter whose value can change the loss
     of two tasks. Soft-sharing models (cross-stitch, sluice) therefore count every column
@@ -112,6 +114,35 @@ class MultiTaskModel(nn.Module, ABC):
         """Parameters used by more than one task: all parameters no single task owns."""
         owned = {id(p) for t in self.tasks for p in self._task_parameters(t)}
         return iter([p for p in self.parameters() if id(p) not in owned])
+
+    def require_features(self) -> Tensor:
+        """:attr:`features` of the last forward, for ``grad_on="features"``; raises if there is
+        none.
+
+        Pass it as ``balancer.backward(losses, shared=..., features=model.require_features())``
+        where a balancer takes per-task gradients at the features: the error then says why an
+        architecture has no such tensor, where ``features=model.features`` (``None``) would
+        only say that the balancer needs one. Keep ``features=model.features`` for
+        ``grad_on="parameters"``, where ``None`` is fine.
+
+        Raises:
+            ValueError: the architecture, as configured, has no tensor through which all
+                shared computation reaches the losses (the reason is in the message); or no
+                forward has run yet.
+        """
+        reason = self._no_features_reason()
+        if reason is not None:
+            raise ValueError(
+                f"{type(self).__name__} has no single shared representation for "
+                f"grad_on='features': {reason}; use grad_on='parameters'"
+            )
+        if self.features is None:
+            raise ValueError(f"{type(self).__name__}.features is None: run a forward pass first")
+        return self.features
+
+    def _no_features_reason(self) -> str | None:
+        """Why :attr:`features` stays ``None`` for this model, or ``None`` if it is set."""
+        return None
 
     def _check_task(self, task: str) -> None:
         if task not in self.tasks:

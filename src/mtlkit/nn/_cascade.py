@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlkit.nn._base import MultiTaskModel, check_tasks
+from mtlkit.nn._utils import pack_features
 
 Combine = Callable[[Tensor, Sequence[Tensor]], Tensor]
 
@@ -38,11 +39,13 @@ class Cascade(MultiTaskModel):
         detach: stop the downstream gradient at the upstream predictions.
         combine: ``(features, predictions) -> head input``; default :func:`concat_channels`.
 
-    ``features`` is the encoder output, except with ``detach=False`` and at least one
-    dependency, where it is ``None``: the upstream heads then serve several tasks but come
-    after the encoder. Shared parameters: the encoder's, and with ``detach=False`` also the
-    heads of tasks that feed another task. Task parameters: the task's head, unless it is
-    shared as just described.
+    ``features`` is the encoder output. With ``detach=False`` and at least one dependency, the
+    upstream heads serve several tasks but come after the encoder. The model then runs the
+    encoder and those heads first, and ``features`` packs the encoder output and the upstream
+    predictions into one ``(batch, N)`` tensor (see :func:`~mtlkit.nn._utils.pack_features`);
+    the downstream heads and the outputs read views of it. Shared parameters: the encoder's,
+    and with ``detach=False`` also the heads of tasks that feed another task. Task parameters:
+    the task's head, unless it is shared as just described.
 
     Example:
         >>> import torch
@@ -87,16 +90,29 @@ class Cascade(MultiTaskModel):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         f = self.encoder(x)
-        self.features = f if all(self._owns_head.values()) else None
         preds: dict[str, Tensor] = {}
+        # Shared heads first: a shared (upstream) head reads only shared tensors.
         for t in self.order:
-            deps = self.depends_on.get(t, ())
-            if deps:
-                ups = [preds[u].detach() if self.detach else preds[u] for u in deps]
-                preds[t] = self.heads[t](self.combine(f, ups))
-            else:
-                preds[t] = self.heads[t](f)
+            if not self._owns_head[t]:
+                preds[t] = self._head(t, f, preds)
+        if preds:
+            self.features, (f, *ups) = pack_features([f, *preds.values()])
+            preds = dict(zip(preds, ups))
+        else:
+            self.features = f
+        for t in self.order:
+            if self._owns_head[t]:
+                preds[t] = self._head(t, f, preds)
         return self._output_dict(preds)
+
+    def _head(self, task: str, f: Tensor, preds: Mapping[str, Tensor]) -> Tensor:
+        deps = self.depends_on.get(task, ())
+        if not deps:
+            out: Tensor = self.heads[task](f)
+            return out
+        ups = [preds[u].detach() if self.detach else preds[u] for u in deps]
+        out = self.heads[task](self.combine(f, ups))
+        return out
 
     def _task_parameters(self, task: str) -> Iterable[nn.Parameter]:
         return self.heads[task].parameters() if self._owns_head[task] else ()

@@ -226,6 +226,14 @@ class PLE(MultiTaskModel):
         self.features = stacked if len(self.levels) == 1 else None
         return {t: self.towers[t](inputs[t]) for t in self.tasks}
 
+    def _no_features_reason(self) -> str | None:
+        if len(self.levels) == 1:
+            return None
+        return (
+            "below the last level, the shared experts and every task's experts reach each "
+            "task both through the shared gate and through the task's own gates"
+        )
+
     def _task_parameters(self, task: str) -> Iterable[nn.Parameter]:
         levels = [cast(_ExtractionLayer, level) for level in self.levels]
         for level in levels[-2:]:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlkit.nn._base import MultiTaskModel, check_tasks
-from mtlkit.nn._utils import module_list
+from mtlkit.nn._utils import module_list, pack_features
 
 Groups = Sequence[Sequence[Sequence[str]]]
 #: Task groups per depth, as stored on the model.
@@ -83,11 +83,13 @@ class FullyAdaptiveSharing(MultiTaskModel):
             Default: one group per depth.
         active_depth: the next depth to widen (default: the top layer, or -1 with ``groups``).
 
-    ``features`` is the last layer's output while that layer is shared by all tasks, else
-    ``None``: after branching, layers shared by a subset of the tasks follow the last
-    all-task layer, so no single tensor carries all the shared computation. Shared parameters:
-    layer copies used by two or more tasks. Task parameters: its head and the layer copies
-    only it uses.
+    ``features`` is the last layer's output while that layer is shared by all tasks. Once a
+    task has its own layers, the shared computation reaches the task-specific part through the
+    output of each task's deepest shared branch. The model then runs every shared branch
+    first, and ``features`` packs those outputs into one ``(batch, N)`` tensor (see
+    :func:`~mtlkit.nn._utils.pack_features`) whose views feed the task-specific layers; it is
+    ``None`` only if no layer is shared. Shared parameters: layer copies used by two or more
+    tasks. Task parameters: its head and the layer copies only it uses.
 
     .. note:: Not implemented from the paper: the thin-model initialisation by simultaneous
        orthogonal matching pursuit from a pre-trained wide network.
@@ -153,16 +155,41 @@ class FullyAdaptiveSharing(MultiTaskModel):
         return tuple(self.groups[depth + 1])
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        prev: dict[str, Tensor] = {t: x for t in self.tasks}  # task -> input of its branch
+        # Shared branches (groups of two or more tasks) first, depth by depth. A task's input
+        # at the next depth is then the output of its deepest shared branch (its part of the
+        # cut between shared and task-specific layers) or x.
+        outputs: dict[tuple[int, int], Tensor] = {}
+        last: dict[str, tuple[int, int] | None] = {t: None for t in self.tasks}
         for d, parts in enumerate(self.groups):
-            cur: dict[str, Tensor] = {}
             for g, group in enumerate(parts):
-                y = module_list(self.branches, d)[g](prev[group[0]])
-                for t in group:
-                    cur[t] = y
-            prev = cur
-        self.features = prev[self.tasks[0]] if len(self.groups[-1]) == 1 else None
-        return {t: self.heads[t](prev[t]) for t in self.tasks}
+                if len(group) > 1:
+                    src = last[group[0]]
+                    outputs[(d, g)] = self._branch(d, g)(x if src is None else outputs[src])
+                    for t in group:
+                        last[t] = (d, g)
+        cut = sorted({key for key in last.values() if key is not None})
+        if len(cut) > 1:
+            self.features, views = pack_features([outputs[key] for key in cut])
+            outputs.update(zip(cut, views))
+        else:
+            self.features = outputs[cut[0]] if cut else None
+        # Then each task's own branches above its cut, and its head.
+        out = {}
+        for t in self.tasks:
+            key = last[t]
+            h = x if key is None else outputs[key]
+            for d in range(0 if key is None else key[0] + 1, len(self.groups)):
+                h = self._branch(d, self.groups[d].index((t,)))(h)
+            out[t] = self.heads[t](h)
+        return out
+
+    def _branch(self, depth: int, group: int) -> nn.Module:
+        return module_list(self.branches, depth)[group]
+
+    def _no_features_reason(self) -> str | None:
+        if any(len(g) > 1 for g in self.groups[0]):
+            return None
+        return "no layer is shared by two or more tasks"
 
     def _task_parameters(self, task: str) -> Iterable[nn.Parameter]:
         for d, parts in enumerate(self.groups):

@@ -186,6 +186,12 @@ class MTAN(MultiTaskModel):
             out[t] = self.heads[t](a)
         return out
 
+    def _no_features_reason(self) -> str | None:
+        return (
+            "every task's attention modules read the trunk at every stage, and the shared "
+            "transitions run on task-specific attended features"
+        )
+
     def _task_parameters(self, task: str) -> Iterable[nn.Parameter]:
         yield from self.attention[task].parameters()
         yield from self.heads[task].parameters()

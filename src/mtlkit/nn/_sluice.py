@@ -51,10 +51,12 @@ class Sluice(MultiTaskModel):
        the product as ``W_1^T W_2`` in its own layout. This version pushes the weight vectors
        of different subspaces to be orthogonal, for any layer type.
 
-    ``features`` is the ``beta``-combined representation stacked over tasks,
-    ``(K, batch, ...)``. Shared parameters: every column layer (each one is followed by an
-    ``alpha`` unit that feeds it to all tasks) and the ``alpha`` units. Task parameters: the
-    task's ``beta`` and head.
+    ``features`` is the mixed layer outputs stacked over tasks and layers,
+    ``(K, L, batch, ...)``: row ``k`` holds the ``h~_{k,l}`` that task ``k``'s ``beta`` combines.
+    It is taken before the ``beta`` combination because the ``betas`` are task parameters: the
+    part of the network behind ``features`` must be shared only. Shared parameters: every
+    column layer (each one is followed by an ``alpha`` unit that feeds it to all tasks) and the
+    ``alpha`` units. Task parameters: the task's ``beta`` and head.
 
     Example:
         >>> import torch
@@ -65,7 +67,7 @@ class Sluice(MultiTaskModel):
         >>> model = Sluice(["a", "b"], layers, heads)
         >>> out = model(torch.randn(3, 4))
         >>> tuple(out["b"].shape), tuple(model.features.shape)
-        ((3, 2), (2, 3, 8))
+        ((3, 2), (2, 2, 3, 8))
     """
 
     def __init__(
@@ -127,9 +129,9 @@ class Sluice(MultiTaskModel):
         if len(shapes) != 1:
             raise ValueError(f"beta needs equal layer output shapes, got {sorted(shapes)}")
         layers = torch.stack(mixed_layers, dim=1)  # (K, L, B, C, ...)
+        self.features = layers
         beta = torch.stack([self.betas[t] for t in self.tasks]).to(layers.dtype)  # (K, L)
         combined = torch.einsum("kl,kl...->k...", beta, layers)
-        self.features = combined
         return {t: self.heads[t](combined[i]) for i, t in enumerate(self.tasks)}
 
     def regularizer(self) -> Tensor:

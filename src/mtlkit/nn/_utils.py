@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from mtlkit.nn._base import int_sequence, positive_int
 
@@ -75,3 +76,21 @@ def build_columns(tasks: Sequence[str], column: ColumnSpec) -> dict[str, nn.Modu
                     )
                 seen.add(id(p))
     return {t: nn.ModuleList(ss) for t, ss in stages.items()}
+
+
+def pack_features(tensors: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """One tensor holding ``tensors``, and views of it shaped like each of them.
+
+    For models whose shared computation reaches the task-specific part through several
+    tensors (a cut of several tensors): the model runs everything shared, packs the cut, and
+    lets the task-specific part read only the views. The packed tensor is then a single
+    ``features`` tensor through which all shared gradient flows. It is ``(batch, N)`` when
+    every tensor has the same size in dim 0 (the batch), else 1-D. This costs one copy of the
+    cut's activations.
+    """
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    batch_first = len(sizes) == 1 and None not in sizes
+    flat = [t.flatten(1) if batch_first else t.reshape(-1) for t in tensors]
+    packed = torch.cat(flat, dim=-1)
+    pieces = packed.split([f.shape[-1] for f in flat], dim=-1)
+    return packed, [p.reshape(t.shape) for p, t in zip(pieces, tensors)]
