@@ -94,3 +94,22 @@ def test_norms_are_taken_on_the_last_layer_only():
     grad = torch.sign(torch.tensor(n) - sum(n) / 2) * torch.tensor(n)
     expected = 1 - adam_first_step(grad, 0.1)
     torch.testing.assert_close(b.task_weights, expected * 2 / expected.sum())
+
+
+def test_weighted_norms_settle_on_the_target():
+    """alpha = 1, gradient norms (1, 2), loss ratios L(t)/L(0) = (3, 0.75): r = (1.6, 0.4), so
+    the targets G_bar r_k satisfy w_a * 1 = 4 * w_b * 2; with w_a + w_b = 2 the fixed point is
+    w = (16/9, 2/9), where every weighted norm equals its target."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    d = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])]
+    b = GradNorm(["a", "b"], alpha=1.0, lr=0.01)
+    seen = []
+    for t in range(300):
+        p.grad = None
+        b.backward(losses_on(p, d, [1.0, 1.0] if t == 0 else [3.0, 0.75]), shared=[p])
+        seen.append(b.task_weights.clone())
+    w = torch.stack(seen[-50:]).mean(0)
+    torch.testing.assert_close(w, torch.tensor([16 / 9, 2 / 9]), rtol=0, atol=5e-3)
+    norms = w * torch.tensor([1.0, 2.0])
+    target = norms.mean() * torch.tensor([1.6, 0.4])
+    torch.testing.assert_close(norms, target, rtol=0, atol=2e-2)

@@ -119,7 +119,8 @@ class IMTL(GradientBalancer):
     gradient (IMTL-G), optionally with learned loss scales (IMTL-L).
 
     Proposed in Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, *Towards Impartial Multi-task
-    Learning* (ICLR 2021). IMTL-G finds :math:`d = \sum_k \alpha_k g_k` with
+    Learning* (ICLR 2021, OpenReview IMPnRXEWpvr; there is no arXiv version). IMTL-G finds
+    :math:`d = \sum_k \alpha_k g_k` with
     :math:`\sum_k \alpha_k = 1` and :math:`\langle d, g_k/\|g_k\|\rangle` equal for all k, whose
     closed form in terms of the Gram matrix is
 
@@ -305,7 +306,9 @@ class AlignedMTL(GradientBalancer):
     kept eigenvalue (``"min"``, the paper), their median (``"median"``) or mean (``"rmse"``, the
     name of this option in the authors' code).
 
-    .. note:: Computed on the device in float64 with no host transfer. Eigenvalues below
+    .. note:: :math:`\omega = \mathbf 1 / K` as in TorchJD; the authors' code sums the aligned
+       gradients (:math:`\omega = \mathbf 1`), K times larger, same direction. Computed on the
+       device in float64 with no host transfer. Eigenvalues below
        ``K * eps * max eigenvalue`` (eps of the Gram matrix's dtype) are dropped; if every
        eigenvalue is dropped (all gradients zero), B is the identity.
 

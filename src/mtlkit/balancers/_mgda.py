@@ -10,11 +10,13 @@ from torch import Tensor
 
 from mtlkit.balancers._base import GradientBalancer
 from mtlkit.balancers._registry import register
-from mtlkit.balancers._solvers import min_norm_simplex, to_host
+from mtlkit.balancers._solvers import frank_wolfe_min_norm, min_norm_simplex, to_host
 from mtlkit.engine import GradOn, Strategy
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 NORMALIZATIONS: tuple[str, ...] = ("none", "l2", "loss", "loss+")
+Solver = Literal["exact", "frank_wolfe"]
+SOLVERS: tuple[str, ...] = ("exact", "frank_wolfe")
 
 
 def two_task_min_norm(gramian: Tensor) -> Tensor:
@@ -49,15 +51,18 @@ class MGDA(GradientBalancer):
     ``grad_on="features"`` this is MGDA-UB (the paper's upper bound, Section 3.3): the hull is
     taken of the gradients of the shared representation.
 
-    The quadratic programme is solved exactly: two tasks by the closed form
+    Two tasks are solved by the closed form
     :math:`\gamma = \mathrm{clip}((G_{22} - G_{12}) / (G_{11} + G_{22} - 2 G_{12}), 0, 1)` on the
-    device; more tasks by Wolfe's finite active-set algorithm on the Gram matrix, after one
-    K x K transfer to the host.
+    device. More tasks go to the host (one K x K transfer), where ``solver="exact"`` (default)
+    runs Wolfe's finite active-set algorithm, which returns the minimiser itself, and
+    ``solver="frank_wolfe"`` the paper's Algorithm 2 (Frank-Wolfe from the uniform weights, line
+    search by the same two-point closed form, at most 250 steps, stop when the weights move by
+    less than 1e-5: the constants of the authors' code).
 
-    .. note:: The paper solves the problem with Frank-Wolfe (line search by the same two-point
-       closed form). Frank-Wolfe converges sublinearly and stops at a tolerance, off the
-       minimiser; Wolfe's algorithm returns the minimiser itself (checked against a generic QP
-       solver in the tests). The authors' code multiplies the *unnormalised* losses by
+    .. note:: Frank-Wolfe converges sublinearly and stops at a tolerance, off the minimiser;
+       hence the exact default (checked against a generic QP solver in the tests). The
+       authors' Frank-Wolfe clips its step to [0.001, 0.999] at the segment's ends; ours takes
+       the exact step in [0, 1]. The authors' code multiplies the *unnormalised* losses by
        :math:`\alpha` after solving on normalised gradients; we apply
        :math:`w_k = \alpha_k / c_k`, the weights of the direction that was actually solved for,
        which keeps the common-descent guarantee. Ties (non-unique weights, e.g. equal gradients)
@@ -68,6 +73,7 @@ class MGDA(GradientBalancer):
         normalization: ``"none"`` (paper, Algorithm 2; default), ``"l2"``, ``"loss"`` or
             ``"loss+"``. The loss normalisers use :math:`|L_k|`. A zero normaliser (zero
             gradient or zero loss) leaves that gradient at zero.
+        solver: ``"exact"`` (default) or ``"frank_wolfe"`` (the paper's), for K > 2.
         grad_on, strategy, chunk_size, check_finite: see :class:`GradientBalancer`.
 
     Example:
@@ -86,6 +92,7 @@ class MGDA(GradientBalancer):
         self,
         tasks: Sequence[str],
         normalization: Normalization = "none",
+        solver: Solver = "exact",
         *,
         grad_on: GradOn = "parameters",
         strategy: Strategy = "auto",
@@ -101,6 +108,9 @@ class MGDA(GradientBalancer):
                 f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
             )
         self.normalization = normalization
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        self.solver = solver
 
     def _normalizers(self, gramian: Tensor, losses: Tensor) -> Tensor:
         norms = gramian.diagonal().clamp_min(0).sqrt()
@@ -124,8 +134,10 @@ class MGDA(GradientBalancer):
         if k == 2:
             alpha = two_task_min_norm(normalized)
         else:
-            alpha = min_norm_simplex(to_host(normalized)).to(gramian.device)
+            solve = min_norm_simplex if self.solver == "exact" else frank_wolfe_min_norm
+            alpha = solve(to_host(normalized)).to(gramian.device)
         return (alpha * inv).to(gramian.dtype)
 
     def extra_repr(self) -> str:
-        return f"normalization={self.normalization!r}, {super().extra_repr()}"
+        return (f"normalization={self.normalization!r}, solver={self.solver!r}, "
+                f"{super().extra_repr()}")
