@@ -1,10 +1,21 @@
-"""The speed benchmark runs in quick mode and prints tables that parse."""
+"""The speed benchmark runs end to end on tiny models and prints tables that parse, with the
+backward-pass counts the engine promises and a verdict against each target. No timing is
+asserted (the machine is shared and noisy); the verdict logic is tested on given numbers."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+
+import pytest
+import torch
 
 from mtlkit.benchmarks import speed
+from mtlkit.benchmarks._models import Suite, suites
+from mtlkit.engine._grads import auto_strategy
+
+PEERS = importlib.util.find_spec("torchjd") is not None
 
 
 def parse_tables(text: str) -> list[list[dict[str, str]]]:
@@ -29,29 +40,136 @@ def number_or_dash(cell: str) -> float | None:
     return None if cell == "-" else float(cell)
 
 
-def test_quick_benchmark_prints_parsable_tables(capsys):
-    peers = importlib.util.find_spec("torchjd") is not None
-    argv = ["--quick", "--methods", "uw,upgrad", "--repeats", "1", "--steps", "1"]
-    assert speed.main(argv + (["--peers"] if peers else [])) == 0
-    tables = parse_tables(capsys.readouterr().out)
+METHODS = ["uw", "upgrad", "upgrad@features", "mgda[chunk_size=16]", "mgda[strategy='loop']"]
+
+
+def quick(*argv: str) -> str:
+    out = io.StringIO()
+    threads = torch.get_num_threads()
+    base = ["--quick", "--repeats", "2", "--steps", "1", "--warmup", "0"]
+    with contextlib.redirect_stdout(out):
+        assert speed.main([*base, *argv, *(["--peers"] if PEERS else [])]) == 0
+    assert torch.get_num_threads() == threads  # the benchmark restores the thread count
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tables():
+    """One quick run of both problems (with TorchJD peers when installed), parsed; memory is
+    measured in :func:`test_peak_memory_columns` only (the profiler is slow to start)."""
+    text = quick("--methods", ",".join(METHODS), "--no-memory")
+    if PEERS:
+        assert "LibMTL:" in text  # its status is reported either way
+    return parse_tables(text)
+
+
+def test_tables_have_every_method_and_column(tables):
     assert len(tables) == 2  # dense and many
     for table in tables:
-        assert [row["method"] for row in table] == ["sum", "uw", "upgrad"]
+        assert [row["method"] for row in table] == ["sum", *METHODS]
+        assert list(table[0]) == list(speed.COLUMNS)
+        assert number_or_dash(table[0]["time/sum"]) == 1.0
         for row in table:
             assert number_or_dash(row["time/sum"]) > 0
-            assert number_or_dash(row["peak MiB"]) >= 0
-        assert number_or_dash(table[0]["time/sum"]) == 1.0
-        upgrad = table[2]
-        if peers:
-            assert number_or_dash(upgrad["torchjd time/sum"]) > 0
-            assert number_or_dash(upgrad["ours/torchjd mem"]) > 0
-        assert table[1]["torchjd time/sum"] == "-"  # no peer for a loss method
+            assert row["peak MiB"] == "-"  # --no-memory
+            assert row["result"] == "-" or row["result"].split(" ")[0] in ("PASS", "MISS")
+            if table is tables[1] and row["target"].endswith("mem <= 0.50x"):
+                assert row["result"].endswith("(mem not measured)")
+
+
+def test_trunk_passes_per_step(tables):
+    """A plain sum and a loss-weighting method: one backward through the trunk; parameters
+    mode: one per chunk of tasks (K with the loop, which ``auto`` uses for few tasks on CPU);
+    features mode: one."""
+    dense, many = ({row["method"]: int(row["trunk passes"]) for row in t} for t in tables)
+
+    def auto(k: int) -> int:
+        strategy, chunk = auto_strategy(k, "cpu")
+        return k if strategy == "loop" else -(-k // chunk)
+
+    assert auto(3) == 3 and auto(40) == 5  # the loop at K=3, chunks of 8 at K=40
+    assert dense == {"sum": 1, "uw": 1, "upgrad": auto(3), "upgrad@features": 1,
+                     "mgda[chunk_size=16]": 1, "mgda[strategy='loop']": 3}
+    assert many == {"sum": 1, "uw": 1, "upgrad": auto(40), "upgrad@features": 1,
+                    "mgda[chunk_size=16]": 3, "mgda[strategy='loop']": 40}
+
+
+def test_targets_are_attached_to_the_right_rows(tables):
+    dense, many = ({row["method"]: row for row in t} for t in tables)
+    assert dense["sum"]["target"] == "-"
+    assert dense["uw"]["target"] == many["uw"]["target"] == "time/sum <= 1.05"
+    assert dense["upgrad@features"]["target"] == "time/sum <= 1.5"
+    assert many["upgrad@features"]["target"] == "-"  # the features target is for K=3
+    assert dense["upgrad"]["target"] == "time <= 1.00x torchjd"
+    assert many["upgrad"]["target"] == "time <= 1.00x torchjd, mem <= 0.50x"
+    assert dense["uw"]["torchjd time/sum"] == "-"  # no peer for a loss method
+    assert dense["upgrad@features"]["torchjd time/sum"] == "-"  # nor for features mode
+    if PEERS:  # a variant with options is compared with the same peer
+        for row in (dense["upgrad"], many["upgrad"], many["mgda[chunk_size=16]"]):
+            assert number_or_dash(row["torchjd time/sum"]) > 0
+            lo, hi = map(float, row["range"].split("-"))
+            assert lo <= float(row["ours/torchjd time"]) <= hi
+
+
+def test_peak_memory_columns():
+    """The profiler-based CPU peak: a parameters-mode step holds the task Jacobian on top of
+    what a plain sum allocates; features mode does not."""
+    (table,) = parse_tables(quick("--suites", "dense", "--methods", "upgrad,upgrad@features",
+                                  "--repeats", "1"))
+    rows = {row["method"]: row for row in table}
+    assert number_or_dash(rows["sum"]["peak MiB"]) > 0
+    assert number_or_dash(rows["sum"]["mem/sum"]) == 1.0
+    assert number_or_dash(rows["upgrad"]["mem/sum"]) > number_or_dash(
+        rows["upgrad@features"]["mem/sum"])
+    if PEERS:
+        assert number_or_dash(rows["upgrad"]["torchjd peak MiB"]) > 0
+        assert number_or_dash(rows["upgrad"]["ours/torchjd mem"]) > 0
+
+
+@pytest.mark.parametrize(("spec", "requires", "k", "numbers", "expected"), [
+    ("ew", "losses", 3, (1.04, None, None), "PASS"),
+    ("ew", "losses", 40, (1.06, None, None), "MISS"),
+    ("mgda@features", "gramian", 3, (1.49, None, None), "PASS"),
+    ("mgda@features", "gramian", 3, (1.51, None, None), "MISS"),
+    ("mgda@features", "gramian", 40, (9.0, None, None), "-"),
+    ("mgda", "gramian", 3, (2.0, 0.99, 3.0), "PASS"),  # memory is not a target at K=3
+    ("mgda", "gramian", 3, (2.0, 1.01, 0.1), "MISS (time)"),
+    ("mgda", "gramian", 40, (9.0, 0.9, 0.49), "PASS"),
+    ("mgda", "gramian", 40, (9.0, 0.9, 0.51), "MISS (mem)"),
+    ("mgda[chunk_size=4]", "gramian", 40, (9.0, 1.2, 0.6), "MISS (time, mem)"),
+    ("mgda", "gramian", 40, (9.0, None, None), "n/a (no peer measurement)"),
+    ("mgda", "gramian", 40, (9.0, 0.9, None), "PASS (mem not measured)"),
+    ("gradnorm", "last_shared", 3, (1.4, None, None), "-"),
+    ("db_mtl", "gramian", 3, (1.4, None, None), "-"),  # no TorchJD peer
+    ("sum", None, 3, (1.0, None, None), "-"),
+])
+def test_verdicts(spec, requires, k, numbers, expected):
+    assert speed.verdict(speed.Spec(spec), requires, k, *numbers)[1] == expected
+
+
+def test_method_specs_parse():
+    s = speed.Spec("upgrad@features[chunk_size=2;strategy='loop']")
+    assert (s.name, s.grad_on, s.options) == ("upgrad", "features",
+                                               {"chunk_size": 2, "strategy": "loop"})
+    assert s.peer_key is None
+    assert speed.Spec("mgda[chunk_size=4]").peer_key == "torchjd:mgda"
+    assert speed.Spec("ew[check_finite=False]").options == {"check_finite": False}
+    assert speed.Spec("ew").peer_key is None
+
+
+def test_default_sizes_are_the_documented_ones():
+    full = suites(quick=False)
+    assert full["dense"] == Suite("dense", full["dense"].tasks, 8, 48, 8)
+    assert full["many"] == Suite("many", full["many"].tasks, 16, 16, 8)
+    assert len(full["dense"].tasks) == 3 and len(full["many"].tasks) == 40
+    assert "dense       8       48x48  8" in speed.__doc__
+    assert "many        16      16x16  8" in speed.__doc__
 
 
 def test_bad_arguments_are_named():
-    import pytest
-
     with pytest.raises(SystemExit, match="unknown method"):
         speed.main(["--quick", "--methods", "nope"])
     with pytest.raises(SystemExit, match="unknown suite"):
         speed.main(["--quick", "--suites", "huge"])
+    with pytest.raises(SystemExit, match="opt=value"):
+        speed.main(["--quick", "--methods", "ew[check_finite]"])

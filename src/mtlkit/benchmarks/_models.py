@@ -9,6 +9,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class PassCounter:
+    """Counts the backward passes through a tensor (a gradient hook; a vectorised backward over
+    several tasks counts once)."""
+
+    calls = 0
+
+    @staticmethod
+    def hook(grad: Tensor) -> None:
+        PassCounter.calls += 1
+
+    @staticmethod
+    def watch(x: Tensor) -> Tensor:
+        if x.requires_grad:
+            x.register_hook(PassCounter.hook)
+        return x
+
+
 class Block(nn.Module):
     """Two 3x3 convolutions with batch norm and a residual connection (1x1 projection when the
     shape changes)."""
@@ -30,7 +47,8 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Stem and four residual blocks; output stride 4, ``4 * width`` channels."""
+    """Stem and four residual blocks; output stride 4, ``4 * width`` channels. A
+    :class:`PassCounter` after the stem counts the backward passes through the trunk."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -41,7 +59,7 @@ class Encoder(nn.Module):
                                     Block(2 * w, 4 * w, 2))
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.blocks(self.stem(x))
+        out: Tensor = self.blocks(PassCounter.watch(self.stem(x)))
         return out
 
 
@@ -129,6 +147,8 @@ def suites(quick: bool) -> dict[str, Suite]:
     many = tuple(f"attr{i:02d}" for i in range(40))
     if quick:
         return {"dense": Suite("dense", DenseMTL.tasks, 2, 16, 4),
-                "many": Suite("many", many, 4, 16, 4)}
-    return {"dense": Suite("dense", DenseMTL.tasks, 8, 64, 16),
-            "many": Suite("many", many, 32, 32, 16)}
+                "many": Suite("many", many, 4, 8, 4)}
+    # Sized so that a full run with --peers fits in about 6-8 minutes on 2 shared CPU cores
+    # (see the table in mtlkit.benchmarks.speed).
+    return {"dense": Suite("dense", DenseMTL.tasks, 8, 48, 8),
+            "many": Suite("many", many, 16, 16, 8)}

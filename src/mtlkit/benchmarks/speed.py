@@ -2,19 +2,37 @@
 
 Two problems (built in plain torch, :mod:`mtlkit.benchmarks._models`):
 
-* ``dense``: a small ResNet-style encoder with three dense convolutional heads (segmentation,
-  depth, normals), K = 3;
-* ``many``: the same encoder, pooled, with 40 linear binary classifiers, K = 40.
+* ``dense``: a small ResNet-style encoder (stem and four residual blocks, output stride 4) with
+  three dense convolutional heads (segmentation, depth, normals), K = 3;
+* ``many``: the same encoder, globally pooled, with 40 linear binary classifiers, K = 40.
+
+Default sizes (chosen so that one full run with ``--peers`` takes about 6-8 minutes on 2 shared
+CPU cores; ``--quick`` is a set-up check, not a measurement):
+
+==========  ======  =====  =====  =============  =================
+problem     batch   input  width  shared params  task-specific
+==========  ======  =====  =====  =============  =================
+dense       8       48x48  8      24,296         28,203 (3 heads)
+many        16      16x16  8      24,296         1,320 (40 heads)
+==========  ======  =====  =====  =============  =================
 
 A step is: zero the gradients, forward, ``balancer.backward(losses, shared=encoder parameters,
 features=encoder output)``, an SGD step (learning rate 0, so every step sees the same inputs),
-and ``after_step`` for the methods that need it. The reference is the plain sum:
-``sum(losses).backward()`` with the same forward and optimiser step.
+and ``after_step`` (with a no-grad forward for the post-step losses) for the methods that need
+it (FAMO). The reference is the plain sum: ``sum(losses).backward()`` with the same forward and
+optimiser step.
 
-**Time.** Every method runs ``--steps`` steps per repeat, and the plain sum runs before and after
-each method within the same repeat; the method's ratio in a repeat is its mean step time over the
+**Time.** Every method runs ``--steps`` steps per repeat (at least; a fast method runs as many as
+fill ``--min-time`` seconds), and the plain sum runs before and after each method within the
+same repeat; the method's ratio in a repeat is its mean step time over the
 mean of those two plain-sum measurements. The table shows the median ratio over ``--repeats``
-repeats, all in one process (absolute times are printed for information only).
+repeats, all in one process (absolute times are printed for information only). On CPU the clock
+is the process's CPU time (``time.process_time``) and torch runs on ``--threads`` threads (1 by
+default): on a shared machine wall-clock time mostly measures the other processes, and two
+OpenMP threads competing for two busy cores made steps up to 20x slower and 10x noisier in our
+measurements. On CUDA the clock is wall time with a device synchronisation around each
+measurement. ``ours/torchjd time`` is the median over repeats of (our ratio / TorchJD's ratio)
+in the same repeat, with its range over the repeats beside it as a noise gauge.
 
 **Memory.** Peak bytes allocated by torch during one step above what is allocated before it
 (parameters, optimiser state, the batch; gradients released): on CUDA
@@ -24,10 +42,27 @@ allocator caching, the running maximum of ``torch.profiler``'s memory events (ea
 and release of torch's CPU allocator). Both count exactly what torch allocates, the same way for
 every method and for the peers.
 
+**Trunk passes.** How many backward passes went through the bottom of the encoder in one step
+(a gradient hook on the stem's output; a vectorised backward over several tasks counts once).
+A plain sum and every loss-weighting method: 1; features mode: 1; parameters mode: one per chunk
+of tasks, or K where ``strategy="auto"`` loops (few tasks on CPU, see
+:func:`mtlkit.engine._grads.auto_strategy`).
+
+**Targets** (column ``target``, verdict ``PASS`` / ``MISS`` in ``result``): loss-weighting
+methods (``requires == "losses"``) ``time/sum <= 1.05``; ``grad_on="features"`` at K=3
+``time/sum <= 1.5``; parameter-level methods that TorchJD also implements ``ours/torchjd time
+<= 1.00`` (K=3 and K=40) and at K=40 also ``ours/torchjd mem <= 0.50``. Other rows have no
+target (``-``).
+
 **Peers** (``--peers``): for methods TorchJD implements, a step with
 ``torchjd.autojac.mtl_backward(losses, features=...)`` followed by ``jac_to_grad(shared,
 aggregator)`` with the matching aggregator, on the same model, batch and process, with
-TorchJD's defaults; the table prints its ratios beside ours.
+TorchJD's defaults; the table prints its ratios beside ours. LibMTL's weightings are coupled to
+its trainer and are not timed; whether it imports is reported.
+
+**Methods** are registry names; ``NAME@features`` sets ``grad_on="features"``, and
+``NAME[option=value;...]`` passes constructor options (e.g. ``mgda[chunk_size=4]`` or
+``ew[check_finite=False]``, to compare settings side by side in one run).
 
 Usage::
 
@@ -38,32 +73,36 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import gc
 import importlib
 import math
+import os
 import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mtlkit import balancers
-from mtlkit.benchmarks._models import Suite, build, suites
+from mtlkit.benchmarks._models import PassCounter, Suite, build, suites
 
 for _module in ("_gradnorm", "_gramian", "_mgda", "_surgery"):  # register the gradient methods
     importlib.import_module(f"mtlkit.balancers.{_module}")
 
 PLAIN_SUM = "sum"
 DEFAULT_METHODS = (
-    "ew", "uw", "dwa", "famo", "gradnorm", "grad_norm_scaling@features",
-    "mgda", "mgda@features", "pcgrad", "graddrop", "gradvac", "cagrad", "imtl", "nash_mtl",
-    "aligned_mtl", "upgrad", "upgrad@features", "db_mtl",
+    "ew", "ew[check_finite=False]", "uw", "dwa", "famo", "gradnorm",
+    "grad_norm_scaling@features", "mgda", "mgda@features", "pcgrad", "graddrop", "gradvac",
+    "cagrad", "imtl", "nash_mtl", "aligned_mtl", "upgrad", "upgrad@features", "db_mtl",
 )
+#: Targets of issue 3 (see the module docstring).
+LOSS_TIME, FEATURES_TIME, PEER_TIME, PEER_MEM = 1.05, 1.5, 1.00, 0.50
 
 # Our registry name -> TorchJD aggregator with the same definition (see tests/balancers/
 # test_grad_torchjd.py for the conventions that differ).
@@ -88,8 +127,9 @@ def _tjd() -> Any:
 
 @dataclass(frozen=True)
 class Spec:
-    """A method as written on the command line: ``name`` or ``name@features``; the plain sum is
-    ``sum``; ``torchjd:name`` is the peer of ``name``."""
+    """A method as written on the command line: ``name``, ``name@features``, optionally followed
+    by ``[option=value;...]``; the plain sum is ``sum``; ``torchjd:name`` is the peer of
+    ``name``."""
 
     key: str
 
@@ -98,12 +138,41 @@ class Spec:
         return self.key.startswith("torchjd:")
 
     @property
+    def _base(self) -> str:
+        return self.key.removeprefix("torchjd:").split("[")[0]
+
+    @property
     def name(self) -> str:
-        return self.key.removeprefix("torchjd:").split("@")[0]
+        return self._base.split("@")[0]
 
     @property
     def grad_on(self) -> str | None:
-        return "features" if self.key.endswith("@features") else None
+        return "features" if self._base.endswith("@features") else None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        if "[" not in self.key:
+            return {}
+        body = self.key.split("[", 1)[1]
+        if not body.endswith("]"):
+            raise ValueError(f"method {self.key!r}: options must be written NAME[opt=value;...]")
+        out: dict[str, Any] = {}
+        for item in filter(None, (s.strip() for s in body[:-1].split(";"))):
+            opt, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"method {self.key!r}: option {item!r} is not opt=value")
+            try:
+                out[opt.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                out[opt.strip()] = value.strip()
+        return out
+
+    @property
+    def peer_key(self) -> str | None:
+        """The TorchJD peer timed beside this method (parameters mode only)."""
+        if self.peer or self.key == PLAIN_SUM or self.grad_on is not None:
+            return None
+        return f"torchjd:{self.name}" if self.name in PEERS else None
 
 
 class Problem:
@@ -116,6 +185,8 @@ class Problem:
         self.model = build(suite).to(device)
         self.batch = self.model.make_batch(suite, device)
         self.shared = list(self.model.encoder.parameters())
+        #: what each of our methods ``requires`` (losses, gramian, ...), filled by step_fn
+        self.requires: dict[str, str] = {}
 
     def step_fn(self, spec: Spec) -> Callable[[], None]:
         model, batch, shared = self.model, self.batch, self.shared
@@ -144,8 +215,10 @@ class Problem:
 
             return peer
         hparams = {"grad_on": spec.grad_on} if spec.grad_on else {}
+        hparams.update(spec.options)
         balancer = balancers.create(spec.name, tasks=list(self.suite.tasks), **hparams)
         balancer.to(self.device)
+        self.requires[spec.key] = balancer.requires
         opt = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.0)
 
         def ours() -> None:
@@ -165,35 +238,84 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _clock(device: torch.device) -> Callable[[], float]:
+    """Process CPU time on CPU (robust to other processes on a shared machine), wall time on
+    CUDA (the device's work is not CPU time)."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
 def _timed(step: Callable[[], None], n: int, device: torch.device) -> float:
+    clock = _clock(device)
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(n):
         step()
     _sync(device)
-    return (time.perf_counter() - start) / n
+    return (clock() - start) / n
+
+
+@dataclass
+class Times:
+    """Per-repeat ratios (method time / plain-sum time), and the plain-sum step times."""
+
+    ratios: dict[str, list[float]]
+    base: list[float]
+
+    def median(self, key: str) -> float:
+        return statistics.median(self.ratios[key])
+
+    def versus(self, key: str, peer: str) -> list[float]:
+        """Per-repeat (our ratio / peer's ratio), both measured in the same repeat."""
+        return [a / b for a, b in zip(self.ratios[key], self.ratios[peer])]
 
 
 def measure_times(problem: Problem, specs: list[Spec], fns: dict[str, Callable[[], None]],
-                  repeats: int, steps: int, warmup: int) -> tuple[dict[str, float], float]:
-    """Median over repeats of (method step time / plain-sum step time), and the median plain-sum
-    step time in seconds."""
-    for fn in fns.values():
+                  repeats: int, steps: int, warmup: int, min_time: float = 0.0) -> Times:
+    """Ratios of each method's step time to the plain sum's, measured around it in each repeat.
+
+    Each measurement runs ``steps`` steps, or more for a fast method: as many as fill
+    ``min_time`` seconds by the last warm-up step's time (cheap methods, whose targets are the
+    tightest, get the most steps)."""
+    n: dict[str, int] = {}
+    for key, fn in fns.items():
         for _ in range(warmup):
             fn()
+        one = _timed(fn, 1, problem.device)
+        n[key] = max(steps, math.ceil(min_time / one)) if one > 0 else steps
     ratios: dict[str, list[float]] = {s.key: [] for s in specs}
     base_times = []
     for _ in range(repeats):
-        base = _timed(fns[PLAIN_SUM], steps, problem.device)
+        base = _timed(fns[PLAIN_SUM], n[PLAIN_SUM], problem.device)
         base_times.append(base)
         for s in specs:
-            t = _timed(fns[s.key], steps, problem.device)
-            after = _timed(fns[PLAIN_SUM], steps, problem.device)
+            t = _timed(fns[s.key], n[s.key], problem.device)
+            after = _timed(fns[PLAIN_SUM], n[PLAIN_SUM], problem.device)
             ratios[s.key].append(t / ((base + after) / 2))
             base = after
             base_times.append(after)
-    return ({k: statistics.median(v) for k, v in ratios.items()},
-            statistics.median(base_times))
+    return Times(ratios, base_times)
+
+
+def trunk_passes(fn: Callable[[], None]) -> int:
+    """Backward passes through the bottom of the encoder during one step."""
+    PassCounter.calls = 0
+    fn()
+    return PassCounter.calls
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ start/stop lines); Python exceptions are
+    unaffected (they are raised, and printed once it is restored)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def peak_memory(problem: Problem, fn: Callable[[], None]) -> int:
@@ -219,7 +341,8 @@ def peak_memory(problem: Problem, fn: Callable[[], None]) -> int:
         return int(torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                     profile_memory=True) as prof:
         fn()
     events = sorted(
         (e.start_ns(), e.nbytes())
@@ -234,75 +357,141 @@ def peak_memory(problem: Problem, fn: Callable[[], None]) -> int:
 
 
 @contextlib.contextmanager
-def _quiet():  # type: ignore[no-untyped-def]
+def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
 
 
-def _available(spec: Spec, k: int) -> bool:
-    """Whether the peer of ``spec`` can be built here (TorchJD and its optional solvers)."""
+def _unavailable(spec: Spec, k: int) -> str | None:
+    """Why the peer of ``spec`` cannot be built here (TorchJD or its optional solvers), or None."""
     try:
-        PEERS[spec.name](k)
-    except (ImportError, ModuleNotFoundError):
-        return False
-    return True
+        with _quiet():
+            PEERS[spec.name](k)
+    except Exception as err:  # noqa: BLE001 - any failure of an optional peer is reported
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def libmtl_status() -> str:
+    """Whether LibMTL imports here (it is reported, never timed)."""
+    try:
+        importlib.import_module("LibMTL")
+    except Exception as err:  # noqa: BLE001 - an optional peer; report whatever went wrong
+        return f"LibMTL: not importable ({type(err).__name__}: {err}); not timed"
+    return ("LibMTL: importable, but not timed (its weightings need its trainer's model "
+            "attributes; see STYLE.md)")
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def verdict(spec: Spec, requires: str | None, k: int, time_ratio: float | None,
+            vs_time: float | None, vs_mem: float | None) -> tuple[str, str]:
+    """(target, PASS/MISS/-) of one row; see the module docstring."""
+    if spec.key == PLAIN_SUM:
+        return "-", "-"
+    if requires == "losses":
+        ok = time_ratio is not None and time_ratio <= LOSS_TIME
+        return f"time/sum <= {LOSS_TIME}", "PASS" if ok else "MISS"
+    if spec.grad_on == "features":
+        if k != 3:
+            return "-", "-"
+        ok = time_ratio is not None and time_ratio <= FEATURES_TIME
+        return f"time/sum <= {FEATURES_TIME}", "PASS" if ok else "MISS"
+    if spec.peer_key is None:
+        return "-", "-"
+    target = f"time <= {PEER_TIME:.2f}x torchjd"
+    if k == 40:
+        target += f", mem <= {PEER_MEM:.2f}x"
+    if vs_time is None:
+        return target, "n/a (no peer measurement)"
+    misses = ["time"] if vs_time > PEER_TIME else []
+    if k == 40 and vs_mem is not None and vs_mem > PEER_MEM:
+        misses.append("mem")
+    result = "PASS" if not misses else "MISS (" + ", ".join(misses) + ")"
+    if k == 40 and vs_mem is None:
+        result += " (mem not measured)"
+    return target, result
+
+
+COLUMNS = ("method", "trunk passes", "time/sum", "peak MiB", "mem/sum", "torchjd time/sum",
+           "ours/torchjd time", "range", "torchjd peak MiB", "ours/torchjd mem", "target",
+           "result")
+
+
 def run_suite(suite: Suite, specs: list[Spec], args: argparse.Namespace,
               device: torch.device) -> list[dict[str, Any]]:
+    """Measure one problem and print its table; returns the rows."""
     problem = Problem(suite, device)
     k = len(suite.tasks)
-    peers = []
+    peers: list[Spec] = []
+    skipped: dict[str, str] = {}
     if args.peers:
-        for s in specs:
-            if s.grad_on is None and s.name in PEERS:
-                p = Spec(f"torchjd:{s.name}")
-                if _available(p, k):
-                    peers.append(p)
-                else:
-                    print(f"  peer for {s.key} unavailable (optional TorchJD dependency)",
-                          file=sys.stderr)
+        for key in dict.fromkeys(s.peer_key for s in specs if s.peer_key):
+            p = Spec(key)
+            reason = _unavailable(p, k)
+            if reason is None:
+                peers.append(p)
+            else:
+                skipped[key] = reason
     everything = [Spec(PLAIN_SUM), *specs, *peers]
-    fns = {s.key: problem.step_fn(s) for s in everything}
     with _quiet():
-        ratios, base = measure_times(problem, [*specs, *peers], fns, args.repeats, args.steps,
-                                     args.warmup)
-        memory: dict[str, int | None] = {}
+        fns = {s.key: problem.step_fn(s) for s in everything}
+        passes = {s.key: trunk_passes(fns[s.key]) for s in everything}
+        times = measure_times(problem, [*specs, *peers], fns, args.repeats, args.steps,
+                              args.warmup, args.min_time)
+        memory: dict[str, int] = {}
         if not args.no_memory:
             for s in everything:
                 memory[s.key] = peak_memory(problem, fns[s.key])
-    rows = []
     mib = 2.0**20
     base_mem = memory.get(PLAIN_SUM)
-    rows.append({"method": PLAIN_SUM, "time": 1.0, "peak": base_mem,
-                 "peer_time": None, "peer_peak": None})
-    for s in specs:
-        peer = f"torchjd:{s.name}" if s.grad_on is None else None
+    rows = []
+    for s in everything:
+        if s.peer:
+            continue
+        peer = s.peer_key if s.peer_key in times.ratios else None
+        ratio = 1.0 if s.key == PLAIN_SUM else times.median(s.key)
+        peak = memory.get(s.key)
+        ppeak = memory.get(peer) if peer else None
+        vs = times.versus(s.key, peer) if peer else None
+        vs_time = statistics.median(vs) if vs else None
+        vs_mem = peak / ppeak if peak is not None and ppeak else None
+        target, result = verdict(s, problem.requires.get(s.key), k, ratio, vs_time, vs_mem)
+        if s.peer_key and s.peer_key in skipped and result.startswith("n/a"):
+            result = "n/a (no torchjd peer here)"
         rows.append({
             "method": s.key,
-            "time": ratios[s.key],
-            "peak": memory.get(s.key),
-            "peer_time": ratios.get(peer) if peer else None,
-            "peer_peak": memory.get(peer) if peer else None,
+            "trunk passes": str(passes[s.key]),
+            "time/sum": _fmt(ratio),
+            "peak MiB": _fmt(None if peak is None else peak / mib, 1),
+            "mem/sum": _fmt(peak / base_mem if peak is not None and base_mem else None),
+            "torchjd time/sum": _fmt(times.median(peer) if peer else None),
+            "ours/torchjd time": _fmt(vs_time),
+            "range": f"{min(vs):.2f}-{max(vs):.2f}" if vs else "-",
+            "torchjd peak MiB": _fmt(None if ppeak is None else ppeak / mib, 1),
+            "ours/torchjd mem": _fmt(vs_mem),
+            "target": target,
+            "result": result,
         })
-    print(f"\n{suite.describe()}, device {device}; plain sum step {base * 1e3:.1f} ms "
-          f"(median of {args.repeats} repeats x {args.steps} steps)")
-    print("| method | time/sum | peak MiB | mem/sum | torchjd time/sum | ours/torchjd time "
-          "| torchjd peak MiB | ours/torchjd mem |")
-    print("|---|---|---|---|---|---|---|---|")
+    base = statistics.median(times.base)
+    clock = "wall time" if device.type == "cuda" else "process CPU time"
+    print(f"\n### {suite.describe()}\n")
+    print(f"device {device}, {torch.get_num_threads()} thread(s), clock: {clock}; plain sum step "
+          f"{base * 1e3:.1f} ms (median of {len(times.base)} measurements); ratios: median of "
+          f"{args.repeats} repeats, each measurement >= {args.steps} steps and >= "
+          f"{args.min_time:g} s")
+    if args.peers:
+        for key, reason in skipped.items():
+            print(f"peer {key} unavailable: {reason}")
+        print(libmtl_status())
+    print()
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
     for r in rows:
-        peak, ppeak = r["peak"], r["peer_peak"]
-        mem_ratio = peak / base_mem if peak is not None and base_mem else None
-        vs_time = r["time"] / r["peer_time"] if r["peer_time"] else None
-        vs_mem = peak / ppeak if peak is not None and ppeak else None
-        print(f"| {r['method']} | {_fmt(r['time'])} | {_fmt(None if peak is None else peak / mib, 1)}"
-              f" | {_fmt(mem_ratio)} | {_fmt(r['peer_time'])} | {_fmt(vs_time)} | "
-              f"{_fmt(None if ppeak is None else ppeak / mib, 1)} | {_fmt(vs_mem)} |")
+        print("| " + " | ".join(r[c] for c in COLUMNS) + " |")
     sys.stdout.flush()
     return rows
 
@@ -314,13 +503,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny models and few repeats, to check the set-up")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help="comma-separated balancer names; NAME@features for grad_on="
-                             "'features' (default: a representative set)")
+                             "'features'; NAME[opt=value;...] for constructor options "
+                             "(default: a representative set)")
     parser.add_argument("--suites", default="dense,many", help="dense, many or both")
     parser.add_argument("--peers", action="store_true",
                         help="also time TorchJD's mtl_backward with the same aggregator")
     parser.add_argument("--repeats", type=int, default=None, help="repeats (median reported)")
     parser.add_argument("--steps", type=int, default=None, help="steps per measurement")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per method")
+    parser.add_argument("--min-time", dest="min_time", type=float, default=None,
+                        help="seconds each measurement lasts at least (more steps for fast "
+                             "methods; default 0.1, 0 with --quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on CPU (default 1, see the module docstring)")
     parser.add_argument("--no-memory", dest="no_memory", action="store_true",
                         help="skip the peak-memory measurements")
 
@@ -336,16 +531,30 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown suite(s) {unknown}; choose from {sorted(table)}")
     args.repeats = args.repeats or (2 if args.quick else 5)
-    args.steps = args.steps or (2 if args.quick else 3)
-    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.steps = args.steps or 2
+    args.warmup = args.warmup if args.warmup is not None else 1
+    if args.min_time is None:
+        args.min_time = 0.0 if args.quick else 0.1
     specs = [Spec(m.strip()) for m in args.methods.split(",") if m.strip()]
     known = set(balancers.available())
     bad = [s.key for s in specs if s.name not in known or s.peer or s.key == PLAIN_SUM]
     if bad:
         raise SystemExit(f"unknown method(s) {bad}; available: {', '.join(sorted(known))}")
-    print(f"mtlkit speed benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name in chosen:
-        run_suite(table[name], specs, args, device)
+    for s in specs:
+        try:
+            s.options
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    try:
+        print(f"mtlkit speed benchmark: torch {torch.__version__}, "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        for name in chosen:
+            run_suite(table[name], specs, args, device)
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

@@ -14,7 +14,9 @@ How the K trunk backward passes run (``strategy``, parameters mode):
 * ``"batched"``: one vectorised backward (``torch.autograd.grad(..., is_grads_batched=True)``);
   ``chunk_size`` bounds how many tasks go through at once (memory ~ chunk x activations).
 * ``"loop"``: K ordinary passes, the least memory.
-* ``"auto"``: batched in chunks of at most 16 tasks on GPUs, 4 on CPUs (see ``AUTO_CHUNK``).
+* ``"auto"``: batched in chunks of at most 16 tasks on GPUs; on CPUs the loop for up to 4
+  tasks and chunks of 8 above (see :func:`auto_strategy`); an explicit ``chunk_size`` means
+  batched in chunks of that size.
 
 Task-specific parameters (leaves reached from the losses that are not shared, and, when features
 are given, not behind them) receive the plain gradient of their own task's loss. They are found
@@ -36,11 +38,28 @@ GRAD_ON: tuple[str, ...] = ("parameters", "features")
 STRATEGIES: tuple[str, ...] = ("auto", "batched", "loop")
 #: Tasks per vectorised backward under ``strategy="auto"``. On GPUs a vectorised backward over
 #: many tasks runs them in parallel; 16 bounds the K-fold activation-gradient memory. On CPUs
-#: the backward is compute-bound and larger batches only add memory (and lose cache locality):
-#: measured on the speed benchmark's K=40 problem, chunks of 1, 2 and 4 took the same time and
-#: chunks of 16 and 40 took 1.4x and 2.7x as long; small chunks still amortise the per-call
-#: overhead on tiny models.
-AUTO_CHUNK = {"cuda": 16, "cpu": 4}
+#: (one torch thread, the speed benchmark's K=40 problem, step time / plain sum, median of 12
+#: interleaved steps): chunks of 4, 8, 12 and 40 took 14.2x, 12.6x, 12.3x and ~13-16x (TorchJD,
+#: all 40 at once: 12.9x), with peak memory 9.6, 14.0, 18 and 44 MiB; 8 is the smallest chunk
+#: that reaches the speed of larger ones, at a third of the all-at-once memory.
+AUTO_CHUNK = {"cuda": 16, "cpu": 8}
+#: Up to this many tasks, ``strategy="auto"`` runs K ordinary backward passes (the loop). On
+#: CPUs a vectorised backward buys no parallelism, only fewer calls, and its batching rules
+#: cost extra work: on the speed benchmark's K=3 problem (ResNet-style encoder with batch norm,
+#: batch 8, 48x48, one thread) parameters mode took 3.05x a plain sum vectorised and 2.05x
+#: looped (TorchJD, vectorised: 2.96x), with the batch-norm backward 12x and the copies 6x as
+#: expensive under ``torch.vmap``. With few tasks the calls saved are few; with many (K=40)
+#: chunks of 8 were faster than the loop on that problem (11.8x vs 15.1x).
+AUTO_LOOP_TASKS = {"cuda": 0, "cpu": 4}
+
+
+def auto_strategy(k: int, device_type: str, chunk_size: int | None = None) -> tuple[str, int]:
+    """(strategy, tasks per backward) that ``strategy="auto"`` uses for K tasks on a device."""
+    if chunk_size is not None:
+        return "batched", chunk_size
+    if k <= AUTO_LOOP_TASKS.get(device_type, 0):
+        return "loop", 1
+    return "batched", AUTO_CHUNK.get(device_type, 16)
 
 
 @dataclass
@@ -131,7 +150,7 @@ def task_gradients(
     shared = list(shared)
     if strategy == "auto":
         device = shared[0].device if len(shared) else torch.device("cpu")
-        strategy, chunk_size = "batched", chunk_size or AUTO_CHUNK.get(device.type, 16)
+        strategy, chunk_size = auto_strategy(k, device.type, chunk_size)
     shared_ids = {id(p) for p in shared}
     if features is not None and id(features) in shared_ids:
         raise ValueError("features must be the shared representation, not a shared parameter")
