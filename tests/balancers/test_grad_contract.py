@@ -258,7 +258,7 @@ def test_stateful_buffers_are_saved():
         ("db_mtl", {"beta": 1.0}, r"beta must be in \[0, 1\)"),
         ("db_mtl", {"eps": 0.0}, "eps must be finite and > 0"),
         ("gradvac", {"beta": 1.5}, r"beta must be in \[0, 1\]"),
-        ("gradvac", {"group": "layer"}, "group must be"),
+        ("gradvac", {"group": "layers"}, "group must be 'layer', 'tensor', 'whole' or"),
         ("graddrop", {"leak": 2.0}, r"leak for task 'a' must be in \[0, 1\]"),
         ("pcgrad", {"seed": -1}, "seed must be a non-negative integer"),
         ("gradnorm", {"lr": 0.0}, "lr must be finite and > 0"),

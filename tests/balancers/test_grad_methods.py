@@ -240,6 +240,49 @@ def test_gradvac_groups_are_per_tensor():
     assert b.targets.shape == (2, 2, 2)
 
 
+def pcgrad_two(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """PCGrad's two-task closed form."""
+    dot = g1 @ g2
+    if dot >= 0:
+        return g1 + g2
+    return (g1 - dot / (g2 @ g2) * g2) + (g2 - dot / (g1 @ g1) * g1)
+
+
+def test_gradvac_default_groups_are_layers():
+    """group="layer" (default): a layer is a weight matrix and the tensors after it (bias). With
+    zero targets and beta = 0, two-task GradVac is PCGrad within each group, so each layer's
+    update is PCGrad on that layer's own (weight, bias) gradient."""
+    torch.manual_seed(6)
+    first, last = torch.nn.Linear(3, 4).double(), torch.nn.Linear(4, 2).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    out = last(torch.tanh(first(x)))
+    losses = [out[:, 0].sum(), -(out[:, 1] + out[:, 0]).pow(2).mean()]
+    shared = [*first.parameters(), *last.parameters()]
+    per_task = [torch.autograd.grad(loss, shared, retain_graph=True) for loss in losses]
+    b = GradVac(["a", "b"], beta=0.0)
+    assert b.group == "layer"
+    b.backward(losses, shared=shared)
+    assert b.targets.shape == (2, 2, 2)  # two layers
+    for layer in ((0, 1), (2, 3)):
+        flat = [torch.cat([g[i].flatten() for i in layer]) for g in per_task]
+        expected = pcgrad_two(*flat)
+        got = torch.cat([shared[i].grad.flatten() for i in layer])
+        torch.testing.assert_close(got, expected)
+    # explicit sizes (2, 2) are the same grouping; "tensor" is another one
+    for group, n_groups in (((2, 2), 2), ("tensor", 4), ("whole", 1), ((1, 3), 2)):
+        out = last(torch.tanh(first(x)))
+        losses = [out[:, 0].sum(), -(out[:, 1] + out[:, 0]).pow(2).mean()]
+        other = GradVac(["a", "b"], beta=0.0, group=group)
+        other.backward(losses, shared=shared)
+        assert other.targets.shape[0] == n_groups
+    with pytest.raises(ValueError, match="group sizes \\[1, 2\\] cover 3 shared tensors"):
+        out = last(torch.tanh(first(x)))
+        GradVac(["a", "b"], group=(1, 2)).backward([out[:, 0].sum(), out[:, 1].sum()],
+                                                   shared=shared)
+    with pytest.raises(ValueError, match="group sizes must be positive integers"):
+        GradVac(["a", "b"], group=(2, 0))
+
+
 # ------------------------------------------------------------------ CAGrad
 @pytest.mark.parametrize("seed", range(6))
 def test_cagrad_maximises_the_worst_improvement_in_the_ball(seed):

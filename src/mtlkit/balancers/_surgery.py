@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -227,11 +227,17 @@ class GradVac(GradientBalancer):
     expressed with coefficients on the original gradients, so only each group's Gram matrix is
     needed; the tasks and groups are processed in parallel on the device.
 
-    Groups (``group``): ``"tensor"`` (default) gives every shared parameter tensor its own
-    targets and its own Gram matrix, the closest the engine gets to the paper's per-layer
-    granularity; ``"whole"`` treats the shared parameters as one group. Each group draws its
-    own random orders (sharing one order across groups was a bug of a public implementation).
-    With ``grad_on="features"`` there is a single group, the representation.
+    Groups (``group``), as the paper's granularities (it found the finest, per layer, best):
+    ``"layer"`` (default) starts a group at every shared tensor with two or more dimensions (a
+    weight matrix or kernel) and adds the tensors that follow it (its bias, a following norm
+    layer's affine parameters), in the order of ``shared`` (tensors before the first such one
+    join its group; as for GradNorm's ``last_shared``, registration order is not always the
+    order of computation); ``"tensor"`` gives every shared
+    tensor its own group; ``"whole"`` treats the shared parameters as one group; a sequence of
+    integers gives the sizes of consecutive groups of ``shared`` explicitly (e.g. ``(2, 2, 4)``).
+    Each group has its own targets and Gram matrix and draws its own random orders (sharing one
+    order across groups was a bug of a public implementation). With ``grad_on="features"``
+    there is a single group, the representation.
 
     .. note:: The paper's targets start at 0. We compute cosines from each group's Gram matrix
        divided by its trace (cosines and the correction coefficients are invariant to that
@@ -244,13 +250,14 @@ class GradVac(GradientBalancer):
         tasks: task names.
         beta: EMA rate :math:`\beta \in [0, 1]` of the targets (default 0.01, a slow average;
             LibMTL and TorchJD default to 0.5).
-        group: ``"tensor"`` or ``"whole"`` (see above).
+        group: ``"layer"`` (default), ``"tensor"``, ``"whole"`` or group sizes (see above).
         seed: seed of the orders (default 0).
         grad_on, strategy, chunk_size, check_finite: see :class:`GradientBalancer`.
 
     State:
         ``targets`` (B, K, K) float64, :math:`\hat\phi` per group and ordered pair; sized at the
-        first step (B groups), and resized when loading a state dict.
+        first step (B groups), and resized when loading a state dict. The grouping must stay
+        the same from step to step (an error otherwise).
 
     Example:
         >>> import torch
@@ -271,7 +278,7 @@ class GradVac(GradientBalancer):
         self,
         tasks: Sequence[str],
         beta: float = 0.01,
-        group: Literal["tensor", "whole"] = "tensor",
+        group: Literal["layer", "tensor", "whole"] | Sequence[int] = "layer",
         seed: int = 0,
         *,
         grad_on: GradOn = "parameters",
@@ -286,20 +293,60 @@ class GradVac(GradientBalancer):
         beta = float(beta)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
-        if group not in ("tensor", "whole"):
-            raise ValueError(f"group must be 'tensor' or 'whole', got {group!r}")
         self.beta = beta
-        self.group = group
+        if isinstance(group, str):
+            if group not in ("layer", "tensor", "whole"):
+                raise ValueError(
+                    f"group must be 'layer', 'tensor', 'whole' or a sequence of group sizes, "
+                    f"got {group!r}"
+                )
+        else:
+            sizes = tuple(group)
+            if not sizes or any(isinstance(n, bool) or int(n) != n or n < 1 for n in sizes):
+                raise ValueError(f"group sizes must be positive integers, got {group!r}")
+            group = tuple(int(n) for n in sizes)
+        self.group: str | tuple[int, ...] = group
+        # dimensions of this step's shared tensors (read by _group_ids); not state
+        self._dims: tuple[int, ...] = ()
         self.seed = _check_seed(seed)
         k = self.num_tasks
         self.register_buffer("targets", torch.zeros(0, k, k, dtype=torch.float64))
 
+    def _shared_list(self, shared: Iterable[Tensor] | None) -> list[Tensor]:
+        out = super()._shared_list(shared)
+        self._dims = tuple(p.dim() for p in out)  # read by _group_ids in this step
+        return out
+
+    def _group_ids(self, n_blocks: int) -> list[int]:
+        """The group of every block (shared tensor, or the single features block)."""
+        if self.grad_on == "features" or self.group == "whole":
+            return [0] * n_blocks
+        if self.group == "tensor" or (self.group == "layer" and len(self._dims) != n_blocks):
+            return list(range(n_blocks))
+        if self.group == "layer":
+            dims = self._dims
+            ids, current = [], 0
+            for i, d in enumerate(dims):
+                if d >= 2 and i > 0 and any(x >= 2 for x in dims[:i]):
+                    current += 1
+                ids.append(current)
+            return ids
+        sizes = self.group
+        assert isinstance(sizes, tuple)
+        if sum(sizes) != n_blocks:
+            raise ValueError(
+                f"gradvac: group sizes {list(sizes)} cover {sum(sizes)} shared tensors, but "
+                f"shared has {n_blocks}"
+            )
+        return [i for i, n in enumerate(sizes) for _ in range(n)]
+
     def _block_weights(self, gramians: Tensor, losses: Tensor) -> Tensor:
         n_blocks, k = gramians.shape[0], gramians.shape[1]
-        g = gramians.double()
-        if self.group == "whole":
-            g = g.sum(0, keepdim=True)
-        b = g.shape[0]
+        host_ids = self._group_ids(n_blocks)  # built on the host from shapes: no sync
+        b = host_ids[-1] + 1
+        ids = torch.tensor(host_ids, device=gramians.device)
+        g = torch.zeros(b, k, k, dtype=torch.float64, device=gramians.device)
+        g.index_add_(0, ids, gramians.double())
         if self.targets.shape[0] != b:
             if self.targets.shape[0] != 0:
                 raise ValueError(
@@ -337,9 +384,7 @@ class GradVac(GradientBalancer):
             targets[bi, ii, j] = (1 - self.beta) * target + self.beta * phi
         self.targets.copy_(targets)
         weights = coef.sum(1)  # (b, K): total coefficient of each original gradient
-        if self.group == "whole":
-            weights = weights.expand(n_blocks, k)
-        return weights.to(gramians.dtype)
+        return weights[ids].to(gramians.dtype)
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any,
                               **kwargs: Any) -> None:
