@@ -76,7 +76,7 @@ def test_unknown_task_is_a_value_error_naming_it(name: str) -> None:
 
 
 #: Architectures documenting ``features = None`` (no single tensor carries all shared work).
-FEATURES_NONE = {"mtan", "segnet_mtan", "ple"}
+FEATURES_NONE = {"mtan", "segnet_mtan"}
 #: Architectures where some shared parameters serve a subset of the tasks (at least two).
 SUBSET_SHARING = {"cascade_no_detach", "fafs_widened"}
 

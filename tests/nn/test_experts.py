@@ -80,8 +80,39 @@ def test_ple_partition_follows_the_shared_gates() -> None:
     assert not ids(middle.task_experts["a"]) & owned_a  # feeds the shared gate
     assert not ids(first.task_gates["a"]) & owned_a  # feeds experts that feed the shared gate
     assert last.shared_gate is None and middle.shared_gate is not None
-    model(torch.randn(2, 4))
-    assert model.features is None
+    x = torch.randn(2, 4)
+    out = model(x)
+    # features pack (4 units each): a's and b's inputs of the middle level, its experts (2 per
+    # task, 2 shared) and the last level's 2 shared experts: (2 + 4 + 2 + 2) * 4 = 40.
+    assert model.features.shape == (2, 40)
+    torch.testing.assert_close(out["a"], _ple_reference(model, x)["a"])
+
+
+def _ple_reference(model: PLE, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """PLE written out level by level, as in Tang et al. (2020), Section 4.3."""
+    inputs, shared = {t: x for t in model.tasks}, x
+    for level in model.levels:
+        experts_shared = [e(shared) for e in level.shared_experts]
+        own = {t: [e(inputs[t]) for e in level.task_experts[t]] for t in model.tasks}
+        new = {}
+        for t in model.tasks:
+            w = torch.softmax(level.task_gates[t].linear(inputs[t]), dim=1)
+            new[t] = sum(w[:, i : i + 1] * h for i, h in enumerate(own[t] + experts_shared))
+        if level.shared_gate is not None:
+            every = [h for t in model.tasks for h in own[t]] + experts_shared
+            w = torch.softmax(level.shared_gate.linear(shared), dim=1)
+            shared = sum(w[:, i : i + 1] * h for i, h in enumerate(every))
+        inputs = new
+    return {t: model.towers[t](inputs[t]) for t in model.tasks}
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_ple_matches_the_level_by_level_formula(levels: int) -> None:
+    model = PLE(4, {"a": 1, "b": 2, "c": 1}, num_levels=levels, expert_hidden=(5,))
+    x = torch.randn(3, 4)
+    out = model(x)
+    for t, y in _ple_reference(model, x).items():
+        torch.testing.assert_close(out[t], y)
 
 
 def test_cgc_features_are_the_shared_experts() -> None:

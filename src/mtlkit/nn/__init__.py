@@ -3,6 +3,8 @@
 Every architecture is a :class:`MultiTaskModel`: ``model(x)`` returns ``{task: output}``,
 ``model.features`` holds the last shared representation (or ``None``, documented per class),
 and ``model.shared_parameters()`` / ``model.task_parameters(task)`` partition the parameters.
+For ``grad_on="features"`` pass ``features=model.require_features()``, which raises with the
+reason where an architecture has no such tensor (MTAN and SegNet-MTAN).
 
 >>> import torch
 >>> from mtlkit.nn import HardSharing, resnet18

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mtlkit.nn._base import MultiTaskModel, check_out_features, int_sequence, positive_int
-from mtlkit.nn._utils import mlp, module_list
+from mtlkit.nn._utils import mlp, module_list, pack_features
 
 
 class SoftmaxGate(nn.Module):
@@ -142,6 +142,11 @@ class _ExtractionLayer(nn.Module):
         return outputs, shared_out, stacked_shared
 
 
+def _stack_experts(experts: nn.ModuleList, x: Tensor) -> Tensor:
+    """``(batch, num_experts, expert_dim)``: every expert applied to ``x``."""
+    return torch.stack([e(x) for e in experts], dim=1)
+
+
 class PLE(MultiTaskModel):
     """Progressive Layered Extraction: stacked levels of shared and task-specific experts.
 
@@ -171,8 +176,12 @@ class PLE(MultiTaskModel):
 
     ``features``: for one level (CGC), the stacked shared-expert outputs
     ``(batch, num_shared_experts, expert_dim)``, the only route from the shared parameters to
-    the losses. For more levels, ``None``: the shared parameters of lower levels reach each task
-    through its own gate path too, so no single tensor carries them all.
+    the losses. For more levels the shared parameters reach the task-specific ones through
+    several tensors: the outputs of every expert of the next-to-last level (read by the task
+    gates there), the last level's shared experts, and, with three levels or more, each task's
+    input of the next-to-last level (read by its gate). The model runs all of the shared part
+    first, and ``features`` packs those tensors into one ``(batch, N)`` tensor (see
+    :func:`~mtlkit.nn._utils.pack_features`) whose views feed the task-specific part.
 
     Example:
         >>> import torch
@@ -217,22 +226,41 @@ class PLE(MultiTaskModel):
         self.towers = nn.ModuleDict({t: mlp(hidden[-1], tower_hidden, n) for t, n in outs.items()})
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        levels = [cast(_ExtractionLayer, level) for level in self.levels]
         inputs = {t: x for t in self.tasks}
-        shared: Tensor | None = x
-        stacked = x
-        for level in self.levels:
-            assert shared is not None
-            inputs, shared, stacked = level(inputs, shared)
-        self.features = stacked if len(self.levels) == 1 else None
-        return {t: self.towers[t](inputs[t]) for t in self.tasks}
-
-    def _no_features_reason(self) -> str | None:
-        if len(self.levels) == 1:
-            return None
-        return (
-            "below the last level, the shared experts and every task's experts reach each "
-            "task both through the shared gate and through the task's own gates"
-        )
+        if len(levels) == 1:
+            inputs, _, self.features = levels[0](inputs, x)
+            return {t: self.towers[t](inputs[t]) for t in self.tasks}
+        shared = x
+        for level in levels[:-2]:  # entirely shared
+            inputs, shared_out, _ = level(inputs, shared)
+            assert shared_out is not None
+            shared = shared_out
+        # The last two levels, shared part first: every expert of the next-to-last level and
+        # its shared gate, then the last level's shared experts.
+        pen, last = levels[-2], levels[-1]
+        assert pen.shared_gate is not None
+        own = {t: _stack_experts(module_list(pen.task_experts, t), inputs[t]) for t in self.tasks}
+        pen_shared = _stack_experts(pen.shared_experts, shared)
+        mixed = _mix(pen.shared_gate(shared), torch.cat([*own.values(), pen_shared], 1))
+        last_shared = _stack_experts(last.shared_experts, mixed)
+        # The cut: what the task-specific gates and experts read. The tasks' inputs of the
+        # next-to-last level are shared too (and in the graph) when a level lies below it.
+        gated = list(inputs.values()) if len(levels) > 2 else []
+        self.features, views = pack_features([*gated, *own.values(), pen_shared, last_shared])
+        if gated:
+            inputs = dict(zip(self.tasks, views[: len(gated)]))
+            views = views[len(gated) :]
+        own = dict(zip(self.tasks, views[: len(own)]))
+        pen_shared, last_shared = views[len(own) :]
+        out = {}
+        for t in self.tasks:
+            h = _mix(pen.task_gates[t](inputs[t]), torch.cat([own[t], pen_shared], 1))
+            experts = torch.cat(
+                [_stack_experts(module_list(last.task_experts, t), h), last_shared], 1
+            )
+            out[t] = self.towers[t](_mix(last.task_gates[t](h), experts))
+        return out
 
     def _task_parameters(self, task: str) -> Iterable[nn.Parameter]:
         levels = [cast(_ExtractionLayer, level) for level in self.levels]
