@@ -50,7 +50,7 @@ def _load_config(path: str | None) -> dict[str, Any]:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in ("dataset", "root", "seeds", "epochs", "batch_size", "lr", "out", "device"):
+    for name in ("dataset", "root", "seeds", "epochs", "max_steps", "batch_size", "lr", "out", "device"):
         value = getattr(args, name, None)
         if value is not None:
             out[name] = value
@@ -126,6 +126,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="dataset name (default multidigits; see `mtlkit list`)")
     p.add_argument("--root", help="data folder, for datasets read from disk")
     p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", dest="max_steps", type=int,
+                   help="stop after this many optimiser steps (the last epoch may be partial)")
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--task-lr", dest="task_lr", help="per-task learning rates: task=lr,task=lr")

@@ -7,6 +7,7 @@ printed table are built from that file only, so they cannot disagree.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +40,7 @@ class CompareConfig:
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: int = 1
     epochs: int = 8
+    max_steps: int | None = None
     batch_size: int = 128
     lr: float = 1e-3
     task_lr: dict[str, float] = field(default_factory=dict)
@@ -66,7 +68,8 @@ class CompareConfig:
 
 
     def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+        return TrainConfig(epochs=self.epochs, max_steps=self.max_steps,
+                           batch_size=self.batch_size, lr=self.lr,
                            task_lr=dict(self.task_lr), seed=seed, device=self.device,
                            progress=False)
 
@@ -93,9 +96,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[
     bundle = load(cfg.dataset, root=cfg.root, **cfg.dataset_options)
     tasks = list(bundle.tasks)
     names = [t.name for t in tasks]
-    unknown = [t for t in cfg.task_lr if t not in names]
-    if unknown:
-        raise ValueError(f"task_lr: unknown task(s) {unknown}; tasks of {cfg.dataset} are {names}")
+    check_methods(cfg, methods, names)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -104,11 +105,11 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[
         for task in tasks:
             key = f"single:{task.name}"
             log(f"[seed {seed}] single-task baseline {task.name}")
-            res = _train(bundle, [task], "ew", {}, cfg, seed, out / "runs" / key.replace(":", "-"))
+            res = _train(bundle, [task], "ew", {}, cfg, seed, run_dir(out, key, seed))
             runs.setdefault(key, []).append(res.to_json())
         for m in methods:
             log(f"[seed {seed}] {m}")
-            res = _train(bundle, tasks, m, cfg.hparams.get(m, {}), cfg, seed, out / "runs" / m)
+            res = _train(bundle, tasks, m, cfg.hparams.get(m, {}), cfg, seed, run_dir(out, m, seed))
             runs.setdefault(m, []).append(res.to_json())
 
     results = summarise(runs, tasks, methods)
@@ -124,17 +125,37 @@ def train_one(cfg: CompareConfig, *, seed: int = 0, resume: bool = False) -> Run
     cfg.validate()
     bundle = load(cfg.dataset, root=cfg.root, **cfg.dataset_options)
     method = cfg.methods[0]
+    check_methods(cfg, [method], bundle.task_names)
     return _train(bundle, list(bundle.tasks), method, cfg.hparams.get(method, {}), cfg, seed,
                   Path(cfg.out), resume=resume)
 
 
+def check_methods(cfg: CompareConfig, methods: Sequence[str], tasks: Sequence[str]) -> None:
+    """Fail before any training: per-task learning rates name real tasks, and every method
+    builds with its hyperparameters on these tasks (errors are prefixed with the field)."""
+    unknown = [t for t in cfg.task_lr if t not in tasks]
+    if unknown:
+        raise ValueError(f"task_lr: unknown task(s) {unknown}; tasks of {cfg.dataset} are "
+                         f"{list(tasks)}")
+    for m in methods:
+        try:
+            balancers.create(m, tasks=list(tasks), **cfg.hparams.get(m, {}))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"hparams.{m}: {err}") from None
+
+
 def _train(bundle: DatasetBundle, tasks: Sequence[Task], method: str, hparams: dict[str, Any],
-           cfg: CompareConfig, seed: int, run_dir: Path, resume: bool = False) -> RunResult:
+           cfg: CompareConfig, seed: int, out_dir: Path, resume: bool = False) -> RunResult:
     torch.manual_seed(seed)
     model: nn.Module = default_model(bundle.input_shape, tasks)
     balancer = balancers.create(method, tasks=[t.name for t in tasks], **hparams)
-    trainer = Trainer(model, tasks, balancer, cfg.train_config(seed), run_dir / f"seed{seed}")
+    trainer = Trainer(model, tasks, balancer, cfg.train_config(seed), out_dir)
     return trainer.fit(bundle.train, bundle.val, bundle.test, resume=resume)
+
+
+def run_dir(out: Path, key: str, seed: int) -> Path:
+    """Where a comparison keeps the logs of one run (``key``: a method or ``single:<task>``)."""
+    return out / "runs" / key.replace(":", "-") / f"seed{seed}"
 
 
 def summarise(runs: Mapping[str, list[dict[str, Any]]], tasks: Sequence[Task],
@@ -148,11 +169,13 @@ def summarise(runs: Mapping[str, list[dict[str, Any]]], tasks: Sequence[Task],
         for k in keys:
             if k.startswith(f"{t.name}/"):
                 baseline[k] = statistics.fmean(r["test"][k] for r in runs[f"single:{t.name}"])
+    # Δm is a relative change: a metric whose baseline is 0 or undefined cannot enter it
+    dm_keys = [k for k in keys if math.isfinite(baseline[k]) and baseline[k] != 0]
     table: dict[str, dict[str, Any]] = {}
     ref_time = statistics.fmean(r["step_time"] for r in runs[REFERENCE])
     for m in methods:
         per_seed = runs[m]
-        dms = [delta_m({k: r["test"][k] for k in keys}, baseline, higher) for r in per_seed]
+        dms = [_delta_m(r["test"], baseline, higher, dm_keys) for r in per_seed]
         table[m] = {
             "metrics": {k: _mean_std([r["test"][k] for r in per_seed]) for k in keys},
             "delta_m": _mean_std(dms),
@@ -161,7 +184,8 @@ def summarise(runs: Mapping[str, list[dict[str, Any]]], tasks: Sequence[Task],
         }
     # mean rank over metrics (1 = best), on the seed-mean of each metric
     for k in keys:
-        order = sorted(methods, key=lambda m: table[m]["metrics"][k]["mean"], reverse=higher[k])
+        sign = -1.0 if higher[k] else 1.0
+        order = sorted(methods, key=lambda m: _nan_last(sign * table[m]["metrics"][k]["mean"]))
         for rank, m in enumerate(order, start=1):
             table[m].setdefault("_ranks", []).append(rank)
     for m in methods:
@@ -172,9 +196,26 @@ def summarise(runs: Mapping[str, list[dict[str, Any]]], tasks: Sequence[Task],
         "metrics": keys,
         "higher_is_better": higher,
         "baseline": baseline,
+        "delta_m_metrics": dm_keys,
+        "delta_m_excluded": [k for k in keys if k not in dm_keys],
         "methods": table,
         "runs": dict(runs),
     }
+
+
+def _delta_m(test: Mapping[str, float], baseline: Mapping[str, float],
+             higher: Mapping[str, bool], keys: Sequence[str]) -> float:
+    """Δm% of one run over ``keys``; NaN when a metric of the run is not finite or no metric
+    has a usable baseline (shown as such in the table, never silently zero)."""
+    values = {k: test[k] for k in keys}
+    if not keys or not all(math.isfinite(v) for v in values.values()):
+        return math.nan
+    return delta_m(values, {k: baseline[k] for k in keys}, {k: higher[k] for k in keys})
+
+
+def _nan_last(value: float) -> tuple[bool, float]:
+    """Sort key: ascending, NaN after every number."""
+    return (math.isnan(value), value)
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -198,7 +239,8 @@ def format_table(results: Mapping[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = ["single-task", *[f"{results['baseline'][k]:.4f}" for k in keys], "0.00", "", ""]
     lines.append("| " + " | ".join(base) + " |")
-    order = sorted(results["methods"], key=lambda m: -results["methods"][m]["delta_m"]["mean"])
+    order = sorted(results["methods"],
+                   key=lambda m: _nan_last(-results["methods"][m]["delta_m"]["mean"]))
     for m in order:
         row = results["methods"][m]
         cells = [m, *[cell(row["metrics"][k], 4) for k in keys], cell(row["delta_m"], 2),

@@ -1,18 +1,25 @@
-"""Default models for the built-in comparisons: a hard-sharing network sized to the data.
+"""Default models for ``mtlkit compare`` and ``mtlkit train``: hard sharing, sized to the data.
 
-Images (C, H, W) get a small convolutional encoder; vectors get the MLP trunk of the GradNorm
-synthetic benchmark (Chen et al. 2018: four fully-connected layers of 100 units). Each task gets a
-small MLP head with as many outputs as it needs.
+* Dense tasks (segmentation, depth, normals; e.g. NYUv2): a dilated ResNet-18 encoder (output
+  stride 8) and one DeepLab-v3 head per task, upsampled to the image size: the layout of the
+  NYUv2 benchmarks of MTAN (Liu et al., CVPR 2019) and LibMTL, with ResNet-18 instead of
+  ResNet-50 to stay usable on a CPU.
+* Other tasks on images (C, H, W): a small convolutional encoder and an MLP head per task.
+* Vectors: the MLP trunk of the GradNorm synthetic benchmark (Chen et al. 2018: four
+  fully-connected layers of 100 units) and an MLP head per task.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn import functional as F
 
-from mtlkit.nn import HardSharing
+from mtlkit.nn import DeepLabHead, HardSharing, resnet18
 from mtlkit.tasks import Task
+
+DENSE_KINDS = ("segmentation", "depth", "normals")
 
 
 def task_outputs(task: Task) -> int:
@@ -20,8 +27,44 @@ def task_outputs(task: Task) -> int:
     return int(task.num_outputs)
 
 
+class Resize(nn.Module):
+    """Bilinear resizing of a dense prediction to a fixed ``size`` (the image's)."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+
+
 def default_model(input_shape: Sequence[int], tasks: Sequence[Task]) -> HardSharing:
-    """A hard-sharing model for inputs of ``input_shape`` (without the batch dimension)."""
+    """A hard-sharing model for inputs of ``input_shape`` (without the batch dimension).
+
+    Example:
+        >>> from mtlkit.tasks import Task
+        >>> m = default_model((1, 12, 12), [Task.classification("a", 10), Task.regression("b")])
+        >>> import torch
+        >>> {t: tuple(y.shape) for t, y in m(torch.zeros(2, 1, 12, 12)).items()}
+        {'a': (2, 10), 'b': (2, 1)}
+    """
+    dense = [t.name for t in tasks if t.kind in DENSE_KINDS]
+    if dense:
+        if len(dense) != len(tasks) or len(input_shape) != 3:
+            raise ValueError(
+                f"the default dense model needs image inputs (C, H, W) and dense tasks only; "
+                f"got input shape {tuple(input_shape)} and tasks "
+                f"{[(t.name, t.kind) for t in tasks]}"
+            )
+        c, h, w = input_shape
+        heads = {
+            t.name: nn.Sequential(
+                DeepLabHead(512, task_outputs(t), rates=(6, 12, 18), channels=128, dropout=0.1),
+                Resize((h, w)),
+            )
+            for t in tasks
+        }
+        return HardSharing(resnet18(in_channels=c, dilated=True), heads)
     if len(input_shape) == 3:
         c, h, w = input_shape
         encoder: nn.Module = nn.Sequential(

@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mtlkit.train.compare import format_table  # noqa: E402
+from mtlkit.train.compare import format_table, run_dir  # noqa: E402
 from mtlkit.train.logs import EPOCHS, STEPS, read_jsonl  # noqa: E402
 
 PLOTS = {
@@ -58,6 +58,10 @@ def write_report(out_dir: str | Path) -> Path:
         table,
         "",
     ]
+    if results.get("delta_m_excluded"):
+        md[-1:-1] = ["", f"Δm leaves out {', '.join(results['delta_m_excluded'])}: the "
+                     "single-task baseline is 0 or undefined there, so no relative change "
+                     "exists."]
     for name, caption in PLOTS.items():
         md += [f"## {caption}", "", f"![{caption}]({name})", ""]
     md_path = out / "report.md"
@@ -67,7 +71,7 @@ def write_report(out_dir: str | Path) -> Path:
 
 
 def _runs(out: Path, method: str, name: str) -> list[dict[str, Any]]:
-    return read_jsonl(out / "runs" / method / "seed0" / name)
+    return read_jsonl(run_dir(out, method, 0) / name)
 
 
 def _grid(n: int) -> tuple[Any, list[Any]]:
@@ -116,7 +120,7 @@ def _plot_val_curves(out: Path, methods: list[str], primary: Mapping[str, str],
         for m in methods:
             epochs = _runs(out, m, EPOCHS)
             ax.plot([r["epoch"] for r in epochs], [r["val"][key] for r in epochs], label=m)
-        single = read_jsonl(out / "runs" / f"single-{task}" / "seed0" / EPOCHS)
+        single = read_jsonl(run_dir(out, f"single:{task}", 0) / EPOCHS)
         ax.plot([r["epoch"] for r in single], [r["val"][key] for r in single], "k--",
                 label="single-task")
         ax.set_title(f"{key} {'↑' if higher[key] else '↓'}", fontsize=9)

@@ -1,5 +1,8 @@
 """The trainer: one model, its tasks, one balancer; epochs, evaluation, logs, checkpoints, resume.
 
+A run lasts ``epochs`` epochs, or stops after ``max_steps`` optimiser steps if that comes first
+(the last epoch is then partial, and is evaluated and checkpointed like a full one).
+
 Every run is repeatable from its seed: data order comes from a generator seeded by
 ``(seed, epoch)``, the global RNG state (dropout) is saved in the checkpoint, and the balancer's
 state round-trips through ``state_dict``. A run resumed from the checkpoint of epoch e therefore
@@ -42,6 +45,7 @@ class TrainConfig:
     """How to train one run. Every field is validated by :meth:`validate`."""
 
     epochs: int = 10
+    max_steps: int | None = None
     batch_size: int = 128
     lr: float = 1e-3
     shared_lr: float | None = None
@@ -57,6 +61,11 @@ class TrainConfig:
     def validate(self, tasks: Sequence[str]) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
+        if self.max_steps is not None and (
+            isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+            or self.max_steps < 1
+        ):
+            raise ValueError(f"max_steps must be an integer >= 1 or None, got {self.max_steps!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         for name in ("lr", "shared_lr"):
@@ -160,7 +169,7 @@ class Trainer:
         eval_batch = max(self.config.batch_size, 256)
         val_loader = DataLoader(val, batch_size=eval_batch)
         test_loader = DataLoader(test, batch_size=eval_batch) if test is not None else None
-        while self.epoch < self.config.epochs:
+        while self.epoch < self.config.epochs and not self._out_of_steps():
             gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
             loader = DataLoader(train, batch_size=self.config.batch_size, shuffle=True,
                                 generator=gen, drop_last=len(train) > self.config.batch_size)
@@ -197,6 +206,8 @@ class Trainer:
         self.model.train()
         n = len(loader)  # type: ignore[arg-type]
         for i, batch in enumerate(loader):
+            if self._out_of_steps():
+                break
             x, y, mask = _unpack(batch, self.device)
             t0 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
@@ -234,6 +245,9 @@ class Trainer:
                       f"step {i + 1}/{n}", end="", file=sys.stderr)
         if self.config.progress and sys.stderr.isatty():
             print(file=sys.stderr)
+
+    def _out_of_steps(self) -> bool:
+        return self.config.max_steps is not None and self.global_step >= self.config.max_steps
 
     def _want_cosine(self) -> bool:
         every = self.config.cosine_every

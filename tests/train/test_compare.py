@@ -1,0 +1,194 @@
+"""`mtlkit compare / train / report` end to end on a reduced budget, and config errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mtlkit import cli
+from mtlkit.metrics import delta_m
+from mtlkit.train import load_checkpoint
+from mtlkit.train.compare import format_table
+
+PLOTS = ("delta_m.png", "weights.png", "val_curves.png", "cosine.png")
+TINY = {"dataset_options": {"size": 160}, "epochs": 2, "batch_size": 32}
+
+
+def _config(tmp_path: Path, **fields) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "out": str(tmp_path / "out"), **fields}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> tuple[Path, str]:
+    """One small comparison (two seeds, a loss and a gradient method) shared by the tests."""
+    tmp = tmp_path_factory.mktemp("compare")
+    cfg = _config(tmp, methods=["uw", "mgda"], seeds=2)
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["compare", "--config", cfg]) == 0
+    return tmp / "out", buf.getvalue()
+
+
+def test_compare_writes_every_report_file(compared) -> None:
+    out, _ = compared
+    for name in ("report.md", "report.html", "results.json", "results.csv", *PLOTS):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in (out / "report.md").read_text()
+
+
+def test_printed_table_and_csv_hold_the_values_of_results_json(compared) -> None:
+    out, printed = compared
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"ew", "uw", "mgda"}  # ew added as the time reference
+    assert results["tasks"] == ["left", "right", "sum"]
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip().strip("|").split("|")]
+            for r in printed.splitlines() if r.startswith("| ") and "---" not in r}
+    keys = results["metrics"]
+    for m, row in results["methods"].items():
+        cells = rows[m]
+        for k, cell in zip(keys, cells[1:]):
+            mean, std = (float(v) for v in cell.split(" ± "))
+            assert mean == pytest.approx(row["metrics"][k]["mean"], abs=5e-5)
+            assert std == pytest.approx(row["metrics"][k]["std"], abs=5e-5)
+        dm_mean = float(cells[1 + len(keys)].split(" ± ")[0])
+        assert dm_mean == pytest.approx(row["delta_m"]["mean"], abs=5e-3)
+        assert float(cells[-1]) == pytest.approx(row["time_ratio"], abs=5e-3)
+    with (out / "results.csv").open() as f:
+        csv_rows = {r["method"]: r for r in csv.DictReader(f)}
+    for m, row in results["methods"].items():
+        assert float(csv_rows[m]["delta_m_mean"]) == row["delta_m"]["mean"]
+        assert float(csv_rows[m]["mean_rank"]) == row["mean_rank"]
+    assert results["methods"]["ew"]["time_ratio"] == 1.0
+
+
+def test_delta_m_and_seeds_are_recomputed_from_the_runs(compared) -> None:
+    out, _ = compared
+    results = json.loads((out / "results.json").read_text())
+    keys, higher = results["metrics"], results["higher_is_better"]
+    baseline = {
+        k: float(np.mean([r["test"][k] for r in results["runs"][f"single:{k.split('/')[0]}"]]))
+        for k in keys
+    }
+    assert baseline == pytest.approx(results["baseline"])
+    for m, row in results["methods"].items():
+        runs = results["runs"][m]
+        assert len(runs) == 2 and row["delta_m"]["n"] == 2
+        dms = [delta_m({k: r["test"][k] for k in keys}, baseline, higher) for r in runs]
+        assert row["delta_m"]["mean"] == pytest.approx(np.mean(dms))
+        assert row["delta_m"]["std"] == pytest.approx(np.std(dms, ddof=1))
+        for k in keys:  # each seed is its own run: the two seeds differ
+            assert row["metrics"][k]["n"] == 2
+    a, b = results["runs"]["uw"]
+    assert a["history"] != b["history"]
+
+
+def test_report_is_rebuilt_from_the_files(compared, capsys) -> None:
+    out, _ = compared
+    before = (out / "report.md").read_text()
+    for name in ("report.md", "report.html", *PLOTS):
+        (out / name).unlink()
+    assert cli.main(["report", str(out)]) == 0
+    assert (out / "report.md").read_text() == before
+    assert all((out / n).is_file() for n in PLOTS)
+    table = format_table(json.loads((out / "results.json").read_text()))
+    assert table in capsys.readouterr().out
+
+
+def test_train_runs_one_method_and_resumes_exactly(tmp_path, capsys) -> None:
+    full, part = tmp_path / "full", tmp_path / "part"
+    base = ["train", "--method", "dwa", "--config", _config(tmp_path)]
+    assert cli.main([*base, "--out", str(full)]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert cli.main([*base, "--out", str(part), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "--out", str(part), "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed == ref
+    assert (part / "steps.jsonl").read_text() == (full / "steps.jsonl").read_text()
+
+
+def test_max_steps_stops_mid_epoch(tmp_path, capsys) -> None:
+    out = tmp_path / "o"
+    assert cli.main(["train", "--method", "ew", "--config", _config(tmp_path, epochs=5),
+                     "--max-steps", "7", "--out", str(out)]) == 0
+    epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
+    # 112 training samples at batch 32: 3 full steps per epoch, so step 7 ends inside epoch 3
+    assert load_checkpoint(out / "checkpoint.pt")["global_step"] == 7
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("args", "fields", "message"),
+    [
+        (["--methods", "ew,nope"], {}, r"methods: unknown method 'nope'"),
+        (["--task-lr", "nope=0.1"], {}, r"task_lr: unknown task\(s\) \['nope'\]"),
+        (["--lr", "-1"], {}, r"lr must be a positive number"),
+        (["--dataset", "nyuv2"], {"dataset_options": {}}, r"nyuv2 is read from disk: pass root="),
+        (["--root", "/no/such/dir"], {"dataset": "nyuv2", "dataset_options": {}},
+         r"data folder /no/such/dir"),
+        ([], {"epoch": 3}, r"unknown config field\(s\) \['epoch'\]"),
+        ([], {"seeds": 0}, r"seeds must be an integer >= 1"),
+        ([], {"hparams": {"uw": {"nope": 1}}, "methods": ["uw"]}, r"uw: unknown hyperparameter"),
+        ([], {"hparams": {"dwa": {"temperature": -1}}, "methods": ["dwa"]}, r"temperature"),
+        ([], {"dataset_options": {"sizes": 3}}, r"unknown option\(s\) \['sizes'\]"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_field(tmp_path, capsys, args, fields, message) -> None:
+    code = cli.main(["compare", "--config", _config(tmp_path, **fields), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == cli.EXIT_USAGE
+    assert len(err.splitlines()) == 1 and err.startswith("mtlkit: error: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_malformed_or_missing_config_file(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: [ew\n")
+    assert cli.main(["compare", "--config", str(bad)]) == cli.EXIT_USAGE
+    assert "not valid YAML" in capsys.readouterr().err
+    assert cli.main(["compare", "--config", str(tmp_path / "none.yaml")]) == cli.EXIT_USAGE
+    assert "config: no file" in capsys.readouterr().err
+
+
+def _write_nyuv2(root: Path, n: int, h: int, w: int) -> None:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("val", 4)):
+        for kind, shape in (("image", (h, w, 3)), ("label", (h, w)), ("depth", (h, w, 1)),
+                            ("normal", (h, w, 3))):
+            (root / split / kind).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                value = rng.random(shape).astype(np.float32)
+                if kind == "label":
+                    value = rng.integers(0, 13, shape).astype(np.float32)
+                np.save(root / split / kind / f"{i}.npy", value)
+
+
+@pytest.mark.slow
+def test_compare_runs_on_dense_tasks_from_disk(tmp_path, capsys) -> None:
+    root = tmp_path / "nyu"
+    _write_nyuv2(root, 12, 16, 16)
+    cfg = _config(tmp_path, dataset="nyuv2", root=str(root), methods=["ew", "mgda"],
+                  dataset_options={}, epochs=1, batch_size=4)
+    assert cli.main(["compare", "--config", cfg]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["tasks"] == ["seg", "depth", "normal"]
+    assert {"seg/miou", "depth/abs_err", "normal/mean_angle"} <= set(results["metrics"])
+    # random normals: no pixel of the baseline is within 11.25 degrees, so Δm cannot use it
+    assert results["baseline"]["normal/within_11.25"] == 0.0
+    assert "normal/within_11.25" in results["delta_m_excluded"]
+    assert "normal/within_11.25" not in results["delta_m_metrics"]
+    assert "leaves out normal/within_11.25" in (tmp_path / "out" / "report.md").read_text()
