@@ -159,12 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
     speed_parser = bench.add_parser("speed", help="step time and memory of each balancer")
-    try:
-        from mtlkit.benchmarks import speed
+    from mtlkit.benchmarks import speed
 
-        speed.add_arguments(speed_parser)
-    except ImportError:  # the benchmark module is optional at import time
-        pass
+    speed.add_arguments(speed_parser)
     speed_parser.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("list", help="list balancers and datasets")

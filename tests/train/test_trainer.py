@@ -90,3 +90,19 @@ def test_bad_config_is_named(field, value, msg):
 def test_resume_without_checkpoint_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         make("ew", tmp_path, 2).fit(*DATA, resume=True)
+
+
+
+class NoFeaturesModel(TinyModel):
+    def require_features(self):
+        raise ValueError("this model has no single shared tensor: the trunk is task-attended")
+
+
+def test_features_mode_on_a_model_without_features_says_why():
+    cfg = TrainConfig(epochs=1, batch_size=16)
+    mgda = balancers.create("mgda", tasks=["a", "b"], grad_on="features")
+    with pytest.raises(ValueError, match="the trunk is task-attended"):
+        Trainer(NoFeaturesModel(), TASKS, mgda, cfg).fit(*DATA)
+    # in parameters mode the model's features are not needed, and training runs
+    mgda = balancers.create("mgda", tasks=["a", "b"])
+    assert Trainer(NoFeaturesModel(), TASKS, mgda, cfg).fit(*DATA).selected_epoch == 1

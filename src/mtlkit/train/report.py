@@ -74,6 +74,11 @@ def _runs(out: Path, method: str, name: str) -> list[dict[str, Any]]:
     return read_jsonl(run_dir(out, method, 0) / name)
 
 
+def _marker(points: list[Any]) -> str | None:
+    """Dots on short curves, so that a run with one logged point still shows it."""
+    return "." if len(points) < 20 else None
+
+
 def _grid(n: int) -> tuple[Any, list[Any]]:
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
@@ -104,7 +109,8 @@ def _plot_weights(out: Path, methods: list[str], tasks: list[str], path: Path) -
     for ax, m in zip(axes, methods):
         steps = _runs(out, m, STEPS)
         for t in tasks:
-            ax.plot([r["step"] for r in steps], [r["weight"][t] for r in steps], label=t)
+            ax.plot([r["step"] for r in steps], [r["weight"][t] for r in steps], label=t,
+                    marker=_marker(steps))
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     axes[0].legend(fontsize=7)
@@ -119,7 +125,8 @@ def _plot_val_curves(out: Path, methods: list[str], primary: Mapping[str, str],
     for ax, (task, key) in zip(axes, primary.items()):
         for m in methods:
             epochs = _runs(out, m, EPOCHS)
-            ax.plot([r["epoch"] for r in epochs], [r["val"][key] for r in epochs], label=m)
+            ax.plot([r["epoch"] for r in epochs], [r["val"][key] for r in epochs], label=m,
+                    marker=_marker(epochs))
         single = read_jsonl(run_dir(out, f"single:{task}", 0) / EPOCHS)
         ax.plot([r["epoch"] for r in single], [r["val"][key] for r in single], "k--",
                 label="single-task")
@@ -137,7 +144,8 @@ def _plot_cosine(out: Path, methods: list[str], path: Path) -> None:
         steps = [r for r in _runs(out, m, STEPS) if "cosine" in r]
         pairs = list(steps[0]["cosine"]) if steps else []
         for pair in pairs:
-            ax.plot([r["step"] for r in steps], [r["cosine"][pair] for r in steps], label=pair)
+            ax.plot([r["step"] for r in steps], [r["cosine"][pair] for r in steps], label=pair,
+                    marker=_marker(steps))
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_ylim(-1.05, 1.05)
         ax.set_title(m, fontsize=9)

@@ -220,9 +220,7 @@ class Trainer:
                 t0 += time.perf_counter() - c0  # diagnostics are not part of the step time
             context = self._context(out, y, losses)
             step = self.balancer.backward(
-                losses,
-                shared=self.model.shared_parameters(),
-                features=getattr(self.model, "features", None),
+                losses, shared=self.model.shared_parameters(), features=self._features(),
                 **context,
             )
             self.optimizer.step()
@@ -245,6 +243,13 @@ class Trainer:
                       f"step {i + 1}/{n}", end="", file=sys.stderr)
         if self.config.progress and sys.stderr.isatty():
             print(file=sys.stderr)
+
+    def _features(self) -> Tensor | None:
+        """The model's shared representation; where the balancer needs it and the model has
+        ``require_features`` (every ``mtlkit.nn`` model), the model says why it has none."""
+        if self.balancer.grad_on == "features" and hasattr(self.model, "require_features"):
+            return self.model.require_features()
+        return getattr(self.model, "features", None)
 
     def _out_of_steps(self) -> bool:
         return self.config.max_steps is not None and self.global_step >= self.config.max_steps
