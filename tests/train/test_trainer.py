@@ -55,12 +55,20 @@ def test_logs_hold_losses_weights_cosines_and_csv(tmp_path):
     assert res.selected_epoch in (1, 2) and res.step_time > 0
 
 
-def test_gradient_balancer_logs_its_cosine(tmp_path):
-    pytest.importorskip("mtlkit.balancers._mgda")
-    t = make("mgda", tmp_path, 1)
-    t.fit(*DATA)
-    steps = [json.loads(l) for l in (tmp_path / "steps.jsonl").read_text().splitlines()]
-    assert all("cosine" in s for s in steps)
+def test_cosine_is_logged_in_parameter_space_for_every_kind_of_method(tmp_path):
+    def steps(method):
+        t = make(method, tmp_path / method, 1)
+        t.fit(*DATA)
+        lines = (tmp_path / method / "steps.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    ew, mgda = steps("ew"), steps("mgda")
+    # every cosine_every=4 steps, for a loss method (diagnostic backward passes) and for a
+    # gradient method (its own Gram matrix)
+    for logged in (ew, mgda):
+        assert [s["step"] for s in logged if "cosine" in s] == [1, 5]
+    # same seed, same first batch, same parameters: both ways give the same number
+    assert ew[0]["cosine"]["a|b"] == pytest.approx(mgda[0]["cosine"]["a|b"], abs=1e-5)
 
 
 def test_selection_uses_validation_never_test():

@@ -23,7 +23,7 @@ PLOTS = {
     "delta_m.png": "Δm% against the single-task baselines (mean ± std over seeds)",
     "weights.png": "Effective task weights over training (seed 0)",
     "val_curves.png": "Primary validation metric per task over epochs (seed 0)",
-    "cosine.png": "Cosine similarity of task gradients over training (seed 0)",
+    "cosine.png": "Cosine similarity of the task gradients w.r.t. the shared parameters (seed 0)",
 }
 
 

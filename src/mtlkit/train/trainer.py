@@ -213,11 +213,15 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             out = self.model(x)
             losses = {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name)) for t in self.tasks}
+            # Diagnostics, every ``cosine_every`` steps, always in the same space (the shared
+            # parameters) so that methods can be compared: free where the balancer computes
+            # that Gram matrix itself, else K extra backward passes left out of the step time.
+            want_cosine = self._want_cosine()
             cosine = None
-            if self._want_cosine():
+            if want_cosine and not self._balancer_has_parameter_gramian():
                 c0 = time.perf_counter()
-                cosine = feature_cosine(losses, getattr(self.model, "features", None))
-                t0 += time.perf_counter() - c0  # diagnostics are not part of the step time
+                cosine = parameter_cosine(losses, list(self.model.shared_parameters()))
+                t0 += time.perf_counter() - c0
             context = self._context(out, y, losses)
             step = self.balancer.backward(
                 losses, shared=self.model.shared_parameters(), features=self._features(),
@@ -233,7 +237,7 @@ class Trainer:
                     )
             self.step_times.append(time.perf_counter() - t0)
             self.global_step += 1
-            if step.cosine is not None:
+            if want_cosine and cosine is None:
                 cosine = step.cosine
             if self.config.log_every and (self.global_step % self.config.log_every == 0
                                           or cosine is not None):
@@ -256,9 +260,11 @@ class Trainer:
 
     def _want_cosine(self) -> bool:
         every = self.config.cosine_every
-        return (bool(every) and self.balancer.requires == "losses"
-                and getattr(self.model, "features", None) is not None
-                and self.global_step % every == 0)
+        return bool(every) and self.global_step % every == 0
+
+    def _balancer_has_parameter_gramian(self) -> bool:
+        return (self.balancer.requires in ("gramian", "block_gramian", "jacobian")
+                and self.balancer.grad_on == "parameters")
 
     def _context(self, out: Mapping[str, Tensor], y: Mapping[str, Tensor],
                  losses: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -385,16 +391,20 @@ def select_epoch(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task], se
     return max(range(len(history)), key=lambda i: (scores[i], i))
 
 
-def feature_cosine(losses: Mapping[str, Tensor], features: Tensor | None) -> Tensor | None:
-    """Pairwise cosine similarity of the task gradients at the shared features (diagnostics)."""
-    if features is None or not features.requires_grad:
+def parameter_cosine(losses: Mapping[str, Tensor], shared: Sequence[Tensor]) -> Tensor | None:
+    """Pairwise cosine similarity (K x K) of the task gradients with respect to the shared
+    parameters (diagnostics; the graph is kept for the real backward). A task whose gradient is
+    zero has cosine 0 with every other task; None without shared parameters."""
+    shared = [p for p in shared if p.requires_grad]
+    if not shared:
         return None
-    grads = []
+    rows = []
     for loss in losses.values():
-        (g,) = torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True)
-        grads.append(torch.zeros_like(features) if g is None else g)
-    flat = torch.stack(grads).reshape(len(grads), -1).float()
-    norms = flat.norm(dim=1)
-    denom = norms[:, None] * norms[None, :]
+        grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float()
+                               for p, g in zip(shared, grads)]))
+    flat = torch.stack(rows)
     gram = flat @ flat.T
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    denom = norms[:, None] * norms[None, :]
     return torch.where(denom > 0, gram / denom.clamp_min(1e-30), 0.0)
