@@ -342,3 +342,11 @@ def test_bad_task_lists():
         balancers.create("ew", tasks=[])
     with pytest.raises(TypeError, match="sequence of task names"):
         balancers.create("ew", tasks="ab")
+
+
+def test_step_counter_stays_on_the_host_when_the_balancer_moves():
+    b = balancers.create("rlw", tasks=["a", "b"])
+    b.to("meta")  # any device move: the counter stays a CPU tensor, read without a sync
+    assert b.step.device.type == "cpu" and b.step.dtype == torch.long
+    b.to(torch.float64)
+    assert b.step.dtype == torch.long

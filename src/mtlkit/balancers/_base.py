@@ -130,6 +130,14 @@ class Balancer(nn.Module):
     def num_tasks(self) -> int:
         return len(self.tasks)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Balancer:
+        # The step counter stays on the host whatever the device of the other state: it seeds
+        # counter-based randomness (``_rng``), and reading a CUDA counter would sync each step.
+        step = self.step
+        super()._apply(fn, recurse)
+        self._buffers["step"] = step
+        return self
+
     # ------------------------------------------------------------------ public API
     def backward(
         self,
