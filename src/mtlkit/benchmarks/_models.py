@@ -148,7 +148,7 @@ def suites(quick: bool) -> dict[str, Suite]:
     if quick:
         return {"dense": Suite("dense", DenseMTL.tasks, 2, 16, 4),
                 "many": Suite("many", many, 4, 8, 4)}
-    # Sized so that a full run with --peers fits in about 6-8 minutes on 2 shared CPU cores
+    # Sized so that a full run with --peers fits in 10 minutes on 2 shared CPU cores
     # (see the table in mtlkit.benchmarks.speed).
     return {"dense": Suite("dense", DenseMTL.tasks, 8, 48, 8),
             "many": Suite("many", many, 16, 16, 8)}
