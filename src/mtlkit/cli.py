@@ -78,7 +78,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         data.setdefault("epochs", 1)
         data.setdefault("dataset_options", {"size": 600})
     cfg = compare_config_from_dict(data)
-    results = run_compare(cfg, log=lambda s: print(s, file=sys.stderr))
+    results = run_compare(cfg, log=lambda s: print(s, file=sys.stderr), resume=args.resume)
     report = write_report(cfg.out)
     print(format_table(results))
     print(f"\nreport: {report}  (results.json, results.csv, report.html and plots beside it)")
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated balancer names")
     p.add_argument("--seeds", type=int, help="number of seeds (mean ± std)")
     p.add_argument("--quick", action="store_true", help="a tiny run to check the set-up")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted comparison in --out (finished runs are kept)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("train", help="train one method")

@@ -192,3 +192,50 @@ def test_compare_runs_on_dense_tasks_from_disk(tmp_path, capsys) -> None:
     assert "normal/within_11.25" in results["delta_m_excluded"]
     assert "normal/within_11.25" not in results["delta_m_metrics"]
     assert "leaves out normal/within_11.25" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_an_interrupted_compare_resumes_without_retraining_finished_runs(tmp_path, monkeypatch,
+                                                                         capsys) -> None:
+    from mtlkit.train import trainer as trainer_module
+
+    cfg = _config(tmp_path, methods=["ew", "dwa"], epochs=1)
+    real_epoch = trainer_module.Trainer._train_epoch
+    calls = {"n": 0}
+
+    def crash_on_the_fourth_run(self, loader):  # runs: 3 baselines, then ew, then dwa
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        real_epoch(self, loader)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_train_epoch", crash_on_the_fourth_run)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["compare", "--config", cfg])
+    monkeypatch.setattr(trainer_module.Trainer, "_train_epoch", real_epoch)
+    out = tmp_path / "out"
+    done = {p: p.read_text() for p in (out / "runs").glob("single-*/seed0/steps.jsonl")}
+    assert len(done) == 3 and not (out / "results.json").exists()
+
+    trained = []
+    monkeypatch.setattr(trainer_module.Trainer, "_train_epoch",
+                        lambda self, loader: (trained.append(str(self.balancer)),
+                                              real_epoch(self, loader))[1])
+    assert cli.main(["compare", "--config", cfg, "--resume"]) == 0
+    assert trained == ["ew", "dwa"]  # the finished baselines were not trained again
+    assert {p: p.read_text() for p in done} == done
+    resumed = json.loads((out / "results.json").read_text())
+    capsys.readouterr()
+
+    assert cli.main(["compare", "--config", cfg, "--out", str(tmp_path / "fresh")]) == 0
+    fresh = json.loads((tmp_path / "fresh" / "results.json").read_text())
+    for m in ("ew", "dwa"):  # the same numbers as an uninterrupted comparison
+        assert resumed["methods"][m]["metrics"] == fresh["methods"][m]["metrics"]
+        assert resumed["methods"][m]["delta_m"] == fresh["methods"][m]["delta_m"]
+
+
+def test_a_fresh_run_into_a_used_folder_starts_fresh_logs(tmp_path, capsys) -> None:
+    base = ["train", "--method", "ew", "--config", _config(tmp_path), "--out", str(tmp_path / "o")]
+    assert cli.main(base) == 0
+    first = (tmp_path / "o" / "steps.jsonl").read_text()
+    assert cli.main(base) == 0
+    assert (tmp_path / "o" / "steps.jsonl").read_text() == first

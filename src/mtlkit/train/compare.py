@@ -23,7 +23,7 @@ from mtlkit.data import DatasetBundle, load
 from mtlkit.metrics import delta_m
 from mtlkit.tasks import Task
 from mtlkit.train.models import default_model
-from mtlkit.train.trainer import RunResult, TrainConfig, Trainer
+from mtlkit.train.trainer import CHECKPOINT, RunResult, TrainConfig, Trainer
 
 #: A representative default set: plain sum, four loss weightings, four gradient methods.
 DEFAULT_METHODS = ("ew", "uw", "dwa", "rlw", "famo", "mgda", "pcgrad", "cagrad", "imtl", "nash_mtl")
@@ -87,8 +87,13 @@ def compare_config_from_dict(data: Mapping[str, Any]) -> CompareConfig:
     return cfg
 
 
-def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train the baselines and every method for every seed; write and return ``results.json``."""
+def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print, *,
+                resume: bool = False) -> dict[str, Any]:
+    """Train the baselines and every method for every seed; write and return ``results.json``.
+
+    With ``resume``, each run continues from the checkpoint it left in ``cfg.out`` (a finished
+    run is not trained again), so an interrupted comparison picks up where it stopped.
+    """
     cfg.validate()
     methods = list(cfg.methods)
     if REFERENCE not in methods:
@@ -105,11 +110,14 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> dict[
         for task in tasks:
             key = f"single:{task.name}"
             log(f"[seed {seed}] single-task baseline {task.name}")
-            res = _train(bundle, [task], "ew", {}, cfg, seed, run_dir(out, key, seed))
+            where = run_dir(out, key, seed)
+            res = _train(bundle, [task], "ew", {}, cfg, seed, where, _can_resume(where, resume))
             runs.setdefault(key, []).append(res.to_json())
         for m in methods:
             log(f"[seed {seed}] {m}")
-            res = _train(bundle, tasks, m, cfg.hparams.get(m, {}), cfg, seed, run_dir(out, m, seed))
+            where = run_dir(out, m, seed)
+            res = _train(bundle, tasks, m, cfg.hparams.get(m, {}), cfg, seed, where,
+                         _can_resume(where, resume))
             runs.setdefault(m, []).append(res.to_json())
 
     results = summarise(runs, tasks, methods)
@@ -151,6 +159,11 @@ def _train(bundle: DatasetBundle, tasks: Sequence[Task], method: str, hparams: d
     balancer = balancers.create(method, tasks=[t.name for t in tasks], **hparams)
     trainer = Trainer(model, tasks, balancer, cfg.train_config(seed), out_dir)
     return trainer.fit(bundle.train, bundle.val, bundle.test, resume=resume)
+
+
+def _can_resume(where: Path, resume: bool) -> bool:
+    """A run of an interrupted comparison resumes if it left a checkpoint, else starts."""
+    return resume and (where / CHECKPOINT).is_file()
 
 
 def run_dir(out: Path, key: str, seed: int) -> Path:

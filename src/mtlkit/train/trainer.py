@@ -166,6 +166,8 @@ class Trainer:
         """Train for ``config.epochs`` epochs (continuing from the checkpoint with ``resume``)."""
         if resume:
             self._resume()
+        else:
+            self.log.truncate(0, 0)  # a fresh run into a used folder starts fresh logs
         eval_batch = max(self.config.batch_size, 256)
         val_loader = DataLoader(val, batch_size=eval_batch)
         test_loader = DataLoader(test, batch_size=eval_batch) if test is not None else None
