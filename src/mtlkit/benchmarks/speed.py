@@ -543,7 +543,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"unknown method(s) {bad}; available: {', '.join(sorted(known))}")
     for s in specs:
         try:
-            s.options
+            _ = s.options  # parse now: a malformed option stops the run before timing
         except ValueError as err:
             raise SystemExit(str(err)) from None
     threads = torch.get_num_threads()
