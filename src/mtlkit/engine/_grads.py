@@ -194,7 +194,7 @@ def task_gradients(
         )
     else:
         blocks = _batched_or_loop(
-            torch.stack([loss.reshape(()) for loss in losses]),
+            torch.stack([_scalar(loss) for loss in losses]),
             [*shared, *heads],
             None,
             strategy,
@@ -224,7 +224,7 @@ def task_jacobian(
     """
     if chunk_size is None and len(inputs):
         chunk_size = AUTO_CHUNK.get(inputs[0].device.type, 16)
-    stacked = torch.stack([loss.reshape(()) for loss in losses])
+    stacked = torch.stack([_scalar(loss) for loss in losses])
     return _batched_or_loop(
         stacked, list(inputs), None, "batched", chunk_size, outputs_are_losses=True,
         retain_graph=retain_graph,
@@ -301,6 +301,11 @@ def _vjp_rows(
             f"operation of this model ({err}); use strategy='loop' (K ordinary backward passes)"
         ) from err
     return out
+
+
+def _scalar(loss: Tensor) -> Tensor:
+    """``loss`` as a 0-d tensor, without adding a view node when it already is one."""
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 def _gram(flat: Tensor) -> Tensor:
