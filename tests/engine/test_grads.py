@@ -254,3 +254,17 @@ def test_tasks_sharing_an_operation_after_the_features(grad_on):
     if grad_on == "parameters":
         torch.testing.assert_close(tg.blocks[0][1], rows[1][0])
     torch.testing.assert_close(heads[1].weight.grad, rows[1][2])
+
+
+@pytest.mark.parametrize("grad_on", ["parameters", "features"])
+def test_a_parameter_behind_the_features_that_is_not_shared_is_an_error(grad_on):
+    torch.manual_seed(0)
+    trunk, hidden = torch.nn.Linear(3, 4), torch.nn.Linear(4, 4)
+    heads = [torch.nn.Linear(4, 1) for _ in range(2)]
+    z = hidden(torch.relu(trunk(torch.randn(5, 3))))
+    losses = [h(z).square().mean() for h in heads]
+    with pytest.raises(ValueError, match=r"2 parameter\(s\) computed into the features are not"):
+        task_gradients(losses, list(trunk.parameters()), z, grad_on=grad_on)
+    # listing every trunk parameter is fine
+    out = task_gradients(losses, [*trunk.parameters(), *hidden.parameters()], z, grad_on=grad_on)
+    assert out.gramian.shape == (2, 2)

@@ -168,6 +168,7 @@ def task_gradients(
         heads, _, _ = _task_leaves(losses, shared_ids, None)
 
     if features is not None:
+        _check_trunk_is_shared(features, shared_ids)
         # Heads pass: per task, dL_k/dz and the task's own head gradients. A loop touches only
         # task k's head each time, so it costs one backward through all heads in total. When
         # the tasks share no operation above z, each head's graph is freed as soon as it has
@@ -360,3 +361,34 @@ def _task_leaves(
             owner[id(node)] = k
             stack.extend(nxt for nxt, _ in reversed(node.next_functions) if nxt is not None)
     return list(found.values()), bypass, overlap
+
+
+def _check_trunk_is_shared(features: Tensor, shared_ids: set[int]) -> None:
+    """Raise if a parameter behind ``features`` is not in ``shared``.
+
+    Such a parameter influences every task through the features, but the trunk's backward pass
+    writes only the listed shared parameters: it would silently get no gradient at all.
+    """
+    if features.grad_fn is None:
+        return
+    stack, seen = [features.grad_fn], set()
+    missing: list[Tensor] = []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)
+        if var is not None:
+            if isinstance(var, torch.nn.Parameter) and id(var) not in shared_ids:
+                missing.append(var)
+            continue
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    if missing:
+        shapes = ", ".join(str(tuple(p.shape)) for p in missing[:5])
+        raise ValueError(
+            f"{len(missing)} parameter(s) computed into the features are not in shared "
+            f"(shapes {shapes}{', ...' if len(missing) > 5 else ''}): they influence every task "
+            "through the features, so list them in shared= (for an mtlkit.nn model, its "
+            "shared_parameters() does), or they would receive no gradient"
+        )
