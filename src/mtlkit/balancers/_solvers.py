@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,21 +35,92 @@ def to_host(gramian: Tensor) -> Tensor:
     return gramian.detach().to(device="cpu", dtype=_F64)
 
 
-def _kkt_affine_min(m: Tensor) -> Tensor:
+def _np(t: Tensor) -> np.ndarray:
+    """A float64 CPU tensor as a NumPy array (no copy when it already is one): the solvers
+    iterate on NumPy arrays, whose per-operation overhead (about 1 us) is a fraction of torch's
+    on K x K problems."""
+    return t.detach().to(device="cpu", dtype=_F64).numpy()
+
+
+def _affine_min(m: np.ndarray) -> np.ndarray:
     """Barycentric weights of the point of minimum norm in the affine hull of points with Gram
     matrix ``m``: ``min mu^T m mu`` subject to ``sum(mu) = 1``."""
     n = m.shape[0]
-    kkt = torch.zeros(n + 1, n + 1, dtype=_F64)
+    kkt = np.empty((n + 1, n + 1))
     kkt[:n, :n] = m
     kkt[:n, n] = 1.0
     kkt[n, :n] = 1.0
-    rhs = torch.zeros(n + 1, dtype=_F64)
+    kkt[n, n] = 0.0
+    rhs = np.zeros(n + 1)
     rhs[n] = 1.0
-    sol, info = torch.linalg.solve_ex(kkt, rhs)
-    if int(info) != 0 or not bool(torch.isfinite(sol).all()):
-        sol = torch.linalg.lstsq(kkt, rhs[:, None]).solution[:, 0]
+    try:
+        sol = np.linalg.solve(kkt, rhs)
+        ok = bool(np.isfinite(sol).all())
+    except np.linalg.LinAlgError:  # exactly singular
+        ok = False
+    if not ok:
+        sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
     mu = sol[:n]
     return mu / mu.sum()
+
+
+_TINY = 1e-14
+
+
+def _corral(g: np.ndarray, support: list[int], lam: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Wolfe's minor cycle: from the point with weights ``lam`` (positive, summing to 1) on
+    ``support``, move towards the affine minimiser of the support, dropping the vertices whose
+    weight reaches 0, until the affine minimiser lies inside the simplex of what is left."""
+    for _ in range(len(support) + 1):  # at most one removal per pass
+        mu = _affine_min(g[np.ix_(support, support)])
+        if bool((mu > _TINY).all()):
+            return support, mu
+        bad = mu <= _TINY
+        theta = float((lam[bad] / np.maximum(lam[bad] - mu[bad], _TINY)).min())
+        theta = min(max(theta, 0.0), 1.0)
+        lam = lam + theta * (mu - lam)
+        keep = lam > _TINY
+        if not bool(keep.any()):
+            keep[int(np.argmax(lam))] = True
+        support = [s for s, kp in zip(support, keep.tolist()) if kp]
+        lam = lam[keep]
+        lam = lam / lam.sum()
+    return support, lam
+
+
+def _wolfe(
+    gramian: np.ndarray, tol: float, start: tuple[list[int], np.ndarray] | None = None
+) -> tuple[np.ndarray, list[int], np.ndarray]:
+    """Wolfe's algorithm on a (K, K) NumPy Gram matrix: the full weights, and the final support
+    and its weights (a corral, to warm-start a nearby problem with ``start``).
+
+    ``start`` is a support and positive weights on it: any affinely independent set of vertices
+    is a valid start (a minor cycle first makes it a corral). Without it, the vertex of least
+    norm."""
+    k = gramian.shape[0]
+    scale = float(gramian.diagonal().max()) if k else 0.0
+    if not scale > 0 or not math.isfinite(scale):
+        return np.full(k, 1.0 / k), list(range(k)), np.full(k, 1.0 / k)
+    g = gramian / scale
+    if start is None or not start[0]:
+        support, lam = [int(np.argmin(g.diagonal()))], np.ones(1)
+    else:
+        support, lam = list(start[0]), start[1]
+        if len(support) > 1:
+            support, lam = _corral(g, support, lam)
+    for _ in range(50 * k + 50):
+        x_dot = g[:, support] @ lam  # <g_i, x> for every vertex i
+        xx = float(lam @ x_dot[support])
+        i = int(np.argmin(x_dot))
+        if xx - float(x_dot[i]) <= tol or i in support:
+            break
+        support.append(i)
+        lam = np.append(lam, 0.0)
+        support, lam = _corral(g, support, lam)
+    lam = np.maximum(lam, 0.0)
+    out = np.zeros(k)
+    out[support] = lam
+    return out / out.sum(), support, lam / lam.sum()
 
 
 def min_norm_simplex(gramian: Tensor, *, tol: float = 1e-13) -> Tensor:
@@ -60,7 +132,7 @@ def min_norm_simplex(gramian: Tensor, *, tol: float = 1e-13) -> Tensor:
     no vertex improves it. It terminates after finitely many steps at the exact minimiser (up
     to rounding); ``tol`` is the optimality gap ``||x||^2 - min_i <x, g_i>`` relative to the
     largest squared norm. Ties are broken towards the lowest index, so the output is
-    deterministic.
+    deterministic. Runs on NumPy arrays.
 
     Args:
         gramian: (K, K) float64 CPU, symmetric positive semi-definite.
@@ -68,40 +140,7 @@ def min_norm_simplex(gramian: Tensor, *, tol: float = 1e-13) -> Tensor:
     Returns:
         (K,) float64 weights, non-negative, summing to 1 (uniform when every gradient is zero).
     """
-    k = gramian.shape[0]
-    scale = float(gramian.diagonal().max()) if k else 0.0
-    if not scale > 0 or not math.isfinite(scale):
-        return torch.full((k,), 1.0 / k, dtype=_F64)
-    g = gramian / scale
-    support = [int(torch.argmin(g.diagonal()))]
-    lam = torch.ones(1, dtype=_F64)
-    tiny = 1e-14
-    for _ in range(50 * k + 50):
-        x_dot = g[:, support] @ lam  # <g_i, x> for every vertex i
-        xx = float(lam @ x_dot[support])
-        i = int(torch.argmin(x_dot))
-        if xx - float(x_dot[i]) <= tol or i in support:
-            break
-        support.append(i)
-        lam = torch.cat([lam, torch.zeros(1, dtype=_F64)])
-        for _ in range(len(support) + 1):  # minor cycle: at most one removal per pass
-            idx = torch.tensor(support)
-            mu = _kkt_affine_min(g[idx][:, idx])
-            if bool((mu > tiny).all()):
-                lam = mu
-                break
-            bad = mu <= tiny
-            theta = float((lam[bad] / (lam[bad] - mu[bad]).clamp_min(tiny)).min().clamp(0, 1))
-            lam = lam + theta * (mu - lam)
-            keep = lam > tiny
-            if not bool(keep.any()):
-                keep[int(torch.argmax(lam))] = True
-            support = [s for s, kp in zip(support, keep.tolist()) if kp]
-            lam = lam[keep]
-            lam = lam / lam.sum()
-    out = torch.zeros(k, dtype=_F64)
-    out[torch.tensor(support)] = lam.clamp_min(0)
-    return out / out.sum()
+    return torch.from_numpy(_wolfe(_np(gramian), tol)[0])
 
 
 def frank_wolfe_min_norm(gramian: Tensor, *, max_iter: int = 250, tol: float = 1e-5) -> Tensor:
@@ -203,72 +242,122 @@ def lower_bounded_qp(q: Tensor, lower: Tensor, *, tol: float = 1e-13) -> Tensor:
     return v
 
 
+def _corral_root(g: np.ndarray, b: np.ndarray, support: list[int], rho: float) -> float | None:
+    """The root of ``s(tau) = rho tau`` if ``support`` stayed the corral of the shifted problems.
+
+    On a fixed corral the affine minimiser's weights are affine in ``tau`` (they solve
+    ``G_S w + tau b_S + z 1 = 0``, ``1^T w = 1``), so ``s(tau)^2 = A + 2 B tau + C tau^2`` and the
+    root is that of a quadratic. None when it has no positive crossing (or the system fails)."""
+    n = len(support)
+    kkt = np.empty((n + 1, n + 1))
+    sub = g[np.ix_(support, support)]
+    kkt[:n, :n] = sub
+    kkt[:n, n] = 1.0
+    kkt[n, :n] = 1.0
+    kkt[n, n] = 0.0
+    rhs = np.zeros((n + 1, 2))
+    rhs[n, 0] = 1.0
+    rhs[:n, 1] = -b[support]
+    try:
+        sol = np.linalg.solve(kkt, rhs)[:n]
+    except np.linalg.LinAlgError:
+        return None
+    if not bool(np.isfinite(sol).all()):
+        return None
+    w0, w1 = sol[:, 0], sol[:, 1]
+    gw1 = sub @ w1
+    a, bb, cc = float(w0 @ sub @ w0), float(w0 @ gw1), float(w1 @ gw1)
+    d = cc - rho * rho
+    if not d < 0 or not a >= 0:
+        return None
+    sq = math.sqrt(bb * bb - a * d)
+    if bb >= 0:
+        return (bb + sq) / -d
+    return a / (sq - bb)
+
+
 def cagrad_dual(gramian: Tensor, c: float) -> tuple[Tensor, float]:
     """Solve CAGrad's dual: ``w = argmin_{w in simplex} w^T b + rho ||J^T w||``.
 
     Here ``b = G 1 / K`` (the inner products with the mean gradient ``g0``) and ``rho = c ||g0||``.
     For ``x = J^T w`` the problem is ``min_{x in hull} <x, g0> + rho ||x||``. Its minimiser also
     minimises ``<x, g0> + ||x||^2 / (2 tau)`` with ``tau = ||x*|| / rho``, whose solution is the
-    min-norm point of the hull shifted by ``tau g0`` (:func:`min_norm_simplex` on a shifted Gram
-    matrix). ``s(tau) = ||x(tau)||`` is non-decreasing, so the fixed point ``s(tau) = rho tau``
-    is found by a bracketing root search (regula falsi, Illinois variant) to machine precision.
+    min-norm point of the hull shifted by ``tau g0`` (Wolfe's algorithm on a shifted Gram
+    matrix, as :func:`min_norm_simplex`). ``s(tau) = ||x(tau)||`` is non-decreasing, so the fixed
+    point ``s(tau) = rho tau`` is bracketed. Each step proposes the root that the last corral
+    (the support of the min-norm point) would give, in closed form (:func:`_corral_root`), and
+    stops when the min-norm problem at that root has the same corral: the root is then exact.
+    When the proposal leaves the bracket, a regula falsi step (Illinois variant) replaces it.
+    Each min-norm problem is warm-started from the previous corral (a translation of the
+    points keeps it affinely independent).
 
     Returns:
         (w, lam): the dual weights and ``lam = rho / ||J^T w||``, so that CAGrad's update is
         ``J^T (1/K + lam w)``. ``lam`` is 0 when ``g0 = 0`` or when the optimum is the origin of
         the hull (the direction ``x / ||x||`` is then undefined).
     """
-    k = gramian.shape[0]
-    trace = float(gramian.diagonal().sum())
+    gram = _np(gramian)
+    k = gram.shape[0]
+    trace = float(gram.diagonal().sum())
     uniform = torch.full((k,), 1.0 / k, dtype=_F64)
     if not trace > 0 or not math.isfinite(trace):
         return uniform, 0.0
-    g = gramian / trace  # the weights are invariant to the scale of G
+    g = gram / trace  # the weights are invariant to the scale of G
     b = g.mean(1)
     g0_sq = float(g.mean())
     rho = c * math.sqrt(max(g0_sq, 0.0))
     if not rho > 0:
         return uniform, 0.0
+    bb = b[:, None] + b[None, :]
 
-    def solve(tau: float) -> tuple[Tensor, float]:
-        shifted = g + tau * (b[:, None] + b[None, :]) + tau * tau * g0_sq
-        w = min_norm_simplex(shifted)
-        return w, math.sqrt(max(float(w @ g @ w), 0.0))
+    Corral = tuple[list[int], np.ndarray]
+
+    def solve(tau: float, start: Corral | None) -> tuple[np.ndarray, float, Corral]:
+        w, support, lam = _wolfe(g + tau * bb + tau * tau * g0_sq, 1e-13, start)
+        return w, math.sqrt(max(float(w @ g @ w), 0.0)), (support, lam)
 
     max_norm = math.sqrt(float(g.diagonal().max()))
     hi = 2.0 * max_norm / rho  # s <= max_norm, so s(hi) - rho hi < 0
-    f_hi = solve(hi)[1] - rho * hi
+    f_hi: float | None = None  # computed when a regula falsi step needs it
     lo = 0.0
-    w, s = solve(lo)
+    w, s, corral = solve(lo, None)
     f_lo = s
     if not f_lo > 1e-12 * max_norm:
         # The hull contains (almost) the origin: look for a positive root closer to 0.
         for j in range(1, 13):
             t = hi * 10.0**-j
-            _, s_t = solve(t)
+            w_t, s_t, c_t = solve(t, corral)
             if s_t - rho * t > 0:
                 lo, f_lo = t, s_t - rho * t
+                w, s, corral = w_t, s_t, c_t
                 break
         else:
-            return w, 0.0
+            return torch.from_numpy(w), 0.0
     side = 0
     for _ in range(200):
-        tau = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
-        w, s = solve(tau)
+        tau = _corral_root(g, b, corral[0], rho)
+        exact = tau is not None and lo < tau < hi
+        if not exact:
+            if f_hi is None:
+                f_hi = solve(hi, corral)[1] - rho * hi
+            tau = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
+        previous = sorted(corral[0])
+        w, s, corral = solve(tau, corral)
         f = s - rho * tau
-        if f == 0 or hi - lo <= 1e-15 * hi or abs(f) <= 1e-15 * max_norm:
+        if (f == 0 or hi - lo <= 1e-15 * hi or abs(f) <= 1e-15 * max_norm
+                or (exact and sorted(corral[0]) == previous)):
             break
         if f > 0:
             lo, f_lo = tau, f
-            if side == 1:
+            if side == 1 and f_hi is not None:
                 f_hi /= 2
-            side = 1
+            side = 1 if not exact else 0
         else:
             hi, f_hi = tau, f
             if side == -1:
                 f_lo /= 2
-            side = -1
-    return w, (rho / s if s > 0 else 0.0)
+            side = -1 if not exact else 0
+    return torch.from_numpy(w), (rho / s if s > 0 else 0.0)
 
 
 class BargainingFailure(Exception):
