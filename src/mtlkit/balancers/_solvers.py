@@ -185,12 +185,18 @@ def lower_bounded_qp(q: Tensor, lower: Tensor, *, tol: float = 1e-13) -> Tensor:
     """``argmin_v v^T Q v`` subject to ``v >= lower``, for a positive definite ``Q``; several
     problems sharing ``Q`` at once (one per row of ``lower``).
 
-    A primal active-set method (as Lawson and Hanson's for non-negative least squares), run on
-    all problems together: start at ``v = lower`` with every bound active, free the bound with
-    the most negative multiplier ``(Q v)_i``, solve the equality-constrained problem on the free
-    set, and step back to the feasible region when a free variable would cross its bound. Exact
-    after finitely many steps. The per-problem systems are solved as one batch: the rows of
-    the bound variables are replaced by identity rows.
+    With ``u = v - lower`` the optimality conditions are a linear complementarity problem:
+    ``u >= 0``, ``y = Q u + Q lower >= 0`` (the multipliers of the bounds) and ``u_i y_i = 0``.
+    It is solved by block principal pivoting (Judice & Pires 1994; Kim & Park 2011, for
+    non-negative least squares): guess the free set (first, the variables whose multiplier is
+    negative at ``u = 0``), solve ``Q_FF u_F = -(Q lower)_F``, and move every variable that
+    violates its condition to the other set; when that does not reduce the number of violations
+    for three steps, only the last violating variable moves (Murty's rule, which terminates for
+    a positive definite ``Q``). The answer is exact (the linear system of the final free set);
+    on this problem a few steps suffice. The problems are solved together on NumPy arrays, as
+    one batch of linear systems of the size of the largest free set. A problem that has not
+    finished after ``10 K + 30`` steps (or whose systems fail) falls back to a primal active-set
+    method (:func:`_lower_bounded_qp_primal`).
 
     Args:
         q: (K, K) float64 CPU, positive definite (regularise a PSD Gram matrix first).
@@ -198,6 +204,76 @@ def lower_bounded_qp(q: Tensor, lower: Tensor, *, tol: float = 1e-13) -> Tensor:
 
     Returns:
         (N, K) solutions.
+    """
+    qn, low = _np(q), _np(lower)
+    n, k = low.shape
+    v = low.copy()
+    scale = float(qn.diagonal().max()) if k else 0.0
+    if not scale > 0 or n == 0:
+        return torch.from_numpy(v)
+    lmax = max(float(np.abs(low).max()), 1e-300)
+    y_tol = tol * scale * lmax  # multipliers this negative are violations
+    u_tol = 1e-13 * lmax  # free variables this negative are violations
+    ql = low @ qn  # y at u = 0 (q is symmetric)
+    free = ql < -y_tol
+    todo = np.arange(n)
+    best = np.full(n, k + 1)
+    backup = np.full(n, 3)
+    eye_k = np.eye(k, dtype=bool)
+    for _ in range(10 * k + 30):
+        if todo.size == 0:
+            break
+        f = free[todo]
+        count = f.sum(1)
+        m = int(count.max())
+        u = np.zeros((todo.size, k))
+        if m > 0:
+            # each problem's free indices first (in order), padded with identity rows
+            order = np.argsort(~f, axis=1, kind="stable")[:, :m]
+            valid = np.arange(m)[None, :] < count[:, None]
+            system = qn[order[:, :, None], order[:, None, :]]
+            system *= valid[:, :, None] & valid[:, None, :]
+            diag = np.arange(m)
+            system[:, diag, diag] += ~valid
+            rhs = -np.take_along_axis(ql[todo], order, 1) * valid
+            try:
+                sol = np.linalg.solve(system, rhs[:, :, None])[:, :, 0]
+            except np.linalg.LinAlgError:
+                break
+            if not bool(np.isfinite(sol).all()):
+                break
+            np.put_along_axis(u, order, sol * valid, 1)
+        y = u @ qn + ql[todo]
+        bad = (f & (u < -u_tol)) | (~f & (y < -y_tol))
+        nbad = bad.sum(1)
+        done = nbad == 0
+        v[todo[done]] = low[todo[done]] + np.maximum(u[done], 0.0)
+        keep = ~done
+        todo, bad, nbad = todo[keep], bad[keep], nbad[keep]
+        if todo.size == 0:
+            break
+        better = nbad < best[todo]
+        exchange_all = better | (backup[todo] > 0)
+        backup[todo] = np.where(better, 3, backup[todo] - 1)
+        best[todo] = np.minimum(best[todo], nbad)
+        last = k - 1 - np.argmax(bad[:, ::-1], axis=1)
+        free[todo] ^= np.where(exchange_all[:, None], bad, eye_k[last])
+    if todo.size:
+        rest = _lower_bounded_qp_primal(q, lower[torch.from_numpy(todo)], tol=tol)
+        v[todo] = rest.numpy()
+    return torch.from_numpy(v)
+
+
+def _lower_bounded_qp_primal(q: Tensor, lower: Tensor, *, tol: float = 1e-13) -> Tensor:
+    """:func:`lower_bounded_qp` by a primal active-set method (as Lawson and Hanson's for
+    non-negative least squares), all problems together in torch: the fallback for the problems
+    on which block pivoting does not finish.
+
+    Start at ``v = lower`` with every bound active, free the bound with the most negative
+    multiplier ``(Q v)_i``, solve the equality-constrained problem on the free set, and step back
+    to the feasible region when a free variable would cross its bound. Exact after finitely many
+    steps. The per-problem systems are solved as one batch: the rows of the bound variables are
+    replaced by identity rows.
     """
     n, k = lower.shape
     v = lower.clone()
