@@ -52,7 +52,7 @@ class CAGrad(GradientBalancer):
     + c\|g_0\|\,\|g_w\|` with :math:`g_w = \sum_k w_k g_k`, giving
     :math:`d = g_0 + \frac{c\|g_0\|}{\|g_w\|} g_w`, i.e. weights
     :math:`\frac1K + \frac{c\|g_0\|}{\|g_w\|} w^\star_k`, then divided by the ``rescale`` factor.
-    The dual is solved exactly on the Gram matrix in torch (a root search over min-norm
+    The dual is solved exactly on the Gram matrix on the host (a root search over min-norm
     problems, see :func:`mtlkit.balancers._solvers.cagrad_dual`), after one K x K host transfer.
 
     .. note:: The official code solves the dual with SciPy's SLSQP, and TorchJD with cvxpy; the
@@ -384,7 +384,7 @@ class UPGrad(GradientBalancer):
         d = \sum_k \pi(J^\top u_k) = J^\top \sum_k v^{(k)}, \quad u_k = e_k / K,
 
     so :math:`\langle d, g_j \rangle \ge 0` for every task: the update conflicts with none. The K
-    quadratic programmes are solved exactly in torch by an active-set method, as one batch,
+    quadratic programmes are solved exactly on the host by block principal pivoting, as one batch,
     after one K x K host transfer.
 
     .. note:: As in the authors' implementation (TorchJD), G is divided by its trace and
