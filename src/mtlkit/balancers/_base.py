@@ -44,6 +44,7 @@ from mtlkit.engine import (
     GradOn,
     Strategy,
     TaskGradients,
+    cosine_from_gramian,
     task_gradients,
     task_jacobian,
 )
@@ -85,9 +86,7 @@ class BalanceStep:
         gradient has cosine 0 with every other task."""
         if self.gramian is None:
             return None
-        norms = self.gramian.diagonal().clamp_min(0).sqrt()
-        denom = norms[:, None] * norms[None, :]
-        return torch.where(denom > 0, self.gramian / denom.clamp_min(1e-300), 0.0)
+        return cosine_from_gramian(self.gramian)
 
 
 class Balancer(nn.Module):

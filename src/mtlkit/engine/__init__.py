@@ -6,6 +6,7 @@ from mtlkit.engine._grads import (
     GradOn,
     Strategy,
     TaskGradients,
+    cosine_from_gramian,
     task_gradients,
     task_jacobian,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "GradOn",
     "Strategy",
     "TaskGradients",
+    "cosine_from_gramian",
     "task_gradients",
     "task_jacobian",
 ]

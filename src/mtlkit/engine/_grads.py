@@ -304,6 +304,22 @@ def _vjp_rows(
     return out
 
 
+def cosine_from_gramian(gramian: Tensor) -> Tensor:
+    """Pairwise cosine similarity of the task gradients from their K x K Gram matrix; a task
+    whose gradient is zero has cosine 0 with every task.
+
+    Example:
+        >>> import torch
+        >>> cosine_from_gramian(torch.tensor([[1.0, -2.0, 0.0], [-2.0, 4.0, 0.0], [0.0, 0.0, 0.0]]))
+        tensor([[ 1., -1.,  0.],
+                [-1.,  1.,  0.],
+                [ 0.,  0.,  0.]])
+    """
+    norms = gramian.diagonal().clamp_min(0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    return torch.where(denom > 0, gramian / denom.clamp_min(torch.finfo(gramian.dtype).tiny), 0.0)
+
+
 def _scalar(loss: Tensor) -> Tensor:
     """``loss`` as a 0-d tensor, without adding a view node when it already is one."""
     return loss if loss.dim() == 0 else loss.reshape(())

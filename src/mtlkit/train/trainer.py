@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtlkit.balancers import Balancer
+from mtlkit.engine import cosine_from_gramian, task_jacobian
 from mtlkit.optim import model_param_groups
 from mtlkit.train.checkpoint import load_checkpoint, save_checkpoint
 from mtlkit.train.logs import RunLog
@@ -395,18 +396,12 @@ def select_epoch(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task], se
 
 def parameter_cosine(losses: Mapping[str, Tensor], shared: Sequence[Tensor]) -> Tensor | None:
     """Pairwise cosine similarity (K x K) of the task gradients with respect to the shared
-    parameters (diagnostics; the graph is kept for the real backward). A task whose gradient is
-    zero has cosine 0 with every other task; None without shared parameters."""
+    parameters (diagnostics: no ``.grad`` is touched and the graph is kept for the real
+    backward); None without shared parameters."""
     shared = [p for p in shared if p.requires_grad]
     if not shared:
         return None
-    rows = []
-    for loss in losses.values():
-        grads = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float()
-                               for p, g in zip(shared, grads)]))
-    flat = torch.stack(rows)
-    gram = flat @ flat.T
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    denom = norms[:, None] * norms[None, :]
-    return torch.where(denom > 0, gram / denom.clamp_min(1e-30), 0.0)
+    k = len(losses)
+    blocks = task_jacobian(list(losses.values()), shared, chunk_size=1)  # K plain passes
+    flat = torch.cat([b.reshape(k, -1).float() for b in blocks], dim=1)
+    return cosine_from_gramian(flat @ flat.T)
