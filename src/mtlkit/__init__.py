@@ -8,4 +8,4 @@ engine (``mtlkit.engine``) computes per-task gradients; ``mtlkit.nn`` holds arch
 from mtlkit import balancers, engine, optim
 
 __version__ = "0.1.0"
-__all__ = ["balancers", "engine", "optim", "__version__"]
+__all__ = ["__version__", "balancers", "engine", "optim"]

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _problems import CountBackward, TinyMTL, make_batches, train
 
 from mtlkit import balancers
 from mtlkit.balancers import (
@@ -22,8 +23,6 @@ from mtlkit.balancers import (
     UncertaintyWeighting,
     prior_loss,
 )
-
-from _problems import CountBackward, TinyMTL, make_batches, train
 
 TASKS = ["a", "b", "c"]
 
@@ -93,7 +92,7 @@ def test_prior_loss_from_labels():
     reg = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, population variance (4+1+0+9)/4
     assert prior_loss(reg, "regression") == pytest.approx(3.5)
     ml = torch.tensor([[1, 0], [1, 1], [0, 0], [0, 0]])  # rates 1/2 and 1/4
-    h = lambda r: -(r * math.log(r) + (1 - r) * math.log(1 - r))  # noqa: E731
+    h = lambda r: -(r * math.log(r) + (1 - r) * math.log(1 - r))
     assert prior_loss(ml, "multilabel") == pytest.approx((h(0.5) + h(0.25)) / 2)
     b = PriorLossWeighting.from_labels(
         ["x", "y"], {"x": cls, "y": reg}, {"x": "classification", "y": "regression"}

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from _fakes import RegressionTask, TinyModel, TwoTaskData
 
 from mtlkit import balancers
 from mtlkit.train import TrainConfig, Trainer
 from mtlkit.train.trainer import select_epoch
-
-from _fakes import RegressionTask, TinyModel, TwoTaskData
 
 TASKS = [RegressionTask("a"), RegressionTask("b")]
 
@@ -39,7 +38,7 @@ def test_resume_after_epoch_1_equals_uninterrupted(tmp_path, method):
     for p, q in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
     assert res.history == ref.history
-    steps = lambda d: [json.loads(l) for l in (d / "steps.jsonl").read_text().splitlines()]  # noqa
+    steps = lambda d: [json.loads(l) for l in (d / "steps.jsonl").read_text().splitlines()]
     assert steps(tmp_path / "resumed") == steps(tmp_path / "full")
 
 

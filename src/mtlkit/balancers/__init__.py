@@ -15,11 +15,17 @@ from mtlkit.balancers._dynamic import (
 )
 from mtlkit.balancers._famo import FAMO
 from mtlkit.balancers._gradnorm import GradNorm, GradNormScaling
-from mtlkit.balancers._gramian import CAGrad, DBMTL, IMTL, AlignedMTL, BargainingWarning, NashMTL, UPGrad
+from mtlkit.balancers._gramian import (
+    DBMTL,
+    IMTL,
+    AlignedMTL,
+    BargainingWarning,
+    CAGrad,
+    NashMTL,
+    UPGrad,
+)
 from mtlkit.balancers._mgda import MGDA
 from mtlkit.balancers._registry import available, create, get, register
-from mtlkit.balancers._surgery import GradDrop, GradVac, PCGrad
-from mtlkit.balancers._torchjd import TorchJDWeighting
 from mtlkit.balancers._scaling import (
     EqualWeighting,
     FixedWeighting,
@@ -28,6 +34,8 @@ from mtlkit.balancers._scaling import (
     PriorLossWeighting,
     prior_loss,
 )
+from mtlkit.balancers._surgery import GradDrop, GradVac, PCGrad
+from mtlkit.balancers._torchjd import TorchJDWeighting
 from mtlkit.balancers._uncertainty import UncertaintyWeighting
 
 __all__ = [
@@ -36,28 +44,28 @@ __all__ = [
     "IMTL",
     "MGDA",
     "AlignedMTL",
-    "BargainingWarning",
-    "CAGrad",
-    "GradDrop",
-    "GradNorm",
-    "GradNormScaling",
-    "GradVac",
-    "NashMTL",
-    "PCGrad",
-    "TorchJDWeighting",
-    "UPGrad",
     "BalanceStep",
     "Balancer",
+    "BargainingWarning",
+    "CAGrad",
     "DynamicTaskPrioritization",
     "DynamicWeightAverage",
     "EqualWeighting",
     "FixedWeighting",
-    "GradientBalancer",
     "GeometricWeighting",
+    "GradDrop",
+    "GradNorm",
+    "GradNormScaling",
+    "GradVac",
+    "GradientBalancer",
     "InitialLossWeighting",
     "LossBalancedTaskWeighting",
+    "NashMTL",
+    "PCGrad",
     "PriorLossWeighting",
     "RandomLossWeighting",
+    "TorchJDWeighting",
+    "UPGrad",
     "UncertaintyWeighting",
     "available",
     "create",

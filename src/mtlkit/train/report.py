@@ -14,10 +14,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from mtlkit.train.compare import format_table, run_dir  # noqa: E402
-from mtlkit.train.logs import EPOCHS, STEPS, read_jsonl  # noqa: E402
+from mtlkit.train.compare import format_table, run_dir
+from mtlkit.train.logs import EPOCHS, STEPS, read_jsonl
 
 PLOTS = {
     "delta_m.png": "Δm% against the single-task baselines (mean ± std over seeds)",
