@@ -11,7 +11,6 @@ from torch import Tensor
 from mtlkit.balancers._base import Balancer, GradientBalancer, Requirement, positive
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._scaling import LOSS_FLOOR
-from mtlkit.engine import GradOn, Strategy
 
 #: Smallest task weight before GradNorm's renormalisation (weights stay positive).
 MIN_WEIGHT = 1e-3
@@ -180,20 +179,6 @@ class GradNormScaling(GradientBalancer):
         >>> p.grad
         tensor([0.6000, 1.8000])
     """
-
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
-    ) -> None:
-        super().__init__(
-            tasks, grad_on=grad_on, strategy=strategy, chunk_size=chunk_size,
-            check_finite=check_finite,
-        )
 
     def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         norms = gramian.double().diagonal().clamp_min(0).sqrt()
