@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mtlkit import balancers
 from mtlkit.engine import task_gradients, task_jacobian
-from mtlkit.engine._grads import _task_leaves
+from mtlkit.engine._grads import _task_leaves, chunk_sizes
 
 for _module in ("_gradnorm", "_gramian", "_mgda", "_surgery"):  # register the gradient methods
     importlib.import_module(f"mtlkit.balancers.{_module}")
@@ -268,3 +268,14 @@ def test_a_parameter_behind_the_features_that_is_not_shared_is_an_error(grad_on)
     # listing every trunk parameter is fine
     out = task_gradients(losses, [*trunk.parameters(), *hidden.parameters()], z, grad_on=grad_on)
     assert out.gramian.shape == (2, 2)
+
+
+def test_chunks_are_as_few_as_greedy_ones_and_even():
+    for k in range(1, 50):
+        for at_most in range(1, 20):
+            sizes = chunk_sizes(k, at_most)
+            assert sum(sizes) == k
+            assert len(sizes) == -(-k // at_most)  # as many passes as greedy chunks
+            assert max(sizes) <= at_most and max(sizes) - min(sizes) <= 1
+    assert chunk_sizes(40, 16) == [14, 13, 13]
+    assert chunk_sizes(0, 4) == []

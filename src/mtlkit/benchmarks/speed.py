@@ -32,8 +32,11 @@ is the process's CPU time (``time.process_time``) and torch runs on ``--threads`
 default): on a shared machine wall-clock time mostly measures the other processes, and two
 OpenMP threads competing for two busy cores made steps up to 20x slower and 10x noisier in our
 measurements. On CUDA the clock is wall time with a device synchronisation around each
-measurement. ``ours/torchjd time`` is the median over repeats of (our ratio / TorchJD's ratio)
-in the same repeat, with its range over the repeats beside it as a noise gauge.
+measurement. A method with a TorchJD peer is measured back to back with it (alternating which goes
+first) between the same two plain-sum measurements, and ``ours/torchjd time`` is the median
+over repeats of (our step time / TorchJD's step time) in those adjacent measurements, with its
+range over the repeats beside it as a noise gauge: on a shared machine the speed drifts by
+10-30 % within a minute, far more than the differences measured.
 
 **Memory.** Peak bytes allocated by torch during one step above what is allocated before it
 (parameters, optimiser state, the batch; gradients released): on CUDA
@@ -257,17 +260,19 @@ def _timed(step: Callable[[], None], n: int, device: torch.device) -> float:
 
 @dataclass
 class Times:
-    """Per-repeat ratios (method time / plain-sum time), and the plain-sum step times."""
+    """Per-repeat ratios (method time / plain-sum time), the plain-sum step times, and for each
+    method with a peer the per-repeat (our time / peer's time) measured back to back."""
 
     ratios: dict[str, list[float]]
     base: list[float]
+    paired: dict[str, list[float]]
 
     def median(self, key: str) -> float:
         return statistics.median(self.ratios[key])
 
-    def versus(self, key: str, peer: str) -> list[float]:
-        """Per-repeat (our ratio / peer's ratio), both measured in the same repeat."""
-        return [a / b for a, b in zip(self.ratios[key], self.ratios[peer])]
+    def versus(self, key: str) -> list[float]:
+        """Per-repeat (our step time / the peer's), the two measured one after the other."""
+        return self.paired[key]
 
 
 def measure_times(problem: Problem, specs: list[Spec], fns: dict[str, Callable[[], None]],
@@ -276,7 +281,10 @@ def measure_times(problem: Problem, specs: list[Spec], fns: dict[str, Callable[[
 
     Each measurement runs ``steps`` steps, or more for a fast method: as many as fill
     ``min_time`` seconds by the last warm-up step's time (cheap methods, whose targets are the
-    tightest, get the most steps)."""
+    tightest, get the most steps). A method with a peer among ``fns`` is measured back to back
+    with it (which goes first alternates between repeats), between the same two plain-sum
+    measurements: on a shared machine the speed drifts by 10-30 % within a minute, and the
+    ratio of two adjacent measurements cancels most of it."""
     n: dict[str, int] = {}
     for key, fn in fns.items():
         for _ in range(warmup):
@@ -284,17 +292,25 @@ def measure_times(problem: Problem, specs: list[Spec], fns: dict[str, Callable[[
         one = _timed(fn, 1, problem.device)
         n[key] = max(steps, math.ceil(min_time / one)) if one > 0 else steps
     ratios: dict[str, list[float]] = {s.key: [] for s in specs}
+    paired: dict[str, list[float]] = {}
     base_times = []
-    for _ in range(repeats):
+    ours = [s for s in specs if not s.peer]
+    for r in range(repeats):
         base = _timed(fns[PLAIN_SUM], n[PLAIN_SUM], problem.device)
         base_times.append(base)
-        for s in specs:
-            t = _timed(fns[s.key], n[s.key], problem.device)
+        for s in ours:
+            group = [s.key]
+            if s.peer_key in fns:
+                group = [s.key, s.peer_key] if r % 2 == 0 else [s.peer_key, s.key]
+            t = {key: _timed(fns[key], n[key], problem.device) for key in group}
             after = _timed(fns[PLAIN_SUM], n[PLAIN_SUM], problem.device)
-            ratios[s.key].append(t / ((base + after) / 2))
+            for key, value in t.items():
+                ratios[key].append(value / ((base + after) / 2))
+            if len(group) == 2:
+                paired.setdefault(s.key, []).append(t[s.key] / t[s.peer_key])
             base = after
             base_times.append(after)
-    return Times(ratios, base_times)
+    return Times(ratios, base_times, paired)
 
 
 def trunk_passes(fn: Callable[[], None]) -> int:
@@ -457,7 +473,7 @@ def run_suite(suite: Suite, specs: list[Spec], args: argparse.Namespace,
         ratio = 1.0 if s.key == PLAIN_SUM else times.median(s.key)
         peak = memory.get(s.key)
         ppeak = memory.get(peer) if peer else None
-        vs = times.versus(s.key, peer) if peer else None
+        vs = times.versus(s.key) if peer else None
         vs_time = statistics.median(vs) if vs else None
         vs_mem = peak / ppeak if peak is not None and ppeak else None
         target, result = verdict(s, problem.requires.get(s.key), k, ratio, vs_time, vs_mem)

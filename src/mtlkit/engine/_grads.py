@@ -14,9 +14,9 @@ How the K trunk backward passes run (``strategy``, parameters mode):
 * ``"batched"``: one vectorised backward (``torch.autograd.grad(..., is_grads_batched=True)``);
   ``chunk_size`` bounds how many tasks go through at once (memory ~ chunk x activations).
 * ``"loop"``: K ordinary passes, the least memory.
-* ``"auto"``: batched in chunks of at most 16 tasks on GPUs; on CPUs the loop for up to 4
-  tasks and chunks of 8 above (see :func:`auto_strategy`); an explicit ``chunk_size`` means
-  batched in chunks of that size.
+* ``"auto"``: batched in chunks of at most 16 tasks (split evenly: 40 tasks are 14 + 13 + 13);
+  on CPUs the loop for up to 4 tasks (see :func:`auto_strategy`); an explicit ``chunk_size``
+  means batched in even chunks of at most that size.
 
 Task-specific parameters (leaves reached from the losses that are not shared, and, when features
 are given, not behind them) receive the plain gradient of their own task's loss. They are found
@@ -36,13 +36,15 @@ GradOn = Literal["parameters", "features"]
 Strategy = Literal["auto", "batched", "loop"]
 GRAD_ON: tuple[str, ...] = ("parameters", "features")
 STRATEGIES: tuple[str, ...] = ("auto", "batched", "loop")
-#: Tasks per vectorised backward under ``strategy="auto"``. On GPUs a vectorised backward over
-#: many tasks runs them in parallel; 16 bounds the K-fold activation-gradient memory. On CPUs
-#: (one torch thread, the speed benchmark's K=40 problem, step time / plain sum, median of 12
-#: interleaved steps): chunks of 4, 8, 12 and 40 took 14.2x, 12.6x, 12.3x and ~13-16x (TorchJD,
-#: all 40 at once: 12.9x), with peak memory 9.6, 14.0, 18 and 44 MiB; 8 is the smallest chunk
-#: that reaches the speed of larger ones, at a third of the all-at-once memory.
-AUTO_CHUNK = {"cuda": 16, "cpu": 8}
+#: At most this many tasks per vectorised backward under ``strategy="auto"`` (split evenly, see
+#: :func:`chunk_sizes`). On GPUs a vectorised backward over many tasks runs them in parallel;
+#: 16 bounds the K-fold activation-gradient memory. On CPUs (one torch thread, the speed
+#: benchmark's K=40 problem, step time / plain sum, median of 9 repeats, 2026-12-01): chunks of
+#: at most 8 (5 passes), 16 (14 + 13 + 13) and 20 (2 passes) took 12.0x, 11.4x and 10.9x with
+#: peak memory 14.0, 19.4 and 26.1 MiB; TorchJD, all 40 at once, 13.6x and 44.1 MiB. Fewer,
+#: larger chunks are faster (fewer, larger kernels); 16 keeps the peak under half of
+#: all-at-once.
+AUTO_CHUNK = {"cuda": 16, "cpu": 16}
 #: Up to this many tasks, ``strategy="auto"`` runs K ordinary backward passes (the loop). On
 #: CPUs a vectorised backward buys no parallelism, only fewer calls, and its batching rules
 #: cost extra work: on the speed benchmark's K=3 problem (ResNet-style encoder with batch norm,
@@ -255,24 +257,41 @@ def _batched_or_loop(
         assert grad_rows is not None
         k = grad_rows.shape[0]
         rows = grad_rows
-    step = 1 if strategy == "loop" else min(chunk_size or k, k)
+    sizes = chunk_sizes(k, 1 if strategy == "loop" else (chunk_size or k))
     # Chunks are written into preallocated (K, *shape) blocks: no concatenation, so the
     # Jacobian is held once, not twice, at the end of a chunked pass.
     blocks: list[Tensor] | None = None
-    for start in range(0, k, step):
-        chunk = rows[start : start + step]
-        last = start + step >= k
-        keep = retain_graph or not last
+    start = 0
+    for i, size in enumerate(sizes):
+        chunk = rows[start : start + size]
+        keep = retain_graph or i < len(sizes) - 1
         out = _vjp_rows(outputs, inputs, chunk, keep)
-        if step == k:  # a single chunk: use autograd's tensors as they are
+        if size == k:  # a single chunk: use autograd's tensors as they are
             return list(out)
         if blocks is None:
             blocks = [torch.empty((k, *p.shape), dtype=p.dtype, device=p.device) for p in inputs]
         for block, g in zip(blocks, out):
-            block[start : start + len(chunk)] = g
+            block[start : start + size] = g
         del out
+        start += size
     assert blocks is not None
     return blocks
+
+
+def chunk_sizes(k: int, at_most: int) -> list[int]:
+    """Split K tasks into the fewest chunks of at most ``at_most``, as even as possible.
+
+    Even chunks need as many backward passes as greedy ones and a smaller largest chunk (the
+    peak memory): 40 tasks in chunks of at most 16 are 14 + 13 + 13, not 16 + 16 + 8.
+
+    Example:
+        >>> chunk_sizes(40, 16), chunk_sizes(5, 8), chunk_sizes(3, 1)
+        ([14, 13, 13], [5], [1, 1, 1])
+    """
+    if k <= 0:
+        return []
+    n = -(-k // max(1, min(at_most, k)))
+    return [k // n + (1 if i < k % n else 0) for i in range(n)]
 
 
 def _vjp_rows(
