@@ -44,7 +44,13 @@ LOSS_BALANCERS_UNDER_TEST = {
     "lbtw": ({"alpha": 0.5}, None),
     "rlw": ({"seed": 3}, None),
     "famo": ({}, None),
+    "famo:next_batch": ({"update": "next_batch"}, None),  # "name:variant" runs name
 }
+
+
+def method(key: str) -> str:
+    """The registry name of a key of LOSS_BALANCERS_UNDER_TEST."""
+    return key.split(":")[0]
 
 
 def step(b, losses, **ctx):
@@ -58,7 +64,7 @@ def close(weights: dict[str, float], expected: list[float]) -> bool:
 
 
 def test_registry_lists_every_loss_method():
-    assert set(LOSS_BALANCERS_UNDER_TEST) <= set(balancers.available())
+    assert {method(k) for k in LOSS_BALANCERS_UNDER_TEST} <= set(balancers.available())
     with pytest.raises(ValueError, match="unknown balancer 'nope'.*available: "):
         balancers.create("nope", tasks=TASKS)
     with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['temp'\]"):
@@ -194,13 +200,30 @@ def test_famo_weights_and_logit_update_by_hand():
         b.after_step([torch.tensor(1.0), torch.tensor(1.0)])
 
 
+def test_famo_next_batch_uses_the_next_losses_as_the_post_step_losses():
+    """With update="next_batch" the logits move at the next backward, from the new batch's
+    losses: when those equal the same batch's post-step losses, both modes give the same
+    weights at every step, and no after_step (no extra forward) is needed."""
+    same, nxt = FAMO(["a", "b"], lr=0.1), FAMO(["a", "b"], lr=0.1, update="next_batch")
+    assert same.needs_after_step and not nxt.needs_after_step
+    trajectory = [[1.0, 4.0], [0.5, 3.5], [0.45, 2.0], [0.4, 1.9], [0.1, 1.8]]
+    for now, after in zip(trajectory, trajectory[1:]):
+        assert close(step(nxt, now).weights, list(step(same, now).weights.values()))
+        same.after_step([torch.tensor(v) for v in after])
+        nxt.after_step([torch.tensor(v) for v in after])  # not needed: a no-op
+    step(nxt, trajectory[-1])
+    torch.testing.assert_close(nxt.logits, same.logits)
+    with pytest.raises(ValueError, match="update must be one of"):
+        FAMO(["a", "b"], update="later")
+
+
 # ------------------------------------------------------------------ contract properties
 @pytest.mark.parametrize("name", sorted(LOSS_BALANCERS_UNDER_TEST))
 def test_one_backward_pass_per_step(name):
     hparams, ctx = LOSS_BALANCERS_UNDER_TEST[name]
     model = TinyMTL(TASKS, scales=[1.0, 10.0, 0.1])
     model.count = True
-    b = balancers.create(name, tasks=TASKS, **hparams)
+    b = balancers.create(method(name), tasks=TASKS, **hparams)
     CountBackward.calls = 0
     train(model, b, make_batches(6, 3), context=ctx, epoch_every=2)
     assert CountBackward.calls == 6
@@ -229,10 +252,10 @@ def test_resume_follows_the_same_trajectory(name):
     torch.manual_seed(2)
     ref_model = TinyMTL(TASKS, scales=[1.0, 10.0, 0.1])
     model = copy.deepcopy(ref_model)
-    ref_weights, _ = train(ref_model, balancers.create(name, tasks=TASKS, **hparams), batches,
+    ref_weights, _ = train(ref_model, balancers.create(method(name), tasks=TASKS, **hparams), batches,
                            context=ctx)
 
-    b = balancers.create(name, tasks=TASKS, **hparams)
+    b = balancers.create(method(name), tasks=TASKS, **hparams)
     first, opt = train(model, b, batches[:20], context=ctx)
     buf = io.BytesIO()
     torch.save({"b": b.state_dict(), "m": model.state_dict(), "o": opt.state_dict()}, buf)
@@ -240,7 +263,7 @@ def test_resume_follows_the_same_trajectory(name):
     saved = torch.load(buf, weights_only=True)
     model2 = TinyMTL(TASKS, scales=[1.0, 10.0, 0.1])
     model2.load_state_dict(saved["m"])
-    b2 = balancers.create(name, tasks=TASKS, **hparams)
+    b2 = balancers.create(method(name), tasks=TASKS, **hparams)
     b2.load_state_dict(saved["b"])
     opt2 = torch.optim.SGD([*model2.parameters(), *b2.parameters()], lr=0.01)
     opt2.load_state_dict(saved["o"])
@@ -254,7 +277,7 @@ def test_resume_follows_the_same_trajectory(name):
 @pytest.mark.parametrize("name", sorted(LOSS_BALANCERS_UNDER_TEST))
 def test_degenerate_losses_give_finite_weights(name):
     hparams, ctx = LOSS_BALANCERS_UNDER_TEST[name]
-    b = balancers.create(name, tasks=TASKS, **hparams)
+    b = balancers.create(method(name), tasks=TASKS, **hparams)
     for values in ([0.0, 0.0, 0.0], [1e-10, 1e-10, 1e-10], [1e15, 1e-10, 1.0], [2.0, 2.0, 2.0]):
         s = step(b, values, **(ctx(0) if ctx else {}))
         assert all(math.isfinite(w) for w in s.weights.values()), (name, values, s.weights)
@@ -262,7 +285,7 @@ def test_degenerate_losses_give_finite_weights(name):
         if b.needs_after_step:
             b.after_step([torch.tensor(v) for v in values])
         b.new_epoch()
-    single = balancers.create(name, tasks=["only"], **_single_task(hparams))
+    single = balancers.create(method(name), tasks=["only"], **_single_task(hparams))
     s = step(single, [3.0], **({"kpi": {"only": 0.5}} if ctx else {}))
     assert math.isfinite(s.weights["only"])
 

@@ -67,3 +67,35 @@ def test_cagrad_dual_fixed_point(k: int, c: float) -> None:
     grad = g.mean(1) + c * g0 * (g @ wn) / s
     on = wn > 1e-12
     assert grad[on].max() - grad.min() <= 1e-9 * np.abs(grad).max()
+
+
+def _cagrad_objective(w: np.ndarray, g: np.ndarray, c: float) -> float:
+    return float(w @ g.mean(1) + c * math.sqrt(g.mean()) * math.sqrt(max(w @ g @ w, 0.0)))
+
+
+# 30 problems, then the 10 of seeds 0-599 on which the solver used to stop at the origin
+@pytest.mark.parametrize("seed", [*range(30), 91, 250, 297, 318, 365, 410, 428, 471, 515, 586])
+def test_cagrad_dual_with_more_tasks_than_gradient_dimensions(seed: int) -> None:
+    """K > P + 1: the hull of the task gradients can contain the origin, where s(tau) = rho tau
+    also holds at tau = 0; the solver must find the positive root, not stop at the origin
+    (it did on 10 of 600 such random problems). Checked against SLSQP from several starts and
+    every vertex."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(3, 12))
+    p = int(rng.integers(1, k - 1))
+    j = rng.standard_normal((k, p)) * rng.uniform(0.1, 10.0, size=(k, 1))
+    c = float(rng.choice([0.1, 0.4, 0.9]))
+    g = j @ j.T
+    g = g / np.trace(g)
+    w, _ = cagrad_dual(torch.from_numpy(g), c)
+    ours = _cagrad_objective(w.numpy(), g, c)
+    best = min(_cagrad_objective(e, g, c) for e in np.eye(k))
+    for start in [np.full(k, 1.0 / k), *rng.dirichlet(np.ones(k), size=6)]:
+        r = minimize(_cagrad_objective, start, args=(g, c), method="SLSQP",
+                     bounds=[(0.0, 1.0)] * k,
+                     constraints=({"type": "eq", "fun": lambda v: v.sum() - 1.0},),
+                     options={"ftol": 1e-14, "maxiter": 500})
+        best = min(best, float(r.fun))
+    assert ours <= best + 1e-7

@@ -101,8 +101,9 @@ class Balancer(nn.Module):
     requires: ClassVar[Requirement] = "losses"
     #: Keyword context a step accepts (e.g. ``kpi`` for DTP); anything else is an error.
     context_keys: ClassVar[tuple[str, ...]] = ()
-    #: Whether :meth:`after_step` must be called with the post-step losses (FAMO).
-    needs_after_step: ClassVar[bool] = False
+    #: Whether :meth:`after_step` must be called with the post-step losses (FAMO; an instance
+    #: may set it from its options).
+    needs_after_step: bool = False
     #: Registry name, set by :func:`mtlkit.balancers.register`.
     name: ClassVar[str] = ""
 

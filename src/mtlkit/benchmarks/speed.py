@@ -101,7 +101,7 @@ for _module in ("_gradnorm", "_gramian", "_mgda", "_surgery"):  # register the g
 
 PLAIN_SUM = "sum"
 DEFAULT_METHODS = (
-    "ew", "ew[check_finite=False]", "uw", "dwa", "famo", "gradnorm",
+    "ew", "ew[check_finite=False]", "uw", "dwa", "famo", "famo[update=next_batch]", "gradnorm",
     "grad_norm_scaling@features", "mgda", "mgda@features", "pcgrad", "graddrop", "gradvac",
     "cagrad", "imtl", "nash_mtl", "aligned_mtl", "upgrad", "upgrad@features", "db_mtl",
 )
