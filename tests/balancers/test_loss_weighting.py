@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import math
 
 import pytest
@@ -207,7 +208,7 @@ def test_famo_next_batch_uses_the_next_losses_as_the_post_step_losses():
     same, nxt = FAMO(["a", "b"], lr=0.1), FAMO(["a", "b"], lr=0.1, update="next_batch")
     assert same.needs_after_step and not nxt.needs_after_step
     trajectory = [[1.0, 4.0], [0.5, 3.5], [0.45, 2.0], [0.4, 1.9], [0.1, 1.8]]
-    for now, after in zip(trajectory, trajectory[1:]):
+    for now, after in itertools.pairwise(trajectory):
         assert close(step(nxt, now).weights, list(step(same, now).weights.values()))
         same.after_step([torch.tensor(v) for v in after])
         nxt.after_step([torch.tensor(v) for v in after])  # not needed: a no-op

@@ -7,8 +7,8 @@ Two problems (built in plain torch, :mod:`mtlkit.benchmarks._models`):
 * ``many``: the same encoder, globally pooled, with 40 linear binary classifiers, K = 40.
 
 Default sizes (chosen so that one full run with ``--peers`` and the default methods fits in 10
-minutes on 2 shared CPU cores: 263 s measured, 21 methods and 9 peers; ``--quick`` is a set-up
-check, not a measurement):
+minutes on 2 shared CPU cores: 178 s measured, 20 methods and 9 peers, 9 repeats; ``--quick``
+is a set-up check, not a measurement):
 
 ==========  ======  =====  =====  =============  =================
 problem     batch   input  width  shared params  task-specific
@@ -525,7 +525,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suites", default="dense,many", help="dense, many or both")
     parser.add_argument("--peers", action="store_true",
                         help="also time TorchJD's mtl_backward with the same aggregator")
-    parser.add_argument("--repeats", type=int, default=None, help="repeats (median reported)")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats (median reported; default 9, 2 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="steps per measurement")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per method")
     parser.add_argument("--min-time", dest="min_time", type=float, default=None,
@@ -547,7 +547,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [s for s in chosen if s not in table]
     if unknown:
         raise SystemExit(f"unknown suite(s) {unknown}; choose from {sorted(table)}")
-    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.repeats = args.repeats or (2 if args.quick else 9)
     args.steps = args.steps or 2
     args.warmup = args.warmup if args.warmup is not None else 1
     if args.min_time is None:
