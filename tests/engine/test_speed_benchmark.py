@@ -173,3 +173,22 @@ def test_bad_arguments_are_named():
         speed.main(["--quick", "--suites", "huge"])
     with pytest.raises(SystemExit, match="opt=value"):
         speed.main(["--quick", "--methods", "ew[check_finite]"])
+
+
+def test_each_method_is_timed_back_to_back_with_its_peer():
+    """The paired ratio ours/peer comes from adjacent measurements, between the same two
+    plain-sum measurements, with the order alternating between repeats."""
+    calls: list[str] = []
+
+    def recorder(key: str):
+        return lambda: calls.append(key)
+
+    specs = [speed.Spec("upgrad"), speed.Spec("uw"), speed.Spec("torchjd:upgrad")]
+    fns = {k: recorder(k) for k in (speed.PLAIN_SUM, "upgrad", "uw", "torchjd:upgrad")}
+    problem = type("P", (), {"device": torch.device("cpu")})()
+    times = speed.measure_times(problem, specs, fns, repeats=2, steps=1, warmup=0)
+    timed = calls[len(fns):]  # after one calibration step each
+    assert timed == ["sum", "upgrad", "torchjd:upgrad", "sum", "uw", "sum",
+                     "sum", "torchjd:upgrad", "upgrad", "sum", "uw", "sum"]
+    assert len(times.versus("upgrad")) == 2 and "uw" not in times.paired
+    assert len(times.ratios["torchjd:upgrad"]) == 2
