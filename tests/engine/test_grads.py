@@ -279,3 +279,25 @@ def test_chunks_are_as_few_as_greedy_ones_and_even():
             assert max(sizes) <= at_most and max(sizes) - min(sizes) <= 1
     assert chunk_sizes(40, 16) == [14, 13, 13]
     assert chunk_sizes(0, 4) == []
+
+
+@pytest.mark.parametrize("grad_on", ["parameters", "features"])
+def test_a_head_parameter_used_by_two_tasks_gets_both_gradients(grad_on):
+    """A task-specific leaf used directly by two heads (no shared operation above z): the heads
+    pass asks each loss only for its own leaves, and this one belongs to both."""
+    torch.manual_seed(0)
+    trunk = nn.Linear(4, 3)
+    heads = [nn.Linear(3, 1) for _ in range(2)]
+    scale = nn.Parameter(torch.tensor(1.5))
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+
+    def losses():
+        z = trunk(x)
+        return [((h(z).squeeze(-1) * scale - y[:, i]) ** 2).mean()
+                for i, h in enumerate(heads)], z
+
+    ls, _ = losses()
+    expected = torch.autograd.grad(sum(ls), scale)[0]
+    ls, z = losses()
+    task_gradients(ls, list(trunk.parameters()), z, grad_on=grad_on)
+    torch.testing.assert_close(scale.grad, expected)
