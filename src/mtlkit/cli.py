@@ -44,7 +44,7 @@ def _load_config(path: str | None) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config: {p} must hold a mapping of field: value")
+        raise ValueError(f"config: {p} must hold a mapping of field: value")  # noqa: TRY004
     return data
 
 

@@ -26,16 +26,16 @@ def test_hard_sharing_forward_features_and_partition() -> None:
 
 
 @pytest.mark.parametrize(
-    ("heads", "match"),
+    ("heads", "error", "match"),
     [
-        ({}, "at least one"),
-        ({"a.b": nn.Linear(2, 1)}, "a.b"),
-        ({"": nn.Linear(2, 1)}, "non-empty"),
-        ({"a": "not a module"}, r"heads\['a'\]"),
+        ({}, ValueError, "at least one"),
+        ({"a.b": nn.Linear(2, 1)}, ValueError, "a.b"),
+        ({"": nn.Linear(2, 1)}, ValueError, "non-empty"),
+        ({"a": "not a module"}, TypeError, r"heads\['a'\]"),
     ],
 )
-def test_bad_heads_are_rejected(heads, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+def test_bad_heads_are_rejected(heads, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
         HardSharing(nn.Linear(2, 2), heads)
 
 

@@ -61,18 +61,18 @@ def test_downstream_head_reads_features_and_upstream_prediction() -> None:
 
 
 @pytest.mark.parametrize(
-    ("depends_on", "match"),
+    ("depends_on", "error", "match"),
     [
-        ({"a": ["b"], "b": ["a"]}, "cycle"),
-        ({"a": ["a"]}, "itself"),
-        ({"a": ["zzz"]}, "'zzz'"),
-        ({"zzz": ["a"]}, "'zzz'"),
-        ({"b": "a"}, "sequence"),
+        ({"a": ["b"], "b": ["a"]}, ValueError, "cycle"),
+        ({"a": ["a"]}, ValueError, "itself"),
+        ({"a": ["zzz"]}, ValueError, "'zzz'"),
+        ({"zzz": ["a"]}, ValueError, "'zzz'"),
+        ({"b": "a"}, TypeError, "sequence"),
     ],
 )
-def test_bad_dependencies_are_rejected(depends_on, match: str) -> None:
+def test_bad_dependencies_are_rejected(depends_on, error: type[Exception], match: str) -> None:
     heads = {"a": nn.Linear(4, 1), "b": nn.Linear(5, 1)}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         Cascade(nn.Linear(3, 4), heads, depends_on=depends_on)
 
 

@@ -112,7 +112,7 @@ def test_mtan_on_a_dilated_resnet_as_in_mtan_deeplabv3() -> None:
 
 
 def test_mtan_rejects_bad_trunks() -> None:
-    with pytest.raises(ValueError, match="stages"):
+    with pytest.raises(TypeError, match="stages"):
         MTAN(nn.Linear(2, 2), {"a": nn.Identity()})
     trunk = TinyTrunk()
     with pytest.raises(ValueError, match="reduction"):

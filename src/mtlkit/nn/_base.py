@@ -15,7 +15,7 @@ def check_tasks(tasks: Iterable[str], name: str = "tasks") -> tuple[str, ...]:
     ``.`` is refused because task names become keys of ``nn.ModuleDict``.
     """
     if isinstance(tasks, str):
-        raise ValueError(f"{name} must be a sequence of task names, got the string {tasks!r}")
+        raise TypeError(f"{name} must be a sequence of task names, got the string {tasks!r}")
     result = tuple(tasks)
     if not result:
         raise ValueError(f"{name} must name at least one task")
@@ -31,7 +31,7 @@ def check_tasks(tasks: Iterable[str], name: str = "tasks") -> tuple[str, ...]:
 def check_out_features(tasks: Mapping[str, int], name: str = "tasks") -> dict[str, int]:
     """Validate a mapping task name -> output size (a positive int)."""
     if not isinstance(tasks, Mapping):
-        raise ValueError(f"{name} must be a mapping task name -> output size, got {type(tasks)}")
+        raise TypeError(f"{name} must be a mapping task name -> output size, got {type(tasks)}")
     check_tasks(tasks.keys(), name)
     for t, n in tasks.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -49,7 +49,7 @@ def positive_int(name: str, value: Any, minimum: int = 1) -> int:
 def int_sequence(name: str, values: Sequence[int], minimum: int = 1) -> tuple[int, ...]:
     """Validate a sequence of ints >= ``minimum``."""
     if isinstance(values, (str, int)):
-        raise ValueError(f"{name} must be a sequence of ints, got {values!r}")
+        raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
     return tuple(positive_int(f"{name}[{i}]", v, minimum) for i, v in enumerate(values))
 
 

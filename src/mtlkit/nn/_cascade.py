@@ -67,13 +67,13 @@ class Cascade(MultiTaskModel):
         combine: Combine | None = None,
     ) -> None:
         if not isinstance(encoder, nn.Module):
-            raise ValueError(f"encoder must be an nn.Module, got {type(encoder)}")
+            raise TypeError(f"encoder must be an nn.Module, got {type(encoder)}")
         if not isinstance(heads, Mapping):
-            raise ValueError(f"heads must be a mapping task name -> module, got {type(heads)}")
+            raise TypeError(f"heads must be a mapping task name -> module, got {type(heads)}")
         super().__init__(check_tasks(heads.keys(), "heads"))
         for t, h in heads.items():
             if not isinstance(h, nn.Module):
-                raise ValueError(f"heads[{t!r}] must be an nn.Module, got {type(h)}")
+                raise TypeError(f"heads[{t!r}] must be an nn.Module, got {type(h)}")
         self.depends_on = _check_dependencies(self.tasks, depends_on)
         self.order = _topological_order(self.tasks, self.depends_on)
         self.detach = bool(detach)
@@ -122,13 +122,13 @@ def _check_dependencies(
     tasks: Sequence[str], depends_on: Mapping[str, Sequence[str]]
 ) -> dict[str, tuple[str, ...]]:
     if not isinstance(depends_on, Mapping):
-        raise ValueError(f"depends_on must be a mapping task -> tasks, got {type(depends_on)}")
+        raise TypeError(f"depends_on must be a mapping task -> tasks, got {type(depends_on)}")
     result = {}
     for t, deps in depends_on.items():
         if t not in tasks:
             raise ValueError(f"depends_on: unknown task {t!r}; tasks are {list(tasks)}")
         if isinstance(deps, str):
-            raise ValueError(f"depends_on[{t!r}] must be a sequence of task names, got {deps!r}")
+            raise TypeError(f"depends_on[{t!r}] must be a sequence of task names, got {deps!r}")
         deps = tuple(deps)
         for u in deps:
             if u not in tasks:

@@ -114,14 +114,14 @@ class FullyAdaptiveSharing(MultiTaskModel):
         active_depth: int | None = None,
     ) -> None:
         if not isinstance(heads, Mapping):
-            raise ValueError(f"heads must be a mapping task name -> module, got {type(heads)}")
+            raise TypeError(f"heads must be a mapping task name -> module, got {type(heads)}")
         super().__init__(check_tasks(heads.keys(), "heads"))
         layers = list(layers)
         if not layers or not all(isinstance(m, nn.Module) for m in layers):
             raise ValueError("layers must be a non-empty sequence of nn.Module")
         for t, h in heads.items():
             if not isinstance(h, nn.Module):
-                raise ValueError(f"heads[{t!r}] must be an nn.Module, got {type(h)}")
+                raise TypeError(f"heads[{t!r}] must be an nn.Module, got {type(h)}")
         depth = len(layers)
         parts: Partition
         if groups is None:
@@ -268,7 +268,7 @@ def widen(
         ((('a', 'b'), ('c', 'd')), 0)
     """
     if not isinstance(model, FullyAdaptiveSharing):
-        raise ValueError(f"model must be a FullyAdaptiveSharing, got {type(model)}")
+        raise TypeError(f"model must be a FullyAdaptiveSharing, got {type(model)}")
     if not model.can_widen:
         raise ValueError(
             "model cannot be widened further: the active layer (active_depth="

@@ -38,13 +38,13 @@ class HardSharing(MultiTaskModel):
 
     def __init__(self, encoder: nn.Module, heads: Mapping[str, nn.Module]) -> None:
         if not isinstance(encoder, nn.Module):
-            raise ValueError(f"encoder must be an nn.Module, got {type(encoder)}")
+            raise TypeError(f"encoder must be an nn.Module, got {type(encoder)}")
         if not isinstance(heads, Mapping):
-            raise ValueError(f"heads must be a mapping task name -> module, got {type(heads)}")
+            raise TypeError(f"heads must be a mapping task name -> module, got {type(heads)}")
         super().__init__(check_tasks(heads.keys(), "heads"))
         for t, h in heads.items():
             if not isinstance(h, nn.Module):
-                raise ValueError(f"heads[{t!r}] must be an nn.Module, got {type(h)}")
+                raise TypeError(f"heads[{t!r}] must be an nn.Module, got {type(h)}")
         self.encoder = encoder
         self.heads = nn.ModuleDict(dict(heads))
         encoder_params = {id(p) for p in encoder.parameters()}

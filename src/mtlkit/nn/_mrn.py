@@ -104,7 +104,7 @@ class MRN(MultiTaskModel):
         outs = check_out_features(tasks)
         super().__init__(outs)
         if not isinstance(encoder, nn.Module):
-            raise ValueError(f"encoder must be an nn.Module, got {type(encoder)}")
+            raise TypeError(f"encoder must be an nn.Module, got {type(encoder)}")
         positive_int("in_features", in_features)
         sizes = set(outs.values())
         if len(sizes) != 1:

@@ -121,10 +121,10 @@ class MTAN(MultiTaskModel):
         transition_block: TransitionBlock | None = None,
     ) -> None:
         if not isinstance(heads, Mapping):
-            raise ValueError(f"heads must be a mapping task name -> module, got {type(heads)}")
+            raise TypeError(f"heads must be a mapping task name -> module, got {type(heads)}")
         super().__init__(check_tasks(heads.keys(), "heads"))
         if not isinstance(trunk, nn.Module) or not callable(getattr(trunk, "stages", None)):
-            raise ValueError("trunk must be an nn.Module with a stages(x) -> [(u, p), ...] method")
+            raise TypeError("trunk must be an nn.Module with a stages(x) -> [(u, p), ...] method")
         if stage_channels is None:
             stage_channels = getattr(trunk, "stage_channels", None)
             if stage_channels is None:
@@ -154,7 +154,7 @@ class MTAN(MultiTaskModel):
         )
         for t, h in heads.items():
             if not isinstance(h, nn.Module):
-                raise ValueError(f"heads[{t!r}] must be an nn.Module, got {type(h)}")
+                raise TypeError(f"heads[{t!r}] must be an nn.Module, got {type(h)}")
         self.heads = nn.ModuleDict(dict(heads))
         self._check_partition()
 

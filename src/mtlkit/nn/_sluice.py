@@ -101,7 +101,7 @@ class Sluice(MultiTaskModel):
         self.betas = nn.ParameterDict({t: nn.Parameter(beta.clone()) for t in self.tasks})
         for t, h in heads.items():
             if not isinstance(h, nn.Module):
-                raise ValueError(f"heads[{t!r}] must be an nn.Module, got {type(h)}")
+                raise TypeError(f"heads[{t!r}] must be an nn.Module, got {type(h)}")
         self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
         self._check_partition()
 

@@ -67,7 +67,7 @@ def build_columns(tasks: Sequence[str], column: ColumnSpec) -> dict[str, nn.Modu
     for t, ss in stages.items():
         for i, s in enumerate(ss):
             if not isinstance(s, nn.Module):
-                raise ValueError(f"column: stage {i} of task {t!r} is not an nn.Module: {s!r}")
+                raise TypeError(f"column: stage {i} of task {t!r} is not an nn.Module: {s!r}")
             for p in s.parameters():
                 if id(p) in seen:
                     raise ValueError(

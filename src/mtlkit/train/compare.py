@@ -61,7 +61,8 @@ class CompareConfig:
             if m not in self.methods:
                 raise ValueError(f"hparams.{m}: {m!r} is not one of the methods {self.methods}")
             if not isinstance(hp, dict):
-                raise ValueError(f"hparams.{m} must be a mapping of hyperparameters")
+                # a bad value in a config file, like every other field's: ValueError
+                raise ValueError(f"hparams.{m} must be a mapping of hyperparameters")  # noqa: TRY004
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"seeds must be an integer >= 1, got {self.seeds!r}")
         self.train_config(0).validate(list(self.task_lr))  # field checks; task names later
@@ -77,7 +78,7 @@ class CompareConfig:
 def compare_config_from_dict(data: Mapping[str, Any]) -> CompareConfig:
     """Build a :class:`CompareConfig` from parsed YAML/JSON; unknown fields are an error."""
     if not isinstance(data, Mapping):
-        raise ValueError("the config must be a mapping of field: value")
+        raise ValueError("the config must be a mapping of field: value")  # noqa: TRY004
     names = {f.name for f in fields(CompareConfig)}
     unknown = [k for k in data if k not in names]
     if unknown:

@@ -47,21 +47,21 @@ def write_report(out_dir: str | Path) -> Path:
     md = [
         f"# mtlkit compare: {cfg.get('dataset', '?')}",
         "",
-        f"Tasks: {', '.join(results['tasks'])}. Seeds: {cfg.get('seeds', 1)}. "
-        f"Epochs: {cfg.get('epochs', '?')}. Created {results.get('created', '')}.",
+        (f"Tasks: {', '.join(results['tasks'])}. Seeds: {cfg.get('seeds', 1)}. "
+         f"Epochs: {cfg.get('epochs', '?')}. Created {results.get('created', '')}."),
         "",
-        "Test metrics at the epoch selected on the validation split; Δm% is the mean relative "
-        "gain over every metric against single-task baselines (Maninis et al. 2019; positive is "
-        "better); mean rank averages each method's rank over the metrics; `time × ew` is the "
-        "median training step time divided by the plain sum's.",
+        ("Test metrics at the epoch selected on the validation split; Δm% is the mean relative "
+         "gain over every metric against single-task baselines (Maninis et al. 2019; positive "
+         "is better); mean rank averages each method's rank over the metrics; `time × ew` is "
+         "the median training step time divided by the plain sum's."),
         "",
         table,
         "",
     ]
     if results.get("delta_m_excluded"):
-        md[-1:-1] = ["", f"Δm leaves out {', '.join(results['delta_m_excluded'])}: the "
-                     "single-task baseline is 0 or undefined there, so no relative change "
-                     "exists."]
+        md[-1:-1] = ["", (f"Δm leaves out {', '.join(results['delta_m_excluded'])}: the "
+                          "single-task baseline is 0 or undefined there, so no relative change "
+                          "exists.")]
     for name, caption in PLOTS.items():
         md += [f"## {caption}", "", f"![{caption}]({name})", ""]
     md_path = out / "report.md"
