@@ -48,6 +48,7 @@ from mtlkit.engine import (
     task_gradients,
     task_jacobian,
 )
+from mtlkit.engine._dist import all_mean, all_mean_list
 
 Requirement = Literal["losses", "last_shared", "gramian", "block_gramian", "jacobian"]
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
@@ -130,6 +131,14 @@ class Balancer(nn.Module):
     def num_tasks(self) -> int:
         return len(self.tasks)
 
+    @property
+    def takes_task_gradients(self) -> bool:
+        """Whether :meth:`backward` computes the per-task gradients itself (MGDA, PCGrad, ...)
+        instead of one ordinary backward pass. Under DDP, run such a step's forward pass under
+        ``model.no_sync()``: the engine averages what it computes over the ranks, and DDP's
+        own hooks, which no ordinary backward pass would reach, must not wait for one."""
+        return self.requires in ("gramian", "block_gramian", "jacobian")
+
     def _apply(self, fn: Any, recurse: bool = True) -> Balancer:
         # The step counter stays on the host whatever the device of the other state: it seeds
         # counter-based randomness (``_rng``), and reading a CUDA counter would sync each step.
@@ -165,21 +174,22 @@ class Balancer(nn.Module):
         balancer exactly as it was.
         """
         items = self._loss_list(losses)
-        stacked = self._stack_checked(items)
         self._check_context(context)
+        stacked = torch.stack(items)
+        values = self._loss_values(stacked)
         if self.requires == "losses":
-            out = self._backward_losses(stacked, context)
+            out = self._backward_losses(stacked, values, context)
         elif self.requires == "last_shared":
-            out = self._backward_last_shared(stacked, items, shared, context)
+            out = self._backward_last_shared(stacked, values, items, shared, context)
         else:
-            out = self._backward_gradients(stacked, items, shared, features, context)
+            out = self._backward_gradients(values, items, shared, features, context)
         self.step += 1
         return out
 
     def after_step(self, losses: Losses) -> None:
         """Look at the losses after the optimiser step (only methods with ``needs_after_step``)."""
         if self.needs_after_step:
-            self._after_step(self._check_losses(losses, need_grad=False).detach())
+            self._after_step(self._check_losses(losses, need_grad=False))
 
     def new_epoch(self) -> None:
         """Mark an epoch boundary (used by per-epoch methods such as DWA and LBTW)."""
@@ -188,18 +198,24 @@ class Balancer(nn.Module):
     def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
         raise NotImplementedError
 
-    def _objective(self, losses: Tensor, context: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    def _objective(
+        self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
+    ) -> tuple[Tensor, Tensor]:
         """(scalar to backpropagate, effective weights). Default: ``sum_k w_k L_k`` with the
-        weights of :meth:`_loss_weights`, treated as constants."""
+        weights of :meth:`_loss_weights` from the loss values, treated as constants.
+
+        ``losses`` are this process's (differentiable); ``values`` the whole batch's, detached
+        (the mean over the ranks under ``torch.distributed``): weights must come from them."""
         with torch.no_grad():
-            weights = self._loss_weights(losses.detach(), context).to(losses.dtype)
+            weights = self._loss_weights(values, context).to(losses.dtype)
         return (weights * losses).sum(), weights
 
     def _last_shared_objective(
-        self, losses: Tensor, grads: list[Tensor], context: Mapping[str, Any]
+        self, losses: Tensor, values: Tensor, grads: list[Tensor], context: Mapping[str, Any]
     ) -> tuple[Tensor, Tensor]:
-        """(scalar to backpropagate, effective weights), given the per-task gradients of the
-        last shared layer (blocks of shape (K, *shape), detached)."""
+        """(scalar to backpropagate, effective weights), given the loss values (as in
+        :meth:`_objective`) and the per-task gradients of the last shared layer (blocks of
+        shape (K, *shape), detached)."""
         raise NotImplementedError
 
     def _select_last_shared(self, shared: list[Tensor]) -> list[Tensor]:
@@ -213,13 +229,17 @@ class Balancer(nn.Module):
         """Per-block weights (B, K) from the per-block Gram matrices (B, K, K)."""
         raise NotImplementedError
 
-    def _transform_losses(self, losses: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def _transform_losses(
+        self, losses: list[Tensor], values: Tensor
+    ) -> tuple[list[Tensor], Tensor]:
         """(losses to differentiate, detached d transformed / d loss per task, shape (K,)).
 
         Gradient methods differentiate the transformed losses; the second tensor converts
         their weights into effective weights on the original task gradients. Each transformed
         loss must depend on its own task's loss only (so that a backward pass from it does not
-        traverse the other tasks' heads). Default: identity.
+        traverse the other tasks' heads), and a nonlinear transform must take its slope from
+        ``values`` (the whole batch's losses), so that the ranks' gradients average to the
+        whole batch's. Default: identity.
         """
         return losses, torch.ones(len(losses), device=losses[0].device)
 
@@ -236,10 +256,17 @@ class Balancer(nn.Module):
     chunk_size: int | None = None
 
     # ------------------------------------------------------------------ internals
-    def _backward_losses(self, losses: Tensor, context: Mapping[str, Any]) -> BalanceStep:
-        total, weights = self._objective(losses, context)
+    def _backward_losses(
+        self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
+    ) -> BalanceStep:
+        total, weights = self._objective(losses, values, context)
         total.backward()
-        return BalanceStep(self.tasks, total.detach(), weights.detach())
+        # The model's gradients are DDP's to average; the balancer's own (learned weights)
+        # are not part of the model.
+        own = [p for p in self.parameters() if p.grad is not None]
+        for p, g in zip(own, all_mean_list([p.grad for p in own])):
+            p.grad = g
+        return BalanceStep(self.tasks, all_mean(total.detach()), weights.detach())
 
     def _shared_list(self, shared: Iterable[Tensor] | None) -> list[Tensor]:
         if shared is None:
@@ -255,6 +282,7 @@ class Balancer(nn.Module):
     def _backward_last_shared(
         self,
         losses: Tensor,
+        values: Tensor,
         items: list[Tensor],
         shared: Iterable[Tensor] | None,
         context: Mapping[str, Any],
@@ -263,13 +291,13 @@ class Balancer(nn.Module):
         # One vectorised backward from the K losses down to the last shared layer only (heads
         # and that layer); the graph is kept for the single full backward below.
         grads = [g.detach() for g in task_jacobian(items, layer)]
-        total, weights = self._last_shared_objective(losses, grads, context)
+        total, weights = self._last_shared_objective(losses, values, grads, context)
         total.backward()
-        return BalanceStep(self.tasks, total.detach(), weights.detach())
+        return BalanceStep(self.tasks, all_mean(total.detach()), weights.detach())
 
     def _backward_gradients(
         self,
-        losses: Tensor,
+        values: Tensor,
         items: list[Tensor],
         shared: Iterable[Tensor] | None,
         features: Tensor | None,
@@ -283,7 +311,7 @@ class Balancer(nn.Module):
             )
         # The engine gets the task losses themselves, not views of the stacked tensor: a
         # backward pass from one of them must not traverse every task's head.
-        transformed, factor = self._transform_losses(items)
+        transformed, factor = self._transform_losses(items, values)
         grads: TaskGradients = task_gradients(
             transformed,
             shared,
@@ -293,7 +321,7 @@ class Balancer(nn.Module):
             chunk_size=self.chunk_size,
             need_jacobian=self.requires == "jacobian",
         )
-        detached = losses.detach()
+        detached = values
         with torch.no_grad():
             if self.requires == "jacobian":
                 combined, weights = self._aggregate(grads.jacobian_matrix(), detached)
@@ -307,12 +335,12 @@ class Balancer(nn.Module):
                 weights = self._gramian_weights(grads.gramian, detached).to(grads.gramian.dtype)
                 grads.apply_weights(weights)
             factor = factor.to(device=weights.device, dtype=weights.dtype)
-            weights = (weights.detach() * factor).to(losses.dtype)
+            weights = (weights.detach() * factor).to(values.dtype)
         return BalanceStep(self.tasks, (weights * detached).sum(), weights, grads.gramian)
 
     def _check_losses(self, losses: Losses, need_grad: bool = True) -> Tensor:
-        """Validate and stack the losses in task order; errors name the task and the problem."""
-        return self._stack_checked(self._loss_list(losses, need_grad))
+        """Validate the losses; their values in task order (see :meth:`_loss_values`)."""
+        return self._loss_values(torch.stack(self._loss_list(losses, need_grad)))
 
     def _loss_list(self, losses: Losses, need_grad: bool = True) -> list[Tensor]:
         """Validate the losses; return them in task order as 0-d tensors."""
@@ -351,14 +379,17 @@ class Balancer(nn.Module):
         # graph, and a backward pass through K of them (measured at K=40: ~0.5 ms a step).
         return [loss if loss.dim() == 0 else loss.reshape(()) for _, loss in items]
 
-    def _stack_checked(self, items: list[Tensor]) -> Tensor:
-        stacked = torch.stack(items)
+    def _loss_values(self, stacked: Tensor) -> Tensor:
+        """The whole batch's loss values, detached: the mean over the ranks under
+        ``torch.distributed`` (so every rank computes the same weights), checked for finiteness
+        (after the mean, so that every rank raises together)."""
+        values = all_mean(stacked.detach())
         if self.check_finite:
-            finite = torch.isfinite(stacked.detach())
+            finite = torch.isfinite(values)
             if not bool(finite.all()):  # one host sync, opt out with check_finite=False
                 bad = [t for t, ok in zip(self.tasks, finite.tolist()) if not ok]
-                raise FloatingPointError(f"non-finite loss for task(s) {bad}: {stacked.tolist()}")
-        return stacked
+                raise FloatingPointError(f"non-finite loss for task(s) {bad}: {values.tolist()}")
+        return values
 
     def _check_context(self, context: Mapping[str, Any]) -> None:
         unknown = [k for k in context if k not in self.context_keys]

@@ -120,14 +120,14 @@ class GradNorm(Balancer):
         return shared[matrices[-1] :] if matrices else shared
 
     def _last_shared_objective(
-        self, losses: Tensor, grads: list[Tensor], context: Mapping[str, Any]
+        self, losses: Tensor, values: Tensor, grads: list[Tensor], context: Mapping[str, Any]
     ) -> tuple[Tensor, Tensor]:
         k = self.num_tasks
         weights = self.task_weights.to(losses.dtype).clone()
         with torch.no_grad():
             norms = torch.stack([g.reshape(k, -1).float().pow(2).sum(1) for g in grads]).sum(0)
             norms = norms.sqrt()
-            values = losses.detach().float().clamp_min(LOSS_FLOOR)
+            values = values.float().clamp_min(LOSS_FLOOR)
             first = self.step == 0
             self.initial_losses.copy_(torch.where(first, values, self.initial_losses))
             ratio = values / self.initial_losses.clamp_min(LOSS_FLOOR)

@@ -172,9 +172,11 @@ class IMTL(GradientBalancer):
             nn.Parameter(torch.zeros(self.num_tasks)) if self.loss_scale else None
         )
 
-    def _transform_losses(self, losses: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    def _transform_losses(
+        self, losses: list[Tensor], values: Tensor
+    ) -> tuple[list[Tensor], Tensor]:
         if self.log_scales is None:
-            return super()._transform_losses(losses)
+            return super()._transform_losses(losses, values)
         s = self.log_scales.to(losses[0].dtype)
         # one exp per task, so that the tasks' graphs share no operation
         out = [torch.exp(s[k]) * loss - s[k] for k, loss in enumerate(losses)]
@@ -511,14 +513,18 @@ class DBMTL(GradientBalancer):
         self.eps = positive("eps", eps)
         self.register_buffer("grad_ema", torch.zeros(self.num_tasks, 0))
 
-    def _transform_losses(self, losses: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        values = torch.stack([loss.detach() for loss in losses])
+    def _transform_losses(
+        self, losses: list[Tensor], values: Tensor
+    ) -> tuple[list[Tensor], Tensor]:
         if self.check_finite:
             negative = values < 0
             if bool(negative.any()):  # the finiteness check already synchronised this step
                 bad = [t for t, n in zip(self.tasks, negative.tolist()) if n]
                 raise ValueError(f"db_mtl takes the log of the losses: negative loss for {bad}")
-        return [torch.log(loss + self.eps) for loss in losses], 1.0 / (values + self.eps)
+        # L / stop_grad(L + eps) has the gradient of log(L + eps); with the slope taken from
+        # the whole batch's values it stays exact under torch.distributed.
+        slope = 1.0 / (values + self.eps)
+        return [loss * slope[k] for k, loss in enumerate(losses)], slope
 
     def _aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         k, p = jacobian.shape

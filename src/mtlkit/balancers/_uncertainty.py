@@ -82,8 +82,11 @@ class UncertaintyWeighting(Balancer):
         scale = [0.5 if self.kinds[t] == "regression" else 1.0 for t in self.tasks]
         self.register_buffer("scale", torch.tensor(scale), persistent=False)
 
-    def _objective(self, losses: Tensor, context: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        # Differentiable in the log-variances: they learn from this same backward pass.
+    def _objective(
+        self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        # Differentiable in the log-variances: they learn from this same backward pass (linear
+        # in the losses, so the ranks' gradients average to the whole batch's).
         s = self.log_vars.to(losses.dtype)
         weights = self.scale.to(losses.dtype) * torch.exp(-s)
         return (weights * losses).sum() + 0.5 * s.sum(), weights

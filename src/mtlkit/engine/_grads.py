@@ -21,6 +21,12 @@ How the K trunk backward passes run (``strategy``, parameters mode):
 Task-specific parameters (leaves reached from the losses that are not shared, and, when features
 are given, not behind them) receive the plain gradient of their own task's loss. They are found
 by walking the autograd graph of the losses, so the caller never lists them.
+
+Under ``torch.distributed`` (DDP; run the forward pass under ``model.no_sync()``, since no
+ordinary backward pass reaches DDP's hooks) the per-task gradients are those of the whole batch:
+parameter blocks and task-specific gradients are averaged over the ranks, the features-mode Gram
+matrix is summed (each rank holds other samples' features), and the features-mode update is
+averaged after each rank's trunk pass. The weights are then the same on every rank.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from mtlkit.engine._dist import all_mean, all_mean_list, world_size
 
 GradOn = Literal["parameters", "features"]
 Strategy = Literal["auto", "batched", "loop"]
@@ -109,8 +117,13 @@ class TaskGradients:
     def _write(self, combined: list[Tensor], owned: bool = False) -> None:
         if self.grad_on == "features":
             assert self.features is not None
-            torch.autograd.backward(self.features, combined[0], inputs=self.shared)
-            return
+            if world_size() == 1:
+                torch.autograd.backward(self.features, combined[0], inputs=self.shared)
+                return
+            # Each rank pushes its own samples' part through its trunk: average the results.
+            grads = torch.autograd.grad(self.features, self.shared, combined[0],
+                                        allow_unused=True, materialize_grads=True)
+            combined, owned = all_mean_list(grads), True
         for p, g in zip(self.shared, combined):
             _accumulate(p, g, owned=owned)
 
@@ -177,6 +190,7 @@ def task_gradients(
         # been differentiated (as a plain backward would), which lowers the peak memory.
         dz_stack = torch.empty((k, *features.shape), dtype=features.dtype,
                                device=features.device)
+        head_grads: list[tuple[Tensor, Tensor]] = []
         for i, loss in enumerate(losses):
             # Without overlap each loss reaches only its own head (fewer inputs: a cheaper call).
             mine = heads if overlap else own_heads[i]
@@ -187,25 +201,36 @@ def task_gradients(
                 dz_stack[i].zero_()
             else:
                 dz_stack[i] = out[0]
-            for p, g in zip(mine, out[1:]):
-                if g is not None:
-                    _accumulate(p, g)
+            head_grads.extend((p, g) for p, g in zip(mine, out[1:]) if g is not None)
             del out
+        _accumulate_mean(head_grads)
         if grad_on == "features":
+            ranks = world_size()
+            if ranks > 1 and need_jacobian:
+                raise NotImplementedError(
+                    "a balancer that reads the task gradients themselves (not only their Gram "
+                    "matrix) cannot combine them at the features across processes: each rank "
+                    "holds other samples' features; use grad_on='parameters' under "
+                    "torch.distributed"
+                )
+            # The features of the whole batch are every rank's, side by side: the Gram matrix
+            # of the batch-mean losses' gradients is the sum of the ranks' own, over ranks^2.
             gram = _gram(dz_stack.reshape(k, -1))
+            if ranks > 1:
+                gram = all_mean(gram) / ranks
             return TaskGradients(gram, [dz_stack], shared, features, grad_on, gram[None])
-        blocks = _batched_or_loop(
+        blocks = all_mean_list(_batched_or_loop(
             features, shared, dz_stack, strategy, chunk_size, outputs_are_losses=False
-        )
+        ))
     else:
-        blocks = _batched_or_loop(
+        blocks = all_mean_list(_batched_or_loop(
             torch.stack([_scalar(loss) for loss in losses]),
             [*shared, *heads],
             None,
             strategy,
             chunk_size,
             outputs_are_losses=True,
-        )
+        ))
         for p, g in zip(heads, blocks[len(shared) :]):
             _accumulate(p, g.sum(0), owned=True)
         blocks = blocks[: len(shared)]
@@ -225,15 +250,16 @@ def task_jacobian(
     One vectorised backward (in chunks of ``chunk_size`` tasks; by default as
     ``strategy="auto"``) that stops at ``inputs``; the graph is kept by default so that the
     caller can still run its own backward pass (GradNorm reads the gradients of the last shared
-    layer, then backpropagates ``sum_k w_k L_k``).
+    layer, then backpropagates ``sum_k w_k L_k``). Under ``torch.distributed`` the blocks are
+    averaged over the ranks (the gradients of the whole batch's mean losses).
     """
     if chunk_size is None and len(inputs):
         chunk_size = AUTO_CHUNK.get(inputs[0].device.type, 16)
     stacked = torch.stack([_scalar(loss) for loss in losses])
-    return _batched_or_loop(
+    return all_mean_list(_batched_or_loop(
         stacked, list(inputs), None, "batched", chunk_size, outputs_are_losses=True,
         retain_graph=retain_graph,
-    )
+    ))
 
 
 def _batched_or_loop(
@@ -350,6 +376,12 @@ def _gram(flat: Tensor) -> Tensor:
     # Accumulate in float32 at least: bf16 Gram matrices lose the small conflicts that matter.
     f = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
     return f @ f.T
+
+
+def _accumulate_mean(grads: list[tuple[Tensor, Tensor]]) -> None:
+    """Accumulate (parameter, gradient) pairs, each gradient averaged over the ranks first."""
+    for (p, _), g in zip(grads, all_mean_list([g for _, g in grads])):
+        _accumulate(p, g)
 
 
 def _accumulate(p: Tensor, g: Tensor, *, owned: bool = False) -> None:
