@@ -26,6 +26,12 @@ reported with respect to the gradients of the original losses.
 
 Task-specific parameters (heads, i.e. every parameter reached from the losses that is not in
 ``shared``) always receive the plain gradient of their own task's loss, whatever the method.
+
+Under ``torch.distributed`` the hooks see the whole batch: the loss values they get are the
+means over the ranks (:meth:`Balancer._loss_values`), the engine averages the per-task
+gradients, and the balancer's own parameters' gradients are averaged after the backward pass,
+so every rank computes the same weights (``tests/engine/test_dist.py``: two ranks with half a
+batch each equal one process with the whole batch).
 """
 
 from __future__ import annotations
