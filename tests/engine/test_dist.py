@@ -27,7 +27,7 @@ TASKS = ["a", "b", "c"]
 BATCH, STEPS = 8, 4
 # name -> hyperparameters; every method whose result is deterministic given (seed, step)
 METHODS: dict[str, dict] = {
-    "ew": {}, "uw": {}, "dwa": {"per_batch": True}, "lbtw": {}, "geometric": {}, "initial_loss": {"num_batches": 2},
+    "ew": {}, "uw": {}, "dwa": {"per_batch": True}, "lbtw": {}, "dtp": {}, "geometric": {}, "initial_loss": {"num_batches": 2},
     "rlw": {}, "famo": {}, "famo/next": {"update": "next_batch"}, "gradnorm": {},
     "mgda": {}, "mgda/features": {"grad_on": "features"}, "pcgrad": {}, "graddrop": {},
     "gradvac": {}, "cagrad": {}, "imtl": {}, "imtl/loss": {"loss_scale": True},
@@ -67,9 +67,14 @@ def run(method: str, rank: int = 0, ranks: int = 1) -> dict[str, list]:
     part = slice(rank * BATCH // ranks, (rank + 1) * BATCH // ranks)
     weights = []
 
+    kpi: dict[str, float] = {}
+
     def losses(x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         out, z = model(x)
-        return {t: (out[t] - y[:, i]).pow(2).mean() for i, t in enumerate(TASKS)}, z
+        errors = {t: (out[t] - y[:, i]).pow(2) for i, t in enumerate(TASKS)}
+        # a per-sample mean in (0, 1], like an accuracy (DTP's KPI)
+        kpi.update({t: float(torch.exp(-e.detach()).mean()) for t, e in errors.items()})
+        return {t: e.mean() for t, e in errors.items()}, z
 
     for x, y in zip(xs[:, part], ys[:, part]):
         opt.zero_grad()
@@ -80,7 +85,8 @@ def run(method: str, rank: int = 0, ranks: int = 1) -> dict[str, list]:
             ls, z = losses(x, y)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Nash-MTL's bargaining warning
-            step = b.backward(ls, shared=list(net.trunk.parameters()), features=z)
+            context = {"kpi": dict(kpi)} if "kpi" in b.context_keys else {}
+            step = b.backward(ls, shared=list(net.trunk.parameters()), features=z, **context)
         opt.step()
         if b.needs_after_step:
             with torch.no_grad():

@@ -11,6 +11,7 @@ from torch import Tensor
 from mtlkit.balancers._base import Balancer, positive
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._scaling import LOSS_FLOOR
+from mtlkit.engine._dist import all_mean
 
 
 @register("dwa")
@@ -152,7 +153,7 @@ class DynamicTaskPrioritization(Balancer):
 
     def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
         kpi = torch.tensor([float(context["kpi"][t]) for t in self.tasks], dtype=torch.float64)
-        kpi = kpi.to(self.kpi_avg.device)
+        kpi = all_mean(kpi.to(self.kpi_avg.device))  # the ranks' KPIs, as one batch's
         blended = self.alpha * kpi + (1 - self.alpha) * self.kpi_avg
         self.kpi_avg.copy_(torch.where(self.kpi_seen, blended, kpi))
         self.kpi_seen.fill_(True)

@@ -161,6 +161,12 @@ def task_gradients(
         raise ValueError("grad_on='features' needs the features tensor")
     if features is not None and not features.requires_grad:
         raise ValueError("features does not require grad: it is not connected to the losses")
+    if grad_on == "features" and need_jacobian and world_size() > 1:
+        raise NotImplementedError(
+            "a balancer that reads the task gradients themselves (not only their Gram matrix) "
+            "cannot combine them at the features across processes: each rank holds other "
+            "samples' features; use grad_on='parameters' under torch.distributed"
+        )
     k = len(losses)
     shared = list(shared)
     if strategy == "auto":
@@ -206,13 +212,6 @@ def task_gradients(
         _accumulate_mean(head_grads)
         if grad_on == "features":
             ranks = world_size()
-            if ranks > 1 and need_jacobian:
-                raise NotImplementedError(
-                    "a balancer that reads the task gradients themselves (not only their Gram "
-                    "matrix) cannot combine them at the features across processes: each rank "
-                    "holds other samples' features; use grad_on='parameters' under "
-                    "torch.distributed"
-                )
             # The features of the whole batch are every rank's, side by side: the Gram matrix
             # of the batch-mean losses' gradients is the sum of the ranks' own, over ranks^2.
             gram = _gram(dz_stack.reshape(k, -1))
