@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from mtlkit import balancers
+from mtlkit.engine._dist import rank
 
 EXIT_USAGE = 2
 
@@ -78,10 +79,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         data.setdefault("epochs", 1)
         data.setdefault("dataset_options", {"size": 600})
     cfg = compare_config_from_dict(data)
-    results = run_compare(cfg, log=lambda s: print(s, file=sys.stderr), resume=args.resume)
-    report = write_report(cfg.out)
-    print(format_table(results))
-    print(f"\nreport: {report}  (results.json, results.csv, report.html and plots beside it)")
+    lead = rank() == 0  # under torchrun, rank 0 alone writes and prints
+    results = run_compare(cfg, log=lambda s: print(s, file=sys.stderr) if lead else None,
+                          resume=args.resume)
+    if lead:
+        report = write_report(cfg.out)
+        print(format_table(results))
+        print(f"\nreport: {report}  (results.json, results.csv, report.html and plots beside it)")
     return 0
 
 
@@ -92,8 +96,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     data.setdefault("out", f"runs/{args.method}")
     cfg = compare_config_from_dict(data)
     result = train_one(cfg, resume=args.resume)
-    print(json.dumps({"method": result.method, "selected_epoch": result.selected_epoch,
-                      "test": result.test}, indent=2))
+    if rank() == 0:
+        print(json.dumps({"method": result.method, "selected_epoch": result.selected_epoch,
+                          "test": result.test}, indent=2))
     return 0
 
 
@@ -171,8 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _start_distributed(args: argparse.Namespace) -> bool:
+    """Join the process group when started by torchrun (``WORLD_SIZE`` > 1) for a command that
+    trains; True when this call started it."""
+    import torch.distributed as dist
+
+    if args.func not in (cmd_train, cmd_compare) or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    if dist.is_initialized():
+        return False
+    cuda = str(getattr(args, "device", None) or "").startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    started = _start_distributed(args)
     try:
         return int(args.func(args))
     except (ValueError, KeyError, TypeError, FileNotFoundError) as err:
@@ -181,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mtlkit: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ def world_size() -> int:
     return 1
 
 
+def rank() -> int:
+    """This process's rank in the default group; 0 when ``torch.distributed`` is not in use."""
+    return dist.get_rank() if world_size() > 1 else 0
+
+
 def all_mean(tensor: Tensor) -> Tensor:
     """The mean of ``tensor`` over the ranks (a new tensor; ``tensor`` itself when alone)."""
     n = world_size()

@@ -20,6 +20,7 @@ from torch import nn
 
 from mtlkit import balancers
 from mtlkit.data import DatasetBundle, load
+from mtlkit.engine._dist import rank
 from mtlkit.metrics import delta_m
 from mtlkit.tasks import Task
 from mtlkit.train.models import default_model
@@ -124,8 +125,9 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print, *,
     results = summarise(runs, tasks, methods)
     results["config"] = asdict(cfg)
     results["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_results_csv(results, out / "results.csv")
+    if rank() == 0:  # under torchrun, one writer
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        write_results_csv(results, out / "results.csv")
     return results
 
 
@@ -200,8 +202,8 @@ def summarise(runs: Mapping[str, list[dict[str, Any]]], tasks: Sequence[Task],
     for k in keys:
         sign = -1.0 if higher[k] else 1.0
         order = sorted(methods, key=lambda m: _nan_last(sign * table[m]["metrics"][k]["mean"]))
-        for rank, m in enumerate(order, start=1):
-            table[m].setdefault("_ranks", []).append(rank)
+        for position, m in enumerate(order, start=1):
+            table[m].setdefault("_ranks", []).append(position)
     for m in methods:
         table[m]["mean_rank"] = statistics.fmean(table[m].pop("_ranks"))
     return {

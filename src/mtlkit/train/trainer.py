@@ -8,6 +8,12 @@ Every run is repeatable from its seed: data order comes from a generator seeded 
 state round-trips through ``state_dict``. A run resumed from the checkpoint of epoch e therefore
 follows the same trajectory as an uninterrupted one.
 
+Under ``torchrun`` (``torch.distributed`` initialised, as ``mtlkit train`` and ``mtlkit compare``
+do when started by it) the model is wrapped in DDP, every rank draws the same batches and
+trains on its own slice of each (so two processes with batch B/2 each follow the run of one
+process with batch B: tested), evaluation runs on every rank, and rank 0 alone writes logs and
+checkpoints. Batch norm statistics are per rank, as in plain DDP.
+
 Model selection uses the validation split only (never test): the selected epoch maximises the
 mean over tasks of the primary validation metric's relative improvement over epoch 1
 (sign-corrected for lower-is-better metrics), or is the last epoch with ``select="last"``.
@@ -15,8 +21,10 @@ mean over tasks of the primary validation metric's relative improvement over epo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -31,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mtlkit.balancers import Balancer
 from mtlkit.engine import cosine_from_gramian, task_jacobian
+from mtlkit.engine._dist import rank, world_size
 from mtlkit.optim import model_param_groups
 from mtlkit.train.checkpoint import load_checkpoint, save_checkpoint
 from mtlkit.train.logs import RunLog
@@ -137,8 +146,21 @@ class Trainer:
             )
         config.validate(self.names)
         self.config = config
+        # Under torchrun every process trains on its slice of each batch (see _my_part).
+        self.ranks, self.rank = world_size(), rank()
+        if config.batch_size % self.ranks:
+            raise ValueError(f"batch_size {config.batch_size} must split evenly over "
+                             f"{self.ranks} processes")
         self.device = torch.device(config.device)
+        if self.ranks > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         self.model = model.to(self.device)
+        #: what the training step calls: the model itself, or its DDP wrapper under torchrun
+        self.forward_model: nn.Module = self.model
+        if self.ranks > 1:
+            self.forward_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.balancer = balancer.to(self.device)
         groups = model_param_groups(
             model, lr=config.lr, shared_lr=config.shared_lr, task_lr=config.task_lr
@@ -148,7 +170,7 @@ class Trainer:
             groups.append({"name": "balancer", "params": extra, "lr": config.lr})
         self.optimizer = torch.optim.Adam(groups, weight_decay=config.weight_decay)
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.log = RunLog(self.out_dir)
+        self.log = RunLog(self.out_dir if self.rank == 0 else None)  # one writer
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
@@ -185,7 +207,7 @@ class Trainer:
             self.log.epoch(record)
             self.epoch += 1
             self.balancer.new_epoch()
-            if self.out_dir is not None:
+            if self.out_dir is not None and self.rank == 0:
                 self._save()
         return self.result()
 
@@ -211,10 +233,14 @@ class Trainer:
         for i, batch in enumerate(loader):
             if self._out_of_steps():
                 break
-            x, y, mask = _unpack(batch, self.device)
+            x, y, mask = self._my_part(*_unpack(batch, self.device))
             t0 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
-            out = self.model(x)
+            # Under DDP, a balancer that computes per-task gradients itself averages them; DDP's
+            # hooks must then not wait for an ordinary backward pass (Balancer docs).
+            no_sync = self.ranks > 1 and self.balancer.takes_task_gradients
+            with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+                out = self.forward_model(x)
             losses = {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name)) for t in self.tasks}
             # Diagnostics, every ``cosine_every`` steps, always in the same space (the shared
             # parameters) so that methods can be compared: free where the balancer computes
@@ -250,6 +276,20 @@ class Trainer:
                       f"step {i + 1}/{n}", end="", file=sys.stderr)
         if self.config.progress and sys.stderr.isatty():
             print(file=sys.stderr)
+
+    def _my_part(self, x: Tensor, y: dict[str, Tensor], mask: dict[str, Tensor]
+                 ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """This rank's contiguous slice of a batch (all of it in one process). Every rank
+        draws the same batches (same seed), so the ranks' slices make up the batch that one
+        process would train on, and the balancers' averages over the ranks are its means."""
+        if self.ranks == 1:
+            return x, y, mask
+
+        def part(t: Tensor) -> Tensor:
+            return t.tensor_split(self.ranks)[self.rank]
+
+        return (part(x), {k: part(v) for k, v in y.items()},
+                {k: part(v) for k, v in mask.items()})
 
     def _features(self) -> Tensor | None:
         """The model's shared representation; where the balancer needs it and the model has
