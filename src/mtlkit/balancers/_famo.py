@@ -98,33 +98,33 @@ class FAMO(Balancer):
         return (losses.float() - self.min_losses).clamp_min(0) + EPS
 
     def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+        gap = self._gap(losses)
         if not self.needs_after_step and bool(self.pending):
-            self._move_logits(losses)  # next_batch: these losses are L(t+1)
-        z = torch.softmax(self.logits, dim=0)
-        ratio = z / self._gap(losses)
-        self.prev_losses.copy_(losses.float())
+            self._move_logits(gap)  # next_batch: these losses are L(t+1)
+        ratio = torch.softmax(self.logits, dim=0) / gap
+        self.prev_losses.copy_(losses)
         self.pending.fill_(True)
         return (ratio / ratio.sum()).to(losses.dtype)
 
     def _after_step(self, losses: Tensor) -> None:
         if not bool(self.pending):
             raise RuntimeError("famo.after_step() called without a backward() before it")
-        self._move_logits(losses)
+        self._move_logits(self._gap(losses))
 
-    def _move_logits(self, losses: Tensor) -> None:
-        """One Adam step of the logits from the drop between ``prev_losses`` and ``losses``."""
-        delta = torch.log(self._gap(self.prev_losses)) - torch.log(self._gap(losses))
+    def _move_logits(self, gap: Tensor) -> None:
+        """One Adam step of the logits from the drop between ``prev_losses`` and the losses
+        whose gap to the bounds is ``gap`` (few, in-place operations: this runs every step)."""
+        delta = torch.log(self._gap(self.prev_losses) / gap)
         z = torch.softmax(self.logits, dim=0)
-        grad = z * (delta - (z * delta).sum())  # softmax Jacobian (symmetric) times delta
-        grad = grad + self.gamma * self.logits  # Adam's L2 weight decay, as torch.optim.Adam
+        grad = z * (delta - z @ delta)  # softmax Jacobian (symmetric) times delta
+        grad.add_(self.logits, alpha=self.gamma)  # Adam's L2 weight decay, as torch.optim.Adam
         b1, b2 = self.betas
         self.adam_t += 1
         t = self.adam_t.float()
-        self.adam_m.mul_(b1).add_((1 - b1) * grad)
-        self.adam_v.mul_(b2).add_((1 - b2) * grad * grad)
-        m_hat = self.adam_m / (1 - b1**t)
-        v_hat = self.adam_v / (1 - b2**t)
-        self.logits -= self.lr * m_hat / (v_hat.sqrt() + 1e-8)
+        self.adam_m.mul_(b1).add_(grad, alpha=1 - b1)
+        self.adam_v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.adam_v / (1 - b2**t)).sqrt_().add_(1e-8)
+        self.logits.sub_((self.adam_m / (1 - b1**t)).div_(denom).mul_(self.lr))
         self.pending.fill_(False)
 
     def extra_repr(self) -> str:
