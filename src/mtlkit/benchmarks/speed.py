@@ -24,9 +24,10 @@ it (FAMO). The reference is the plain sum: ``sum(losses).backward()`` with the s
 optimiser step.
 
 **Time.** Every method runs ``--steps`` steps per repeat (at least; a fast method runs as many as
-fill ``--min-time`` seconds), and the plain sum runs before and after each method within the
-same repeat; the method's ratio in a repeat is its mean step time over the
-mean of those two plain-sum measurements. The table shows the median ratio over ``--repeats``
+fill ``--min-time`` seconds, 0.3 by default), and the plain sum runs before and after each
+method within the same repeat (each repeat starts with one discarded plain-sum measurement);
+the method's ratio in a repeat is its mean step time over the mean of those two plain-sum
+measurements. The table shows the median ratio over ``--repeats``
 repeats, all in one process (absolute times are printed for information only). On CPU the clock
 is the process's CPU time (``time.process_time``) and torch runs on ``--threads`` threads (1 by
 default): on a shared machine wall-clock time mostly measures the other processes, and two
@@ -296,6 +297,9 @@ def measure_times(problem: Problem, specs: list[Spec], fns: dict[str, Callable[[
     base_times = []
     ours = [s for s in specs if not s.peer]
     for r in range(repeats):
+        # Discarded: the first plain sum of a repeat follows the last (heaviest) method of the
+        # previous one, with its caches and allocator state.
+        _timed(fns[PLAIN_SUM], n[PLAIN_SUM], problem.device)
         base = _timed(fns[PLAIN_SUM], n[PLAIN_SUM], problem.device)
         base_times.append(base)
         for s in ours:
@@ -525,12 +529,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suites", default="dense,many", help="dense, many or both")
     parser.add_argument("--peers", action="store_true",
                         help="also time TorchJD's mtl_backward with the same aggregator")
-    parser.add_argument("--repeats", type=int, default=None, help="repeats (median reported; default 9, 2 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="repeats (median reported; default 9, 2 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="steps per measurement")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per method")
     parser.add_argument("--min-time", dest="min_time", type=float, default=None,
                         help="seconds each measurement lasts at least (more steps for fast "
-                             "methods; default 0.1, 0 with --quick)")
+                             "methods; default 0.3, 0 with --quick)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads on CPU (default 1, see the module docstring)")
     parser.add_argument("--no-memory", dest="no_memory", action="store_true",
@@ -551,7 +556,7 @@ def run(args: argparse.Namespace) -> int:
     args.steps = args.steps or 2
     args.warmup = args.warmup if args.warmup is not None else 1
     if args.min_time is None:
-        args.min_time = 0.0 if args.quick else 0.1
+        args.min_time = 0.0 if args.quick else 0.3
     specs = [Spec(m.strip()) for m in args.methods.split(",") if m.strip()]
     known = set(balancers.available())
     bad = [s.key for s in specs if s.name not in known or s.peer or s.key == PLAIN_SUM]
