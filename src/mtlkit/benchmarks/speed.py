@@ -25,9 +25,9 @@ optimiser step.
 
 **Time.** Every method runs ``--steps`` steps per repeat (at least; a fast method runs as many as
 fill ``--min-time`` seconds, 0.3 by default), and the plain sum runs before and after each
-method within the same repeat (each repeat starts with one discarded plain-sum measurement);
-the method's ratio in a repeat is its mean step time over the mean of those two plain-sum
-measurements. The table shows the median ratio over ``--repeats``
+method (one chain: the sum after a method is the sum before the next, across repeats, so every
+plain-sum measurement follows a method); the method's ratio in a repeat is its mean step time
+over the mean of those two plain-sum measurements. The table shows the median ratio over ``--repeats``
 repeats, all in one process (absolute times are printed for information only). On CPU the clock
 is the process's CPU time (``time.process_time``) and torch runs on ``--threads`` threads (1 by
 default): on a shared machine wall-clock time mostly measures the other processes, and two
@@ -296,12 +296,12 @@ def measure_times(problem: Problem, specs: list[Spec], fns: dict[str, Callable[[
     paired: dict[str, list[float]] = {}
     base_times = []
     ours = [s for s in specs if not s.peer]
+    # One chain of plain-sum measurements, each between two methods: a plain sum measured right
+    # after another runs warm (its own caches and allocations), which made the ratio of the
+    # first method of every repeat 3-10 % too high when each repeat started with a fresh one.
+    base = _timed(fns[PLAIN_SUM], n[PLAIN_SUM], problem.device)
+    base_times.append(base)
     for r in range(repeats):
-        # Discarded: the first plain sum of a repeat follows the last (heaviest) method of the
-        # previous one, with its caches and allocator state.
-        _timed(fns[PLAIN_SUM], n[PLAIN_SUM], problem.device)
-        base = _timed(fns[PLAIN_SUM], n[PLAIN_SUM], problem.device)
-        base_times.append(base)
         for s in ours:
             group = [s.key]
             if s.peer_key in fns:
