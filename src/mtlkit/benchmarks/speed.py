@@ -7,8 +7,8 @@ Two problems (built in plain torch, :mod:`mtlkit.benchmarks._models`):
 * ``many``: the same encoder, globally pooled, with 40 linear binary classifiers, K = 40.
 
 Default sizes (chosen so that one full run with ``--peers`` and the default methods fits in 10
-minutes on 2 shared CPU cores: 178 s measured, 20 methods and 9 peers, 9 repeats; ``--quick``
-is a set-up check, not a measurement):
+minutes on 2 shared CPU cores: 332-376 s measured, 20 methods and 9 peers, 9 repeats of
+measurements of at least 0.3 s; ``--quick`` is a set-up check, not a measurement):
 
 ==========  ======  =====  =====  =============  =================
 problem     batch   input  width  shared params  task-specific
