@@ -246,7 +246,7 @@ def test_tasks_sharing_an_operation_after_the_features(grad_on):
                 for i, h in enumerate(heads)], z
 
     ls, z = losses()
-    _, bypass, overlap = _task_leaves(ls, {id(p) for p in trunk.parameters()}, z)
+    _, _, bypass, overlap = _task_leaves(ls, {id(p) for p in trunk.parameters()}, z)
     assert overlap and not bypass
     rows = reference_rows(ls, [*trunk.parameters(), *heads[1].parameters()])
     ls, z = losses()

@@ -175,7 +175,7 @@ def task_gradients(
     shared_ids = {id(p) for p in shared}
     if features is not None and id(features) in shared_ids:
         raise ValueError("features must be the shared representation, not a shared parameter")
-    heads, own_heads, bypass, overlap = _task_leaves_by_loss(losses, shared_ids, features)
+    heads, own_heads, bypass, overlap = _task_leaves(losses, shared_ids, features)
     if bypass and features is not None:
         # A shared parameter reaches the losses without going through the features (e.g. tied
         # weights in a head): splitting at the features would drop that part of its gradient.
@@ -186,7 +186,7 @@ def task_gradients(
                 "grad_on='parameters'"
             )
         features = None
-        heads, _, _ = _task_leaves(losses, shared_ids, None)
+        heads, _, _, _ = _task_leaves(losses, shared_ids, None)
 
     if features is not None:
         _check_trunk_is_shared(features, shared_ids)
@@ -396,24 +396,16 @@ def _accumulate(p: Tensor, g: Tensor, *, owned: bool = False) -> None:
 
 def _task_leaves(
     losses: Sequence[Tensor], exclude: set[int], features: Tensor | None
-) -> tuple[list[Tensor], bool, bool]:
+) -> tuple[list[Tensor], list[list[Tensor]], bool, bool]:
     """Leaves that require grad, reached from the losses without passing through ``features``
     and not in ``exclude``: the task-specific parameters. Order is deterministic.
 
-    Also returns whether an excluded (shared) leaf was reached on that walk, i.e. a shared
-    parameter that influences the losses other than through ``features``; and whether two
-    losses share an operation above ``features`` (then a backward pass from one of them must
-    keep the graph for the others).
+    Also returns each loss's own such leaves (complete only when no two losses share an
+    operation above ``features``); whether an excluded (shared) leaf was reached on that walk,
+    i.e. a shared parameter that influences the losses other than through ``features``; and
+    whether two losses share an operation above ``features`` (then a backward pass from one of
+    them must keep the graph for the others).
     """
-    heads, _, bypass, overlap = _task_leaves_by_loss(losses, exclude, features)
-    return heads, bypass, overlap
-
-
-def _task_leaves_by_loss(
-    losses: Sequence[Tensor], exclude: set[int], features: Tensor | None
-) -> tuple[list[Tensor], list[list[Tensor]], bool, bool]:
-    """As :func:`_task_leaves`, with also each loss's own leaves (complete only when no two
-    losses share an operation above ``features``)."""
     stop = features.grad_fn if features is not None else None
     owner: dict[int, int] = {}
     found: dict[int, Tensor] = {}
