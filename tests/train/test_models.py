@@ -34,3 +34,18 @@ def test_mixed_dense_and_vector_tasks_or_bad_shapes_are_refused() -> None:
         default_model((3, 8, 8), [Task.depth("d"), Task.classification("c", 2)])
     with pytest.raises(ValueError, match="no default model for inputs of shape"):
         default_model((2, 3), [Task.regression("r")])
+
+
+def test_model_registry_builds_by_name_and_by_module_path():
+    from mtlkit.train.models import available_models, build_model
+
+    tasks = [Task.classification("c", 3), Task.regression("r")]
+    assert "default" in available_models()
+    by_name = build_model("default", tasks, (5,))
+    by_path = build_model("mtlkit.train.models:_default", tasks, (5,))
+    assert type(by_name) is type(by_path)
+    assert tuple(by_path(torch.zeros(2, 5))["c"].shape) == (2, 3)
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        build_model("nope", tasks, (5,))
+    with pytest.raises(ValueError, match="cannot import 'missing'"):
+        build_model("mtlkit.train.models:missing", tasks, (5,))

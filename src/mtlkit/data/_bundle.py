@@ -27,6 +27,8 @@ class DatasetBundle:
         tasks: the tasks, in output order.
         input_shape: shape of one input ``x`` (without the batch dimension).
         info: dataset-specific facts (sizes, seeds, generating parameters, provenance).
+        model: the registered model (``mtlkit.train.models``) its protocol trains by default.
+        model_options: options for that model.
     """
 
     name: str
@@ -36,6 +38,8 @@ class DatasetBundle:
     tasks: tuple[Task, ...]
     input_shape: tuple[int, ...]
     info: Mapping[str, Any] = field(default_factory=dict)
+    model: str = "default"
+    model_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def task_names(self) -> list[str]:

@@ -23,7 +23,7 @@ from mtlkit.data import DatasetBundle, load
 from mtlkit.engine._dist import rank
 from mtlkit.metrics import delta_m
 from mtlkit.tasks import Task
-from mtlkit.train.models import default_model
+from mtlkit.train.models import build_model
 from mtlkit.train.trainer import CHECKPOINT, RunResult, TrainConfig, Trainer
 
 #: A representative default set: plain sum, four loss weightings, four gradient methods.
@@ -158,7 +158,9 @@ def check_methods(cfg: CompareConfig, methods: Sequence[str], tasks: Sequence[st
 def _train(bundle: DatasetBundle, tasks: Sequence[Task], method: str, hparams: dict[str, Any],
            cfg: CompareConfig, seed: int, out_dir: Path, resume: bool = False) -> RunResult:
     torch.manual_seed(seed)
-    model: nn.Module = default_model(bundle.input_shape, tasks)
+    model: nn.Module = build_model(
+        bundle.model, tasks, bundle.input_shape, **bundle.model_options
+    )
     balancer = balancers.create(method, tasks=[t.name for t in tasks], **hparams)
     trainer = Trainer(model, tasks, balancer, cfg.train_config(seed), out_dir)
     return trainer.fit(bundle.train, bundle.val, bundle.test, resume=resume)

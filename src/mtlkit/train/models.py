@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -20,6 +22,60 @@ from mtlkit.nn import DeepLabHead, HardSharing, resnet18
 from mtlkit.tasks import Task
 
 DENSE_KINDS = ("segmentation", "depth", "normals")
+
+#: ``builder(tasks, input_shape, **options) -> nn.Module`` returning ``{task: output}``.
+ModelBuilder = Callable[..., nn.Module]
+M = TypeVar("M", bound=ModelBuilder)
+_MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[M], M]:
+    """Register ``builder(tasks, input_shape, **options)`` as the model ``name``."""
+
+    def wrap(builder: M) -> M:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = builder
+        return builder
+
+    return wrap
+
+
+def available_models() -> list[str]:
+    """Names of the registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def model_builder(name: str) -> ModelBuilder:
+    """The builder registered as ``name``, or ``package.module:function`` imported from a user's
+    module (called the same way: ``function(tasks, input_shape, **options)``)."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            builder = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"model {name!r}: cannot import {attr!r} from {module!r} ({exc})") from None
+        if not callable(builder):
+            raise ValueError(f"model {name!r} is not callable")
+        return builder
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    return _MODELS[name]
+
+
+def build_model(
+    name: str, tasks: Sequence[Task], input_shape: Sequence[int], **options: Any
+) -> nn.Module:
+    """Build the model ``name`` (registered, or ``package.module:function``) for the tasks.
+
+    Example:
+        >>> import torch
+        >>> from mtlkit.tasks import Task
+        >>> m = build_model("default", [Task.regression("y")], (4,))
+        >>> tuple(m(torch.zeros(2, 4))["y"].shape)
+        (2, 1)
+    """
+    return model_builder(name)(tasks, tuple(input_shape), **options)
 
 
 def task_outputs(task: Task) -> int:
@@ -36,6 +92,11 @@ class Resize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+
+
+@register_model("default")
+def _default(tasks: Sequence[Task], input_shape: Sequence[int]) -> nn.Module:
+    return default_model(input_shape, tasks)
 
 
 def default_model(input_shape: Sequence[int], tasks: Sequence[Task]) -> HardSharing:
