@@ -347,6 +347,33 @@ class Task:
                 f"task {self.name!r}: primary metric {self.primary!r} is not one of {sorted(first)}"
             )
 
+    def kpi(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> float | None:
+        """A key performance indicator of this batch in [1e-3, 1] (for Dynamic Task
+        Prioritization): the accuracy over the labelled samples for classification, the mean
+        per-label accuracy for multilabel tasks; None for the other kinds, which have no
+        batch-level score in (0, 1] (DTP then derives one from the loss). Clamped at 1e-3
+        because DTP takes its log.
+
+        Example:
+            >>> import torch
+            >>> task = Task.classification("digit", num_classes=3)
+            >>> task.kpi(torch.tensor([[2.0, 0, 0], [0, 2.0, 0]]), torch.tensor([0, 2]))
+            0.5
+            >>> Task.regression("age").kpi(torch.zeros(2, 1), torch.ones(2, 1)) is None
+            True
+        """
+        with torch.no_grad():
+            if self.kind == "classification":
+                hit = (pred.argmax(-1) == target).float()
+            elif self.kind == "multilabel":
+                hit = ((pred > 0).long() == target.long()).float().flatten(1).mean(1)
+            else:
+                return None
+            if mask is not None:
+                hit = hit[mask.reshape(-1).bool()] if hit.numel() == mask.numel() else hit
+            value = float(hit.mean()) if hit.numel() else 1.0
+        return min(1.0, max(value, 1e-3))
+
     @property
     def higher_is_better(self) -> dict[str, bool]:
         """Metric key ``"<task>/<metric>"`` -> whether higher is better (for Δm)."""

@@ -343,3 +343,22 @@ def test_step_counter_stays_on_the_host_when_the_balancer_moves():
     assert b.step.device.type == "cpu" and b.step.dtype == torch.long
     b.to(torch.float64)
     assert b.step.dtype == torch.long
+
+
+def test_dtp_derives_a_kpi_from_the_loss_for_tasks_without_one():
+    """A task whose KPI is None (Task.kpi of a regression task) uses exp(-L / L_first): 1/e at
+    its first step; the trainer names no method, each task supplies its own KPI."""
+    b = DynamicTaskPrioritization(["a", "b"], gamma=1.0, alpha=0.5)
+    w1 = step(b, [4.0, 1.0], kpi={"a": None, "b": 0.5}).weights
+    k1 = math.exp(-1.0)
+    assert close(w1, [-(1 - k1) * math.log(k1), -0.5 * math.log(0.5)])
+    w2 = step(b, [2.0, 1.0], kpi={"a": None, "b": 0.5}).weights  # L / L_first = 1/2
+    ka = 0.5 * math.exp(-0.5) + 0.5 * k1
+    assert close(w2, [-(1 - ka) * math.log(ka), -0.5 * math.log(0.5)])
+    from mtlkit.tasks import Task
+
+    assert Task.regression("r").kpi(torch.zeros(2, 1), torch.ones(2, 1)) is None
+    cls = Task.classification("c", num_classes=2)
+    pred = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    assert cls.kpi(pred, torch.tensor([0, 0, 0])) == pytest.approx(2 / 3)
+    assert cls.kpi(pred, torch.tensor([1, 0, 1])) == 1e-3  # clamped: DTP takes the log

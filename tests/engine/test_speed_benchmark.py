@@ -57,7 +57,7 @@ def quick(*argv: str) -> str:
 def tables():
     """One quick run of both problems (with TorchJD peers when installed), parsed; memory is
     measured in :func:`test_peak_memory_columns` only (the profiler is slow to start)."""
-    text = quick("--methods", ",".join(METHODS), "--no-memory")
+    text = quick("--suites", "dense,many", "--methods", ",".join(METHODS), "--no-memory")
     if PEERS:
         assert "LibMTL:" in text  # its status is reported either way
     return parse_tables(text)
@@ -157,8 +157,34 @@ def test_method_specs_parse():
     assert speed.Spec("ew").peer_key is None
 
 
+def test_default_methods_come_from_the_registry():
+    """tiny: every loss weighting that builds from its defaults (with its variants); dense and
+    many: every gradient method and a few loss weightings. A newly registered method is in
+    without an edit of the benchmark."""
+    from mtlkit import balancers
+
+    tiny, dense = speed.default_methods("tiny"), speed.default_methods("dense")
+    losses = {n for n in balancers.available() if balancers.get(n).requires == "losses"}
+    assert {speed.Spec(m).name for m in tiny} == losses - {"fixed", "prior_loss"}  # required args
+    assert "ew[check_finite=False]" in tiny and "famo[update=next_batch]" in tiny
+    gradient = set(balancers.available()) - losses - set(speed.NOT_BY_DEFAULT)
+    assert {speed.Spec(m).name for m in dense} == gradient | set(speed.LOSS_ON_LARGE)
+    assert "upgrad@features" in dense and dense.index("upgrad@features") == \
+        dense.index("upgrad") + 1
+
+
+def test_tiny_suite_runs_the_loss_weightings_with_one_backward_each():
+    (table,) = parse_tables(quick("--suites", "tiny", "--methods", "ew,dtp,famo", "--no-memory"))
+    rows = {row["method"]: row for row in table}
+    assert set(rows) == {"sum", "ew", "dtp", "famo"}
+    assert all(row["trunk passes"] == "1" for row in rows.values())
+    assert rows["ew"]["target"] == "time/sum <= 1.05"
+
+
 def test_default_sizes_are_the_documented_ones():
     full = suites(quick=False)
+    assert full["tiny"] == Suite("tiny", ("a", "b", "c"), 256, 32, 64)
+    assert "tiny        256     32     64" in speed.__doc__
     assert full["dense"] == Suite("dense", full["dense"].tasks, 8, 48, 8)
     assert full["many"] == Suite("many", full["many"].tasks, 16, 16, 8)
     assert len(full["dense"].tasks) == 3 and len(full["many"].tasks) == 40

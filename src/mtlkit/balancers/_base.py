@@ -304,7 +304,9 @@ class Balancer(nn.Module):
 
     def _commit(self) -> None:
         """The step is done: advance the counter."""
-        self.step += 1
+        # In place, through the buffer dict: nn.Module's attribute lookup and assignment cost
+        # more than the addition (this runs every step; see the tiny suite of the benchmark).
+        self._buffers["step"].add_(1)  # type: ignore[union-attr]
 
     def _after_step(self, losses: Tensor) -> None:
         pass
@@ -466,10 +468,13 @@ class LossWeighting(Balancer):
         detached: weights must come from them. An override may make the weights differentiable
         in the balancer's own parameters (they then learn from the same backward pass; their
         gradients are averaged over the ranks afterwards)."""
-        with torch.no_grad():
-            weights = self.loss_weights(values, context)
-            if weights.dtype != losses.dtype:
-                weights = weights.to(losses.dtype)
+        # ``values`` is detached, so the weights carry no graph unless a hook reads a
+        # parameter: detached then (cheaper than a no_grad context on every step).
+        weights = self.loss_weights(values, context)
+        if weights.requires_grad:
+            weights = weights.detach()
+        if weights.dtype != losses.dtype:
+            weights = weights.to(losses.dtype)
         return losses @ weights, weights
 
     def _balance(self, items: list[Tensor], stacked: Tensor, values: Tensor,

@@ -11,7 +11,7 @@ from torch import Tensor
 from mtlkit.balancers._base import LossWeighting, positive
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._scaling import LOSS_FLOOR
-from mtlkit.engine._dist import all_mean
+from mtlkit.engine._dist import all_mean, world_size
 
 
 @register("dwa")
@@ -45,6 +45,7 @@ class DynamicWeightAverage(LossWeighting):
     epoch_count: Tensor
     history: Tensor
     epochs_seen: Tensor
+    current: Tensor
 
     def __init__(
         self,
@@ -61,19 +62,27 @@ class DynamicWeightAverage(LossWeighting):
         self.register_buffer("epoch_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("history", torch.ones(2, k, dtype=torch.float64))
         self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
+        # the current weights, derived from history (recomputed when it changes or is loaded)
+        self.register_buffer("current", torch.ones(k), persistent=False)
 
-    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def _refresh(self) -> None:
+        """Recompute ``current`` (the weights, which change only when ``history`` does)."""
         ratio = self.history[1] / self.history[0].clamp_min(LOSS_FLOOR)
         weights = self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
         warm = self.epochs_seen >= 2
-        out = torch.where(warm, weights, torch.ones_like(weights)).to(losses.dtype)
+        self.current.copy_(torch.where(warm, weights, torch.ones_like(weights)))
+
+    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
+        out = self.current
         if self.per_batch:
+            out = out.clone()
             self.history[0] = self.history[1]
-            self.history[1] = losses.double()
+            self.history[1] = values
             self.epochs_seen += 1
-        else:
-            self.epoch_sum += losses.double()
-            self.epoch_count += 1
+            self._refresh()
+        else:  # the hot path: two in-place additions
+            self.epoch_sum.add_(values)
+            self.epoch_count.add_(1)
         return out
 
     def new_epoch(self) -> None:
@@ -84,6 +93,11 @@ class DynamicWeightAverage(LossWeighting):
         self.epoch_sum.zero_()
         self.epoch_count.zero_()
         self.epochs_seen += 1
+        self._refresh()
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh()
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, per_batch={self.per_batch}"
@@ -101,6 +115,9 @@ class DynamicTaskPrioritization(LossWeighting):
 
     with :math:`\kappa_k \in (0, 1]` a KPI of task k (e.g. its batch accuracy), passed each step
     as ``backward(losses, kpi={task: value})``. The first KPI initialises :math:`\bar\kappa`.
+    A task with no KPI of its own (``None``; :meth:`mtlkit.tasks.Task.kpi` gives None for
+    regression-like tasks) uses :math:`\kappa_k = \exp(-L_k / L_k^{first})`, clamped to
+    [1e-3, 1]: 1/e at its first step, rising as the loss falls.
 
     Args:
         tasks: task names.
@@ -111,12 +128,15 @@ class DynamicTaskPrioritization(LossWeighting):
        are ours. A KPI of exactly 1 gives weight 0 (the task is mastered).
 
     State:
-        ``kpi_avg`` (K,) the moving average :math:`\bar\kappa`; ``kpi_seen`` () whether set.
+        ``kpi_avg`` (K,) the moving average :math:`\bar\kappa`; ``kpi_seen`` () whether set;
+        ``first_loss`` (K,), ``first_seen`` (K,) the first loss of each task without a KPI.
     """
 
     context_keys = ("kpi",)
     kpi_avg: Tensor
     kpi_seen: Tensor
+    first_loss: Tensor
+    first_seen: Tensor
     gamma: Tensor
 
     def __init__(
@@ -137,26 +157,51 @@ class DynamicTaskPrioritization(LossWeighting):
         self.register_buffer("gamma", gammas, persistent=False)
         self.register_buffer("kpi_avg", torch.ones(self.num_tasks, dtype=torch.float64))
         self.register_buffer("kpi_seen", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("first_loss", torch.ones(self.num_tasks, dtype=torch.float64))
+        self.register_buffer("first_seen", torch.zeros(self.num_tasks, dtype=torch.bool))
+        self._kpi_given: list[float | None] = []
 
     def _validate_context(self, context: Mapping[str, Any]) -> None:
         if "kpi" not in context:
-            raise ValueError("dtp needs kpi={task: value in (0, 1]} in every backward() call")
+            raise ValueError("dtp needs kpi={task: value in (0, 1] or None} in every backward() "
+                             "call")
         kpi = context["kpi"]
         if not isinstance(kpi, Mapping):
             raise TypeError(f"kpi must be a mapping task -> value in (0, 1], got {type(kpi)}")
-        values = self._task_values({t: float(v) for t, v in kpi.items()}, "kpi")
-        for t, v in zip(self.tasks, values.tolist()):
-            if not 0 < v <= 1:
-                raise ValueError(f"kpi of task {t!r} must be in (0, 1], got {v}")
+        unknown = [k for k in kpi if k not in self.tasks]
+        missing = [t for t in self.tasks if t not in kpi]
+        if unknown or missing:
+            raise ValueError(f"kpi must give a value for exactly the tasks {list(self.tasks)}; "
+                             f"unknown {unknown}, missing {missing}")
+        given: list[float | None] = []
+        for t in self.tasks:
+            v = kpi[t]
+            if v is not None:
+                v = float(v)
+                if not 0 < v <= 1:
+                    raise ValueError(f"kpi of task {t!r} must be in (0, 1], got {v}")
+            given.append(v)
+        self._kpi_given = given  # read by loss_weights in this same step
 
-    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        kpi = torch.tensor([float(context["kpi"][t]) for t in self.tasks], dtype=torch.float64)
-        kpi = all_mean(kpi.to(self.kpi_avg.device))  # the ranks' KPIs, as one batch's
+    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
+        given = self._kpi_given
+        kpi = torch.tensor([1.0 if v is None else v for v in given], dtype=torch.float64,
+                           device=self.kpi_avg.device)
+        if world_size() > 1:
+            kpi = all_mean(kpi)  # the ranks' KPIs, as one batch's
+        if None in given:  # a task without a KPI of its own: exp(-L / L_first)
+            none = torch.tensor([v is None for v in given], device=kpi.device)
+            current = values.double().clamp_min(LOSS_FLOOR)
+            set_now = none & ~self.first_seen
+            self.first_loss.copy_(torch.where(set_now, current, self.first_loss))
+            self.first_seen |= none
+            from_loss = torch.exp(-current / self.first_loss).clamp(1e-3, 1.0)
+            kpi = torch.where(none, from_loss, kpi)
         blended = self.alpha * kpi + (1 - self.alpha) * self.kpi_avg
         self.kpi_avg.copy_(torch.where(self.kpi_seen, blended, kpi))
         self.kpi_seen.fill_(True)
         k = self.kpi_avg
-        return (-((1 - k) ** self.gamma.double()) * torch.log(k)).to(losses.dtype)
+        return (-((1 - k) ** self.gamma.double()) * torch.log(k)).to(values.dtype)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma.tolist()}, alpha={self.alpha}"

@@ -31,8 +31,8 @@ class EqualWeighting(LossWeighting):
         tensor(5.)
     """
 
-    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        return torch.ones_like(losses)
+    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
+        return torch.ones_like(values)
 
 
 @register("fixed")

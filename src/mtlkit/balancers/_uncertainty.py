@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -56,7 +57,8 @@ class UncertaintyWeighting(LossWeighting):
     """
 
     log_vars: nn.Parameter
-    scale: Tensor
+    log_scale: Tensor
+    halves: Tensor
 
     def __init__(
         self,
@@ -77,18 +79,20 @@ class UncertaintyWeighting(LossWeighting):
         self.kinds = {t: per_task[t] for t in self.tasks}
         init = self._task_values(init_log_var, "init_log_var")
         self.log_vars = nn.Parameter(init)
-        # c_k: 1/2 for a Gaussian (regression) likelihood, 1 for a softmax (classification) one.
-        scale = [0.5 if self.kinds[t] == "regression" else 1.0 for t in self.tasks]
-        self.register_buffer("scale", torch.tensor(scale), persistent=False)
+        # log c_k: c_k = 1/2 for a Gaussian (regression) likelihood, 1 for a softmax one.
+        log_scale = [math.log(0.5 if self.kinds[t] == "regression" else 1.0) for t in self.tasks]
+        self.register_buffer("log_scale", torch.tensor(log_scale), persistent=False)
+        self.register_buffer("halves", torch.full((self.num_tasks,), 0.5), persistent=False)
 
     def objective(
         self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
     ) -> tuple[Tensor, Tensor]:
         # Differentiable in the log-variances: they learn from this same backward pass (linear
-        # in the losses, so the ranks' gradients average to the whole batch's).
-        s = self.log_vars.to(losses.dtype)
-        weights = self.scale.to(losses.dtype) * torch.exp(-s)
-        return (weights * losses).sum() + 0.5 * s.sum(), weights
+        # in the losses, so the ranks' gradients average to the whole batch's). Few operations:
+        # this is the whole overhead over a plain sum.
+        s = self.log_vars if self.log_vars.dtype == losses.dtype else self.log_vars.to(losses)
+        weights = torch.exp(self.log_scale.to(s) - s)  # c_k e^{-s_k}
+        return losses @ weights + self.halves.to(s) @ s, weights
 
     def extra_repr(self) -> str:
         return f"kinds={self.kinds}"

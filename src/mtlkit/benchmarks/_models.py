@@ -14,6 +14,8 @@ class PassCounter:
     several tasks counts once)."""
 
     calls = 0
+    #: hooks are registered only while counting (a hook costs time on the tiny problem)
+    active = False
 
     @staticmethod
     def hook(grad: Tensor) -> None:
@@ -21,7 +23,7 @@ class PassCounter:
 
     @staticmethod
     def watch(x: Tensor) -> Tensor:
-        if x.requires_grad:
+        if PassCounter.active and x.requires_grad:
             x.register_hook(PassCounter.hook)
         return x
 
@@ -74,8 +76,9 @@ class Suite:
     width: int
 
     def describe(self) -> str:
-        return (f"{self.name}: K={len(self.tasks)}, batch {self.batch}, input 3x{self.size}x"
-                f"{self.size}, encoder width {self.width}")
+        shape = f"{self.size}" if self.name == "tiny" else f"3x{self.size}x{self.size}"
+        return (f"{self.name}: K={len(self.tasks)}, batch {self.batch}, input {shape}, encoder "
+                f"width {self.width}")
 
 
 class DenseMTL(nn.Module):
@@ -137,7 +140,33 @@ class ManyTaskClassifier(nn.Module):
                 for i, (t, h) in enumerate(self.heads.items())}, z
 
 
-def build(suite: Suite) -> DenseMTL | ManyTaskClassifier:
+class TinyMLP(nn.Module):
+    """A tiny multi-task MLP, where a balancer's bookkeeping is a visible share of the step:
+    encoder Linear(size, width)-ReLU-Linear(width, width)-ReLU (a :class:`PassCounter` after
+    the first layer) and one linear regression head per task, mean-squared error."""
+
+    def __init__(self, size: int, width: int, tasks: tuple[str, ...]) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.first, self.second = nn.Linear(size, width), nn.Linear(width, width)
+        self.encoder = nn.Sequential(self.first, nn.ReLU(), self.second, nn.ReLU())  # shared
+        self.heads = nn.ModuleDict({t: nn.Linear(width, 1) for t in tasks})
+
+    def make_batch(self, suite: Suite, device: torch.device) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(suite.batch, suite.size, generator=g)
+        y = torch.randn(suite.batch, len(self.tasks), generator=g)
+        return x.to(device), y.to(device)
+
+    def losses(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        z = torch.relu(self.second(torch.relu(PassCounter.watch(self.first(x)))))
+        return {t: F.mse_loss(head(z).squeeze(-1), y[:, i])
+                for i, (t, head) in enumerate(self.heads.items())}, z
+
+
+def build(suite: Suite) -> DenseMTL | ManyTaskClassifier | TinyMLP:
+    if suite.name == "tiny":
+        return TinyMLP(suite.size, suite.width, suite.tasks)
     if suite.name == "dense":
         return DenseMTL(suite.width)
     return ManyTaskClassifier(suite.width, suite.tasks)
@@ -145,10 +174,13 @@ def build(suite: Suite) -> DenseMTL | ManyTaskClassifier:
 
 def suites(quick: bool) -> dict[str, Suite]:
     many = tuple(f"attr{i:02d}" for i in range(40))
+    tiny = ("a", "b", "c")
     if quick:
-        return {"dense": Suite("dense", DenseMTL.tasks, 2, 16, 4),
+        return {"tiny": Suite("tiny", tiny, 16, 8, 8),
+                "dense": Suite("dense", DenseMTL.tasks, 2, 16, 4),
                 "many": Suite("many", many, 4, 8, 4)}
     # Sized so that a full run with --peers fits in 10 minutes on 2 shared CPU cores
-    # (see the table in mtlkit.benchmarks.speed).
-    return {"dense": Suite("dense", DenseMTL.tasks, 8, 48, 8),
+    # (see the table in mtlkit.benchmarks.speed); tiny: "size" is the input dimension.
+    return {"tiny": Suite("tiny", tiny, 256, 32, 64),
+            "dense": Suite("dense", DenseMTL.tasks, 8, 48, 8),
             "many": Suite("many", many, 16, 16, 8)}

@@ -1,18 +1,22 @@
 """Speed benchmark: step time and peak memory of each balancer, relative to a plain sum.
 
-Two problems (built in plain torch, :mod:`mtlkit.benchmarks._models`):
+Three problems (built in plain torch, :mod:`mtlkit.benchmarks._models`):
 
+* ``tiny``: a 3-task MLP (Linear-ReLU-Linear-ReLU encoder, one linear regression head per
+  task, mean-squared error), where a balancer's own bookkeeping (validation, stacking the
+  losses, the finiteness check) is a visible share of the step: the loss weightings' target;
 * ``dense``: a small ResNet-style encoder (stem and four residual blocks, output stride 4) with
   three dense convolutional heads (segmentation, depth, normals), K = 3;
 * ``many``: the same encoder, globally pooled, with 40 linear binary classifiers, K = 40.
 
-Default sizes (chosen so that one full run with ``--peers`` and the default methods fits in 10
-minutes on 2 shared CPU cores: 332-376 s measured, 20 methods and 9 peers, 9 repeats of
+Default sizes (dense and many chosen so that one run of them with ``--peers`` and 20 methods
+fits in 10 minutes on 2 shared CPU cores: 332-376 s measured, 9 peers, 9 repeats of
 measurements of at least 0.3 s; ``--quick`` is a set-up check, not a measurement):
 
 ==========  ======  =====  =====  =============  =================
 problem     batch   input  width  shared params  task-specific
 ==========  ======  =====  =====  =============  =================
+tiny        256     32     64     6,272          195 (3 heads)
 dense       8       48x48  8      24,296         28,203 (3 heads)
 many        16      16x16  8      24,296         1,320 (40 heads)
 ==========  ======  =====  =====  =============  =================
@@ -65,13 +69,16 @@ aggregator)`` with the matching aggregator, on the same model, batch and process
 TorchJD's defaults; the table prints its ratios beside ours. LibMTL's weightings are coupled to
 its trainer and are not timed; whether it imports is reported.
 
-**Methods** are registry names; ``NAME@features`` sets ``grad_on="features"``, and
+**Methods** (``--methods``; by default from the registry, see :func:`default_methods`: every
+loss weighting on ``tiny``; every gradient method and ew, uw, dwa, famo on ``dense`` and
+``many``; a newly registered method is measured without an edit here) are registry names; ``NAME@features`` sets ``grad_on="features"``, and
 ``NAME[option=value;...]`` passes constructor options (e.g. ``mgda[chunk_size=4]`` or
 ``ew[check_finite=False]``, to compare settings side by side in one run).
 
 Usage::
 
     mtlkit bench speed [--quick] [--device cuda] [--methods mgda,upgrad] [--peers]
+    mtlkit bench speed --suites tiny --repeats 15   # the loss weightings' overhead
     python bench/speed.py --quick
 """
 
@@ -101,11 +108,18 @@ for _module in ("_gradnorm", "_gramian", "_mgda", "_surgery"):  # register the g
     importlib.import_module(f"mtlkit.balancers.{_module}")
 
 PLAIN_SUM = "sum"
-DEFAULT_METHODS = (
-    "ew", "ew[check_finite=False]", "uw", "dwa", "famo", "famo[update=next_batch]", "gradnorm",
-    "grad_norm_scaling@features", "mgda", "mgda@features", "pcgrad", "graddrop", "gradvac",
-    "cagrad", "imtl", "nash_mtl", "aligned_mtl", "upgrad", "upgrad@features", "db_mtl",
-)
+#: Settings measured beside a method's defaults, in the same run (each right after its method).
+VARIANTS = ("ew[check_finite=False]", "famo[update=next_batch]", "grad_norm_scaling@features",
+            "mgda@features", "upgrad@features")
+#: Loss weightings measured on the dense and many problems (every loss weighting is measured
+#: on tiny, where its target is: there the bookkeeping is a visible share of the step).
+LOSS_ON_LARGE = ("ew", "uw", "dwa", "famo")
+#: Registered methods that are not measured by default, and why.
+NOT_BY_DEFAULT = {"torchjd": "a wrapper of TorchJD's weightings (--peers times TorchJD itself)"}
+#: The per-step context the benchmark supplies to methods that declare it (a fixed KPI for DTP).
+CONTEXT: dict[str, Callable[[tuple[str, ...]], Any]] = {
+    "kpi": lambda tasks: dict.fromkeys(tasks, 0.5),
+}
 #: Targets of issue 3 (see the module docstring).
 LOSS_TIME, FEATURES_TIME, PEER_TIME, PEER_MEM = 1.05, 1.5, 1.00, 0.50
 
@@ -122,6 +136,28 @@ PEERS: dict[str, Callable[[int], Any]] = {
     "aligned_mtl": lambda k: _tjd().AlignedMTL(),
     "upgrad": lambda k: _tjd().UPGrad(),
 }
+
+
+def default_methods(suite: str) -> list[str]:
+    """The methods measured when ``--methods`` is not given, from the registry: on ``tiny``
+    every loss weighting, elsewhere every gradient method and ``LOSS_ON_LARGE``; in both, only
+    methods that build from their defaults (a required hyperparameter, such as ``fixed``'s
+    weights, is not guessed) and whose context the benchmark supplies (``CONTEXT``), and the
+    ``VARIANTS`` of the methods chosen. A newly registered method is measured with no edit
+    here."""
+    out: list[str] = []
+    for name in balancers.available():
+        cls = balancers.get(name)
+        required = [p for p in balancers.hyperparameters(cls).values() if p.default is p.empty]
+        if (name in NOT_BY_DEFAULT or required
+                or any(key not in CONTEXT for key in cls.context_keys)):
+            continue
+        loss = cls.requires == "losses"
+        if (suite == "tiny") == loss or (loss and name in LOSS_ON_LARGE):
+            out.append(name)
+            out.extend(v for v in VARIANTS if Spec(v).name == name
+                       and (suite != "tiny" or Spec(v).grad_on is None))
+    return out
 
 
 def _tjd() -> Any:
@@ -225,11 +261,16 @@ class Problem:
         balancer.to(self.device)
         self.requires[spec.key] = balancer.requires
         opt = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.0)
+        missing = [key for key in balancer.context_keys if key not in CONTEXT]
+        if missing:
+            raise SystemExit(f"method {spec.key!r} needs the context {missing}, which the "
+                             "benchmark does not supply")
+        context = {key: CONTEXT[key](self.suite.tasks) for key in balancer.context_keys}
 
         def ours() -> None:
             opt.zero_grad(set_to_none=True)
             losses, z = model.losses(*batch)
-            balancer.backward(losses, shared=shared, features=z)
+            balancer.backward(losses, shared=shared, features=z, **context)
             opt.step()
             if balancer.needs_after_step:
                 with torch.no_grad():
@@ -319,8 +360,11 @@ def measure_times(problem: Problem, specs: list[Spec], fns: dict[str, Callable[[
 
 def trunk_passes(fn: Callable[[], None]) -> int:
     """Backward passes through the bottom of the encoder during one step."""
-    PassCounter.calls = 0
-    fn()
+    PassCounter.calls, PassCounter.active = 0, True
+    try:
+        fn()
+    finally:
+        PassCounter.active = False
     return PassCounter.calls
 
 
@@ -522,11 +566,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--quick", action="store_true",
                         help="tiny models and few repeats, to check the set-up")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+    parser.add_argument("--methods", default=None,
                         help="comma-separated balancer names; NAME@features for grad_on="
                              "'features'; NAME[opt=value;...] for constructor options "
-                             "(default: a representative set)")
-    parser.add_argument("--suites", default="dense,many", help="dense, many or both")
+                             "(default: from the registry, per problem: every loss weighting "
+                             "on tiny, every gradient method and " + ", ".join(LOSS_ON_LARGE)
+                             + " on dense and many)")
+    parser.add_argument("--suites", default="tiny,dense,many",
+                        help="comma-separated problems: tiny, dense, many (default: all)")
     parser.add_argument("--peers", action="store_true",
                         help="also time TorchJD's mtl_backward with the same aggregator")
     parser.add_argument("--repeats", type=int, default=None,
@@ -557,16 +604,20 @@ def run(args: argparse.Namespace) -> int:
     args.warmup = args.warmup if args.warmup is not None else 1
     if args.min_time is None:
         args.min_time = 0.0 if args.quick else 0.3
-    specs = [Spec(m.strip()) for m in args.methods.split(",") if m.strip()]
+    per_suite: dict[str, list[Spec]] = {}
     known = set(balancers.available())
-    bad = [s.key for s in specs if s.name not in known or s.peer or s.key == PLAIN_SUM]
-    if bad:
-        raise SystemExit(f"unknown method(s) {bad}; available: {', '.join(sorted(known))}")
-    for s in specs:
-        try:
-            _ = s.options  # parse now: a malformed option stops the run before timing
-        except ValueError as err:
-            raise SystemExit(str(err)) from None
+    for name in chosen:
+        given = args.methods.split(",") if args.methods else default_methods(name)
+        specs = [Spec(m.strip()) for m in given if m.strip()]
+        bad = [s.key for s in specs if s.name not in known or s.peer or s.key == PLAIN_SUM]
+        if bad:
+            raise SystemExit(f"unknown method(s) {bad}; available: {', '.join(sorted(known))}")
+        for s in specs:
+            try:
+                _ = s.options  # parse now: a malformed option stops the run before timing
+            except ValueError as err:
+                raise SystemExit(str(err)) from None
+        per_suite[name] = specs
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
@@ -574,7 +625,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mtlkit speed benchmark: torch {torch.__version__}, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
         for name in chosen:
-            run_suite(table[name], specs, args, device)
+            run_suite(table[name], per_suite[name], args, device)
     finally:
         torch.set_num_threads(threads)
     return 0

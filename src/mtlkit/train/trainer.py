@@ -175,7 +175,6 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.step_times: list[float] = []
-        self._kpi_scale: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public
     def fit(
@@ -251,7 +250,7 @@ class Trainer:
                 c0 = time.perf_counter()
                 cosine = parameter_cosine(losses, list(self.model.shared_parameters()))
                 t0 += time.perf_counter() - c0
-            context = self._context(out, y, losses)
+            context = self._context(out, y, mask)
             step = self.balancer.backward(
                 losses, shared=self.model.shared_parameters(), features=self._features(),
                 **context,
@@ -310,24 +309,12 @@ class Trainer:
                 and self.balancer.grad_on == "parameters")
 
     def _context(self, out: Mapping[str, Tensor], y: Mapping[str, Tensor],
-                 losses: Mapping[str, Tensor]) -> dict[str, Any]:
+                 mask: Mapping[str, Tensor]) -> dict[str, Any]:
+        """The per-step context the balancer declares; each task supplies its own KPI."""
         if "kpi" not in self.balancer.context_keys:
             return {}
-        return {"kpi": {t.name: self._kpi(t, out[t.name], y[t.name], losses[t.name])
+        return {"kpi": {t.name: t.kpi(out[t.name], y[t.name], mask.get(t.name))
                         for t in self.tasks}}
-
-    def _kpi(self, task: Task, pred: Tensor, target: Tensor, loss: Tensor) -> float:
-        """A KPI in (0, 1] for DTP: batch accuracy for classification tasks; for the others
-        exp(-L / L_first), which is 1/e at the first batch and rises as the loss falls."""
-        with torch.no_grad():
-            if task.kind == "classification":
-                acc = (pred.argmax(-1) == target).float().mean().item()
-            elif task.kind == "multilabel":
-                acc = ((pred > 0).long() == target.long()).float().mean().item()
-            else:
-                first = self._kpi_scale.setdefault(task.name, max(loss.item(), 1e-12))
-                acc = math.exp(-loss.item() / first)
-        return min(1.0, max(acc, 1e-3))
 
     def _step_record(self, losses: Mapping[str, Tensor], weights: Tensor,
                      cosine: Tensor | None) -> dict[str, Any]:
@@ -353,7 +340,6 @@ class Trainer:
                 "rng": torch.get_rng_state(),
                 "history": json.dumps(self.history),
                 "step_times": self.step_times,
-                "kpi_scale": self._kpi_scale,
             },
             self.out_dir / CHECKPOINT,
         )
@@ -370,7 +356,6 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         self.history = json.loads(state["history"])
         self.step_times = list(state["step_times"])
-        self._kpi_scale = dict(state["kpi_scale"])
         self.log.truncate(self.global_step, self.epoch)
 
 
