@@ -120,13 +120,19 @@ class InitialLossWeighting(LossWeighting):
             self.initial_sum.copy_(values * self.num_batches)
             self.initial_count.fill_(self.num_batches)
 
-    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        # Branch-free so it never reads the counter on the host: add while still estimating.
-        estimating = (self.initial_count < self.num_batches).to(losses.dtype)
-        self.initial_sum += estimating * losses.float()
-        self.initial_count += estimating.long()
-        mean = self.initial_sum / self.initial_count.clamp_min(1)
-        return 1.0 / mean.clamp_min(LOSS_FLOOR).to(losses.dtype)
+    def _apply(self, fn: Any, recurse: bool = True) -> InitialLossWeighting:
+        # The counter stays on the host (as the step counter): reading it never syncs.
+        count = self.initial_count
+        super()._apply(fn, recurse)
+        self._buffers["initial_count"] = count
+        return self
+
+    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
+        if int(self.initial_count) < self.num_batches:  # a host read, no device sync
+            self.initial_sum += values.float()
+            self.initial_count += 1
+        mean = self.initial_sum / self.initial_count.clamp_min(1).to(self.initial_sum.device)
+        return 1.0 / mean.clamp_min(LOSS_FLOOR)
 
     def extra_repr(self) -> str:
         return f"num_batches={self.num_batches}"
