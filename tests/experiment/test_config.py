@@ -66,7 +66,7 @@ def test_the_default_config_file_writes_out_every_default():
         (["epochs=2.5"], r"epochs must be an integer >= 1, got 2\.5"),
         (["dataset=nope"], r"dataset: unknown dataset 'nope'; available: .*multidigits"),
         (["dataset=mypkg.data:1x"], r"dataset: .mypkg.data:1x. is not of the form"),
-        (["model=nope"], r"model: unknown model 'nope'; available: .*default"),
+        (["model=nope"], r"model: unknown model 'nope'; available: .*hard_sharing"),
         (["optimizer.name=adagrad"], r"optimizer\.name must be one of \['adam', 'adamw', 'sgd'\]"),
         (["optimizer.lr=1e-3x"], r"optimizer\.lr must be a positive number, got '1e-3x'"),
         (["optimizer.nesterov=true"], r"optimizer\.nesterov needs name: sgd and a momentum > 0"),
