@@ -419,10 +419,11 @@ def _loader() -> type:
 
 def parse_yaml(text: str, source: str = "config") -> Any:
     """Parse YAML with numbers read as people write them (``1e-3`` is a float)."""
+    loader = _loader()  # a clear error where PyYAML is not installed
     import yaml
 
     try:
-        return yaml.load(text, Loader=_loader())
+        return yaml.load(text, Loader=loader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
