@@ -68,3 +68,14 @@ def test_pyproject_core_and_extras():
     venv = (SRC.parent / "bin" / "_venv.sh").read_text()
     assert 'pip install -q "torch==2.13.0"' in venv
     assert venv.index("torch==2.13.0") < venv.index('-e "$ROOT[dev,cli,docs,torchjd]"')
+
+
+@pytest.mark.slow
+def test_api_reference_builds_offline_from_the_docstrings():
+    root = SRC.parent
+    proc = subprocess.run([str(root / "bin" / "docs")], capture_output=True, text=True,
+                          env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    page = (root / "docs" / "_build" / "html" / "experiment.html").read_text()
+    assert "mtlkit.experiment.Experiment" in page and "keep_checkpoint" in page
