@@ -135,32 +135,34 @@ class ConFIG(GradientBalancer):
 
 
 # ---------------------------------------------------------------------------- DualProj
-def _trace_normalised(gramian: Tensor) -> Tensor:
-    """G / trace(G) as float64 on the host (0 when the trace is 0 or not finite)."""
-    g = to_host(gramian)
-    trace = float(g.diagonal().sum())
-    return g / trace if trace > 0 and math.isfinite(trace) else torch.zeros_like(g)
-
-
 def dualproj_weights(gramian: Tensor, pref: Tensor | None = None, reg_eps: float = 1e-4) -> Tensor:
     r"""Weights of the projection of :math:`J^\top u` onto the dual cone of the task gradients.
 
-    By Proposition 1 of Quinton & Rey (arXiv:2406.16232) the projection is :math:`J^\top v`,
-    :math:`v = \arg\min_{v \ge u} v^\top G v`, solved exactly on the host
-    (:func:`mtlkit.balancers._solvers.lower_bounded_qp`) on :math:`G / \mathrm{tr}\,G` plus
-    ``reg_eps`` times the identity (floor 1e-12).
+    By Proposition 1 of Quinton & Rey (arXiv:2406.16232) the projection is :math:`J^\top w`,
+    :math:`w = \arg\min_{w \ge u} w^\top G w`. With :math:`D = \mathrm{diag}(G)` and
+    :math:`w = D^{-1/2} x` this is :math:`\min_{x \ge D^{1/2} u} x^\top C x` on the cosine matrix
+    :math:`C`, solved exactly on the host (:func:`mtlkit.balancers._solvers.lower_bounded_qp`)
+    with ``reg_eps`` (floor 1e-12) added to the diagonal of C: a ridge relative to each task's
+    own scale, so a task of small gradients keeps its constraint. A zero task gradient keeps
+    :math:`w_k = u_k` (its constraint holds trivially).
 
     Args:
         gramian: (K, K) Gram matrix.
         pref: (K,) vector to project (default the mean, ``1 / K``).
-        reg_eps: ridge added to the normalised Gram matrix.
+        reg_eps: ridge added to the cosine matrix.
     """
     k = gramian.shape[0]
-    g = _trace_normalised(gramian)
-    q = g + max(reg_eps, 1e-12) * torch.eye(k, dtype=_F64)
+    g = to_host(gramian)
     u = torch.full((k,), 1.0 / k, dtype=_F64) if pref is None else pref.to(_F64).cpu()
-    v = lower_bounded_qp(q, u[None, :])[0]
-    return v.to(device=gramian.device, dtype=gramian.dtype, non_blocking=True)
+    w = u.clone()
+    norms = g.diagonal().clamp_min(0).sqrt()
+    live = ((norms > 0) & torch.isfinite(norms)).nonzero().flatten()
+    if live.numel():
+        n = norms[live]
+        cosine = g[live][:, live] / n[:, None] / n[None, :]
+        q = cosine + max(reg_eps, 1e-12) * torch.eye(live.numel(), dtype=_F64)
+        w[live] = lower_bounded_qp(q, (n * u[live])[None, :])[0] / n
+    return w.to(device=gramian.device, dtype=gramian.dtype, non_blocking=True)
 
 
 @register("dualproj")
@@ -179,15 +181,18 @@ class DualProj(GradientBalancer):
     with :math:`u = \mathbf 1 / K`. At the solution :math:`v \ge u`, :math:`G v \ge 0` and
     :math:`(v - u)_j (Gv)_j = 0` (the KKT conditions).
 
-    .. note:: As in TorchJD (and mtlkit's UPGrad), G is divided by its trace and ``reg_eps``
-       times the identity is added before solving; this can leave :math:`\langle d, g_j\rangle`
-       negative by at most ``reg_eps * trace(G) * v_j``. TorchJD also treats a Gram matrix of
-       trace below 1e-4 as zero (scale-dependent); here only an exactly zero trace does.
+    .. note:: The programme is solved on the cosine matrix (each gradient scaled to unit norm,
+       :func:`dualproj_weights`) with ``reg_eps`` added to its diagonal, which can leave
+       :math:`\langle d, g_j\rangle` negative by at most ``reg_eps`` :math:`\|g_j\|^2 v_j`.
+       TorchJD divides G by its trace instead and adds ``reg_eps`` there, a ridge that can
+       swamp a task whose gradients are 1e4 times smaller than another's (its constraint is
+       then lost); it also treats a Gram matrix of trace below 1e-4 as zero. With a negligible
+       ridge the two solve the same problem.
 
     Args:
         tasks: task names.
         pref: the positive weights of the vector to project (default ``1 / K`` each).
-        reg_eps: ridge added to the normalised Gram matrix (default 1e-4, as TorchJD).
+        reg_eps: ridge added to the cosine matrix (default 1e-4, TorchJD's value).
         **options: engine options of :class:`GradientBalancer`.
 
     Example:
