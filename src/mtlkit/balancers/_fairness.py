@@ -51,7 +51,9 @@ def alpha_fair_weights(gramian: Tensor, alpha: float, *, tol: float = 1e-10,
     if not scale > 0 or not math.isfinite(scale):
         return None
     g = g / scale
-    w = 1.0 / torch.sqrt(g.diagonal().clamp_min(1e-300) * k)
+    # the solution when the gradients are orthogonal and of equal norm: sets each task's scale
+    start = (g.diagonal().clamp_min(1e-300) * k) ** (-alpha / (alpha + 1.0))
+    w = start
     inv = 1.0 / alpha
     for _ in range(max_iter):
         gw = g @ w
@@ -67,15 +69,16 @@ def alpha_fair_weights(gramian: Tensor, alpha: float, *, tol: float = 1e-10,
         if bool(shrink.any()):  # stay strictly positive
             t = min(1.0, 0.99 * float((w[shrink] / step[shrink]).min()))
         f0 = 0.5 * float(w @ gw) - float(_utility(w, alpha))
-        slope = float(grad @ step)
-        while t > 1e-12:
+        slope = float(grad @ step)  # the squared Newton decrement
+        # near the solution the decrease of f is below its rounding: take Newton's full step
+        while slope > 1e-8 and t > 1e-12:
             new = w - t * step
             f1 = 0.5 * float(new @ g @ new) - float(_utility(new, alpha))
             if f1 <= f0 - 1e-4 * t * slope:
                 break
             t /= 2
         w = (w - t * step).clamp_min(1e-300)
-        if float(w.max()) > 1e12:
+        if float((w / start).max()) > 1e12:
             return None
     return None
 
