@@ -4,7 +4,6 @@ equal to 40 uninterrupted ones (and different from restarting the state at step 
 
 from __future__ import annotations
 
-import copy
 import io
 
 import pytest

@@ -227,6 +227,15 @@ def test_pcd_is_invariant_to_a_constant_scale_of_a_secondary_loss():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=0)
 
 
+def test_pcd_direction_does_not_depend_on_the_scale_of_all_losses():
+    """No absolute epsilon: gradients 1e-10 or 1e15 times a Jacobian give its direction."""
+    jac = conflicting_jacobian(3, 7, seed=5, strength=1.3)
+    ref, _ = run(PCD(names(3), tau=0.2), jac, dtype=F32)
+    for scale in (1e-10, 1e15):
+        d, _ = run(PCD(names(3), tau=0.2), jac * scale, dtype=F32)
+        assert float(cosines(ref, d[None].double())[0]) > 1 - 1e-6
+
+
 def test_pcd_primary_option_reorders():
     jac = conflicting_jacobian(3, 7, seed=3, strength=1.3)
     perm = [2, 0, 1]
@@ -238,8 +247,8 @@ def test_pcd_primary_option_reorders():
 def test_pcd_agrees_with_torchjd_over_steps():
     agg = pytest.importorskip("torchjd.aggregation")
     for k in (2, 3, 5):
-        ours = PCD(names(k), tau=0.1, beta=0.9)
-        ref = agg.PCDWeighting(tau=0.1, beta=0.9)
+        ours = PCD(names(k), tau=0.1, beta=0.9, eps=1e-8)
+        ref = agg.PCDWeighting(tau=0.1, beta=0.9, eps=1e-8)
         for seed in range(5):
             jac = conflicting_jacobian(k, 2 * k + 3, seed=seed + 10 * k, strength=1.5)
             jac = jac * torch.linspace(0.5, 3.0, k, dtype=F64)[:, None]

@@ -324,8 +324,12 @@ class PCD(GradientBalancer):
     solved exactly from the Gram matrix (:func:`pcd_weights`). Every secondary task then has
     :math:`\langle d, g_j\rangle \ge \tau \frac{\|g_1\|}{\|\tilde d\|} s_j \|g_j\|^2 > 0`.
 
-    .. note:: Defaults :math:`\tau = 0.02`, :math:`\beta = 0.999`, :math:`\epsilon = 10^{-8}`, as
-       TorchJD's implementation. The reference code enumerates the working sets of the QP; here a
+    .. note:: Defaults :math:`\tau = 0.02`, :math:`\beta = 0.999`, as the paper and TorchJD;
+       :math:`\epsilon = 0` by default where they use :math:`10^{-8}`: an absolute
+       :math:`\epsilon` dominates :math:`\hat v` for gradients of norm below about 1e-4 and then
+       turns the normalisation off (the direction changes with the scale of the losses). With
+       :math:`\epsilon = 0` a task whose gradient has always been zero gets scale 0 (what
+       :math:`\epsilon` guards against); ``eps=1e-8`` gives the paper's. The reference code enumerates the working sets of the QP; here a
        primal active-set method on its dual finds the same minimiser. When the constraints are
        infeasible they are dropped (the update is :math:`g_1`); a zero primary gradient gives a
        zero update.
@@ -336,7 +340,7 @@ class PCD(GradientBalancer):
         tau: :math:`\tau \in [0, 1]`, one value or a task -> value mapping over the secondary
             tasks (default 0.02).
         beta: decay :math:`\beta \in [0, 1)` of the moving average (default 0.999).
-        eps: :math:`\epsilon \ge 0` (default 1e-8).
+        eps: :math:`\epsilon \ge 0` (default 0, see the note; the paper's is 1e-8).
         **options: engine options of :class:`GradientBalancer`.
 
     State:
@@ -358,7 +362,7 @@ class PCD(GradientBalancer):
 
     def __init__(self, tasks: Sequence[str], *, primary: str | None = None,
                  tau: float | Mapping[str, float] = 0.02, beta: float = 0.999,
-                 eps: float = 1e-8, **options: Any) -> None:
+                 eps: float = 0.0, **options: Any) -> None:
         super().__init__(tasks, **options)
         primary = self.tasks[0] if primary is None else primary
         if primary not in self.tasks:

@@ -113,12 +113,10 @@ def trimmed_mean(jacobian: Tensor, trim: int) -> tuple[Tensor, Tensor]:
     """
     k, p = jacobian.shape
     kept = k - 2 * trim
-    order = torch.sort(jacobian, dim=0, stable=True).indices[trim: trim + kept]  # (kept, P)
-    vector = jacobian.gather(0, order).mean(0)
-    counts = torch.zeros(k, dtype=jacobian.dtype, device=jacobian.device)
-    counts.scatter_add_(0, order.reshape(-1), torch.ones(order.numel(), dtype=jacobian.dtype,
-                                                         device=jacobian.device))
-    return vector, counts / max(kept * p, 1)
+    values, rows = torch.sort(jacobian, dim=0, stable=True)
+    vector = values[trim: trim + kept].mean(0)
+    counts = torch.bincount(rows[trim: trim + kept].reshape(-1), minlength=k)
+    return vector, counts.to(jacobian.dtype) / max(kept * p, 1)
 
 
 @register("trimmed_mean")
