@@ -72,3 +72,23 @@ def test_resume_after_20_of_40_steps(name):
     model3.load_state_dict(saved["m"])
     opt3.load_state_dict(saved["o"])
     assert train(model3, b3, data[n: n + 4], opt3) != second[:4], name
+
+
+GRADIENT = ["config", "cr_mogm", "dualproj", "excess_mtl", "fairgrad", "krum", "metabalance",
+            "pcd", "trimmed_mean"]
+
+
+@pytest.mark.parametrize("name", GRADIENT)
+def test_engine_options_reach_the_base_class_through_create(name):
+    """``create`` accepts the engine options a method forwards with ``**options``, and the
+    features mode gives a finite update."""
+    b = balancers.create(name, TASKS, grad_on="features", strategy="loop", check_finite=False)
+    assert (b.grad_on, b.strategy, b.check_finite) == ("features", "loop", False)
+    torch.manual_seed(0)
+    model = Net(TASKS)
+    (x, y), = batches(1, 3)
+    losses, z = model.losses(x, y)
+    b.backward(losses, shared=model.shared(), features=z)
+    assert all(torch.isfinite(p.grad).all() for p in model.shared())
+    with pytest.raises(TypeError, match="unknown hyperparameter"):
+        balancers.create(name, TASKS, not_an_option=1)

@@ -44,8 +44,13 @@ def create(name: str, tasks: Sequence[str], **hparams: Any) -> Balancer:
     Unknown hyperparameters are an error listing the accepted ones.
     """
     cls = get(name)
-    params = inspect.signature(cls.__init__).parameters
-    accepted = [p for p in params if p not in ("self", "tasks")]
+    accepted: list[str] = []
+    for klass in cls.__mro__:  # a constructor's **options go to its base class's
+        params = inspect.signature(klass.__init__).parameters.values()  # type: ignore[misc]
+        accepted += [p.name for p in params if p.name not in ("self", "tasks", *accepted)
+                     and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
     unknown = [k for k in hparams if k not in accepted]
     if unknown:
         raise TypeError(f"{name}: unknown hyperparameter(s) {unknown}; accepted: {accepted}")
