@@ -6,7 +6,16 @@
 True
 """
 
-from mtlkit.balancers._base import Balancer, BalanceStep, GradientBalancer
+from mtlkit.balancers._base import (
+    Balancer,
+    BalanceStep,
+    BlockGramianWeighting,
+    GradientBalancer,
+    GramianWeighting,
+    JacobianAggregator,
+    LastLayerWeighting,
+    LossWeighting,
+)
 from mtlkit.balancers._dynamic import (
     DynamicTaskPrioritization,
     DynamicWeightAverage,
@@ -30,7 +39,7 @@ from mtlkit.balancers._imtl_l import IMTLL
 from mtlkit.balancers._metabalance import MetaBalance
 from mtlkit.balancers._mgda import MGDA
 from mtlkit.balancers._projections import PCD, ConFIG, DualProj
-from mtlkit.balancers._registry import available, create, get, register
+from mtlkit.balancers._registry import available, create, get, hyperparameters, register
 from mtlkit.balancers._robust import Krum, TrimmedMean
 from mtlkit.balancers._scaling import (
     EqualWeighting,
@@ -57,6 +66,7 @@ __all__ = [
     "BalanceStep",
     "Balancer",
     "BargainingWarning",
+    "BlockGramianWeighting",
     "CAGrad",
     "ConFIG",
     "DualProj",
@@ -72,9 +82,13 @@ __all__ = [
     "GradNormScaling",
     "GradVac",
     "GradientBalancer",
+    "GramianWeighting",
     "InitialLossWeighting",
+    "JacobianAggregator",
     "Krum",
+    "LastLayerWeighting",
     "LossBalancedTaskWeighting",
+    "LossWeighting",
     "MetaBalance",
     "NashMTL",
     "PCGrad",
@@ -87,6 +101,7 @@ __all__ = [
     "available",
     "create",
     "get",
+    "hyperparameters",
     "prior_loss",
     "register",
 ]

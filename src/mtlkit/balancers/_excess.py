@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import GradientBalancer, Requirement, positive
+from mtlkit.balancers._base import JacobianAggregator, positive
 from mtlkit.balancers._registry import register
 
 
@@ -29,7 +29,7 @@ def excess_risks(jacobian: Tensor, sq_grad_sum: Tensor) -> Tensor:
 
 
 @register("excess_mtl")
-class ExcessMTL(GradientBalancer):
+class ExcessMTL(JacobianAggregator):
     r"""ExcessMTL: weigh each task by its excess risk (its distance to its own optimum) with
     exponentiated-gradient updates, so that tasks far from convergence get more weight.
 
@@ -58,7 +58,7 @@ class ExcessMTL(GradientBalancer):
         robust_step_size: :math:`\eta > 0` (default 1.0, as the official code).
         warmup_steps: steps of uniform weights whose mean excess risk is the baseline
             (default 0: the first step's; the paper's Appendix C.1 suggests three epochs).
-        **options: engine options of :class:`GradientBalancer`.
+        **options: engine options of :class:`~mtlkit.balancers.GradientBalancer`.
 
     State:
         ``sq_grad_sum`` (K, P), sized at the first step; ``log_weights`` (K,); ``baseline`` (K,),
@@ -78,7 +78,6 @@ class ExcessMTL(GradientBalancer):
         {'a': 0.2532, 'b': 0.7468}
     """
 
-    requires: ClassVar[Requirement] = "jacobian"
     sq_grad_sum: Tensor
     log_weights: Tensor
     baseline: Tensor
@@ -95,7 +94,7 @@ class ExcessMTL(GradientBalancer):
         self.register_buffer("log_weights", torch.full((k,), -math.log(k)))
         self.register_buffer("baseline", torch.zeros(k))
 
-    def _aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+    def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         k, p = jacobian.shape
         if self.sq_grad_sum.shape[1] != p:
             if self.sq_grad_sum.shape[1] != 0:

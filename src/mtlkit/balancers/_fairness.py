@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import GradientBalancer, positive
+from mtlkit.balancers._base import GramianWeighting, positive
+from mtlkit.balancers._functional import GRADIENT_EPS
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._solvers import min_norm_simplex, to_host
 
@@ -84,13 +85,14 @@ def alpha_fair_weights(gramian: Tensor, alpha: float, *, tol: float = 1e-10,
 
 
 def _pareto_stationary(gramian: Tensor) -> bool:
-    """Whether 0 is in the convex hull of the gradients, up to float64 rounding."""
+    """Whether 0 is in the convex hull of the gradients, up to their float32 rounding."""
     lam = min_norm_simplex(gramian)
-    return float(lam @ gramian @ lam) <= 1e-10 * float(gramian.diagonal().max())
+    tol = 10 * gramian.shape[0] * GRADIENT_EPS
+    return float(lam @ gramian @ lam) <= tol * float(gramian.diagonal().max())
 
 
 @register("fairgrad")
-class FairGrad(GradientBalancer):
+class FairGrad(GramianWeighting):
     r"""FairGrad: the update maximises an :math:`\alpha`-fair sum of the tasks' improvements.
 
     Proposed in Ban & Ji, *Fair Resource Allocation in Multi-Task Learning* (ICML 2024,
@@ -116,7 +118,7 @@ class FairGrad(GradientBalancer):
     Args:
         tasks: task names.
         alpha: fairness :math:`\alpha \ge 0` (default 2.0).
-        **options: engine options of :class:`GradientBalancer`.
+        **options: engine options of :class:`~mtlkit.balancers.GradientBalancer`.
 
     Example:
         >>> import torch
@@ -134,7 +136,7 @@ class FairGrad(GradientBalancer):
         super().__init__(tasks, **options)
         self.alpha = positive("alpha", alpha, allow_zero=True)
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         k = gramian.shape[0]
         if self.alpha == 0:
             return torch.full((k,), 1.0 / k, dtype=gramian.dtype, device=gramian.device)

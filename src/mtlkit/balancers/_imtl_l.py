@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtlkit.balancers._base import Balancer
+from mtlkit.balancers._base import LossWeighting
 from mtlkit.balancers._registry import register
 
 
 @register("imtl_l")
-class IMTLL(Balancer):
+class IMTLL(LossWeighting):
     r"""IMTL-L (loss balance of impartial multi-task learning): learn one scale per task so that
     the scaled losses stay equal.
 
@@ -36,7 +36,7 @@ class IMTLL(Balancer):
 
     Args:
         tasks: task names.
-        **options: ``check_finite`` (see :class:`Balancer`).
+        **options: ``check_finite`` (see :class:`~mtlkit.balancers.Balancer`).
 
     State:
         ``log_scales`` (K,), the learned :math:`s_k`.
@@ -59,7 +59,7 @@ class IMTLL(Balancer):
         super().__init__(tasks, **options)
         self.log_scales = nn.Parameter(torch.zeros(self.num_tasks))
 
-    def _objective(self, losses: Tensor, values: Tensor,
+    def objective(self, losses: Tensor, values: Tensor,
                    context: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         # Differentiable in the scales: they learn from this same backward pass.
         s = self.log_scales.to(losses.dtype)

@@ -5,12 +5,12 @@ the stateful class)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import GradientBalancer, Requirement
+from mtlkit.balancers._base import BlockGramianWeighting
 from mtlkit.balancers._registry import register
 
 
@@ -26,7 +26,7 @@ def metabalance_weights(norm_ema: Tensor, target: int, relax: float) -> Tensor:
 
 
 @register("metabalance")
-class MetaBalance(GradientBalancer):
+class MetaBalance(BlockGramianWeighting):
     r"""MetaBalance: for auxiliary tasks that serve one target task, bring each auxiliary
     gradient's magnitude closer to the target gradient's, separately in every block of shared
     parameters.
@@ -42,7 +42,7 @@ class MetaBalance(GradientBalancer):
 
     so with the relax factor :math:`r = 1` every auxiliary gradient gets the target's (averaged)
     magnitude in every block, and with :math:`r = 0` the update is the plain sum. The norms come
-    from the diagonals of the per-block Gram matrices (``requires = "block_gramian"``).
+    from the diagonals of the per-block Gram matrices (a block Gram weighting).
 
     .. note:: Defaults :math:`r = 0.7`, :math:`\beta = 0.9`, as the authors' code (the paper
        tunes r per dataset). The paper also studies adapting only the auxiliary gradients larger
@@ -57,7 +57,7 @@ class MetaBalance(GradientBalancer):
         target: the target task (default the first task); the others are auxiliary.
         relax_factor: :math:`r \in [0, 1]` (default 0.7).
         beta: :math:`\beta \in [0, 1)` (default 0.9).
-        **options: engine options of :class:`GradientBalancer`.
+        **options: engine options of :class:`~mtlkit.balancers.GradientBalancer`.
 
     State:
         ``norm_ema`` (B, K), the averaged gradient norm of each task in each block; sized at the
@@ -76,7 +76,6 @@ class MetaBalance(GradientBalancer):
         tensor([1., 1.])
     """
 
-    requires: ClassVar[Requirement] = "block_gramian"
     norm_ema: Tensor
 
     def __init__(self, tasks: Sequence[str], *, target: str | None = None,
@@ -95,7 +94,7 @@ class MetaBalance(GradientBalancer):
         self.beta = beta
         self.register_buffer("norm_ema", torch.zeros(0, self.num_tasks))
 
-    def _block_weights(self, gramians: Tensor, losses: Tensor) -> Tensor:
+    def block_weights(self, gramians: Tensor, losses: Tensor) -> Tensor:
         b = gramians.shape[0]
         if self.norm_ema.shape[0] != b:
             if self.norm_ema.shape[0] != 0:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import GradientBalancer, positive
+from mtlkit.balancers._base import GramianWeighting, positive
+from mtlkit.balancers._functional import GRADIENT_EPS, cosine_gramian
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._solvers import lower_bounded_qp, min_norm_simplex, to_host
 
@@ -66,23 +67,21 @@ def config_weights(gramian: Tensor, pref: Tensor | None = None) -> Tensor:
     """
     k = gramian.shape[0]
     g = gramian.double()
-    norms = g.diagonal().clamp_min(0).sqrt()
-    live = norms > 0
-    inv = torch.where(live, 1.0 / norms.clamp_min(torch.finfo(_F64).tiny), 0.0)
-    cosine = g * inv[:, None] * inv[None, :]
+    cosine, norms = cosine_gramian(g)
+    inv = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(_F64).tiny), 0.0)
     target = torch.ones(k, dtype=_F64, device=g.device) if pref is None else pref.to(g)
-    # Eigenvalues of C below the float resolution of the Gram matrix's dtype are rounding noise.
-    rtol = 100 * k * torch.finfo(gramian.dtype).eps
-    alpha = torch.linalg.pinv(cosine, rtol=rtol, hermitian=True) @ target * inv
+    # Eigenvalues of C below the float32 noise of the gradients are rounding, not directions.
+    pinv = torch.linalg.pinv(cosine, atol=k * k * GRADIENT_EPS, rtol=0.0, hermitian=True)
+    alpha = pinv @ target * inv
     ga = g @ alpha
     vv = alpha @ ga  # ||v||^2
-    ok = vv > 1e-30 * (alpha.abs() @ norms) ** 2
+    ok = vv > 10 * GRADIENT_EPS * (alpha.abs() @ norms) ** 2  # v = 0 up to float32 rounding
     weights = torch.where(ok, alpha * ga.sum() / torch.where(ok, vv, 1.0), 0.0)
     return weights.to(gramian.dtype)
 
 
 @register("config")
-class ConFIG(GradientBalancer):
+class ConFIG(GramianWeighting):
     r"""ConFIG: the conflict-free direction that has the same cosine with every task gradient.
 
     Proposed in Liu, Chu & Thuerey, *ConFIG: Towards Conflict-free Training of Physics Informed
@@ -107,8 +106,8 @@ class ConFIG(GradientBalancer):
         tasks: task names.
         pref: positive target cosines, one per task (sequence or task -> value mapping);
             default uniform.
-        **options: engine options of :class:`GradientBalancer` (``grad_on``, ``strategy``,
-            ``chunk_size``, ``check_finite``).
+        **options: engine options of :class:`~mtlkit.balancers.GradientBalancer` (``grad_on``,
+            ``strategy``, ``chunk_size``, ``check_finite``).
 
     Example:
         >>> import torch
@@ -126,7 +125,7 @@ class ConFIG(GradientBalancer):
         super().__init__(tasks, **options)
         self.pref = None if pref is None else _preference(pref, self.tasks, 1.0, "pref")
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         return config_weights(gramian, self.pref)
 
     def extra_repr(self) -> str:
@@ -155,18 +154,17 @@ def dualproj_weights(gramian: Tensor, pref: Tensor | None = None, reg_eps: float
     g = to_host(gramian)
     u = torch.full((k,), 1.0 / k, dtype=_F64) if pref is None else pref.to(_F64).cpu()
     w = u.clone()
-    norms = g.diagonal().clamp_min(0).sqrt()
+    cosine, norms = cosine_gramian(g)
     live = ((norms > 0) & torch.isfinite(norms)).nonzero().flatten()
     if live.numel():
         n = norms[live]
-        cosine = g[live][:, live] / n[:, None] / n[None, :]
-        q = cosine + max(reg_eps, 1e-12) * torch.eye(live.numel(), dtype=_F64)
+        q = cosine[live][:, live] + max(reg_eps, 1e-12) * torch.eye(live.numel(), dtype=_F64)
         w[live] = lower_bounded_qp(q, (n * u[live])[None, :])[0] / n
     return w.to(device=gramian.device, dtype=gramian.dtype, non_blocking=True)
 
 
 @register("dualproj")
-class DualProj(GradientBalancer):
+class DualProj(GramianWeighting):
     r"""DualProj: the mean gradient projected onto the dual cone of the task gradients (the
     closest update to the mean that conflicts with no task).
 
@@ -193,7 +191,7 @@ class DualProj(GradientBalancer):
         tasks: task names.
         pref: the positive weights of the vector to project (default ``1 / K`` each).
         reg_eps: ridge added to the cosine matrix (default 1e-4, TorchJD's value).
-        **options: engine options of :class:`GradientBalancer`.
+        **options: engine options of :class:`~mtlkit.balancers.GradientBalancer`.
 
     Example:
         >>> import torch
@@ -214,7 +212,7 @@ class DualProj(GradientBalancer):
         self.pref = None if pref is None else _preference(pref, self.tasks, 1.0, "pref")
         self.reg_eps = positive("reg_eps", reg_eps, allow_zero=True)
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         return dualproj_weights(gramian, self.pref, self.reg_eps)
 
     def extra_repr(self) -> str:
@@ -282,7 +280,7 @@ def pcd_weights(gramian: Tensor, scales: Tensor, tau: Tensor) -> Tensor:
     if not float(g[0, 0]) > 0:
         return weights.to(device=gramian.device, dtype=gramian.dtype)
     gt = (g * s[:, None] * s[None, :]).numpy()
-    eps = 10 * torch.finfo(gramian.dtype).eps
+    eps = 10 * GRADIENT_EPS  # the gradients carry float32 rounding
     secondary = [j for j in range(1, k) if gt[j, j] > eps * gt.diagonal().max()]
     w = np.zeros(k)
     w[0] = 1.0
@@ -301,13 +299,13 @@ def pcd_weights(gramian: Tensor, scales: Tensor, tau: Tensor) -> Tensor:
     w = torch.from_numpy(w) * s
     norm2 = float(w @ g @ w)
     size2 = float(w.abs() @ g.diagonal().clamp_min(0).sqrt()) ** 2
-    if norm2 > eps * size2:
+    if norm2 > eps * size2:  # d~ = 0 up to the float32 rounding of the gradients
         weights = w * math.sqrt(float(g[0, 0]) / norm2)
     return weights.to(device=gramian.device, dtype=gramian.dtype)
 
 
 @register("pcd")
-class PCD(GradientBalancer):
+class PCD(GramianWeighting):
     r"""Priority-constrained descent: follow the primary task's gradient as closely as possible
     while each secondary task keeps a fraction of the progress its own gradient would give.
 
@@ -341,7 +339,7 @@ class PCD(GradientBalancer):
             tasks (default 0.02).
         beta: decay :math:`\beta \in [0, 1)` of the moving average (default 0.999).
         eps: :math:`\epsilon \ge 0` (default 0, see the note; the paper's is 1e-8).
-        **options: engine options of :class:`GradientBalancer`.
+        **options: engine options of :class:`~mtlkit.balancers.GradientBalancer`.
 
     State:
         ``sq_norm_ema`` (K,) float64, the moving average of the squared gradient norms (not
@@ -391,7 +389,7 @@ class PCD(GradientBalancer):
         self.eps = positive("eps", eps, allow_zero=True)
         self.register_buffer("sq_norm_ema", torch.zeros(self.num_tasks, dtype=_F64))
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         order = torch.tensor(self.order, device=gramian.device)
         g = gramian[order][:, order]
         sq = to_host(g.diagonal())

@@ -8,12 +8,12 @@ Jacobian); the classes hold the hyperparameters.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import GradientBalancer, Requirement
+from mtlkit.balancers._base import GramianWeighting, JacobianAggregator
 from mtlkit.balancers._registry import register
 
 
@@ -43,7 +43,7 @@ def krum_weights(gramian: Tensor, n_byzantine: int, n_selected: int = 1) -> Tens
 
 
 @register("krum")
-class Krum(GradientBalancer):
+class Krum(GramianWeighting):
     r"""Krum: the update is the task gradient closest to its neighbours (Multi-Krum: the mean of
     the ``n_selected`` closest ones), robust to ``n_byzantine`` arbitrary gradients.
 
@@ -67,7 +67,7 @@ class Krum(GradientBalancer):
         tasks: task names (at least ``n_byzantine + 3``).
         n_byzantine: f, the number of gradients that may be arbitrary (default 0).
         n_selected: m, how many gradients Multi-Krum averages (default 1: Krum).
-        **options: engine options of :class:`GradientBalancer`.
+        **options: engine options of :class:`~mtlkit.balancers.GradientBalancer`.
 
     Example:
         >>> import torch
@@ -95,7 +95,7 @@ class Krum(GradientBalancer):
         self.n_byzantine = int(n_byzantine)
         self.n_selected = int(n_selected)
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         return krum_weights(gramian, self.n_byzantine, self.n_selected)
 
     def extra_repr(self) -> str:
@@ -120,7 +120,7 @@ def trimmed_mean(jacobian: Tensor, trim: int) -> tuple[Tensor, Tensor]:
 
 
 @register("trimmed_mean")
-class TrimmedMean(GradientBalancer):
+class TrimmedMean(JacobianAggregator):
     r"""Coordinate-wise trimmed mean of the task gradients: in every coordinate, drop the
     ``trim_number`` largest and smallest values and average the rest.
 
@@ -130,7 +130,7 @@ class TrimmedMean(GradientBalancer):
     and the largest value of the task gradients that were kept there, so ``trim_number``
     arbitrary gradients cannot move it outside the range of the others.
 
-    The update is not a linear combination of the task gradients (``requires = "jacobian"``);
+    The update is not a linear combination of the task gradients (a Jacobian aggregator);
     the reported weight of a task is the mean over the coordinates of the weight its value
     received (:math:`1/(K - 2b)` where kept, 0 where trimmed).
 
@@ -141,7 +141,7 @@ class TrimmedMean(GradientBalancer):
     Args:
         tasks: task names (more than ``2 * trim_number``).
         trim_number: how many values to drop at each end of every coordinate (default 1).
-        **options: engine options of :class:`GradientBalancer`.
+        **options: engine options of :class:`~mtlkit.balancers.GradientBalancer`.
 
     Example:
         >>> import torch
@@ -155,8 +155,6 @@ class TrimmedMean(GradientBalancer):
         {'a': 0.0, 'b': 0.5, 'c': 0.5}
     """
 
-    requires: ClassVar[Requirement] = "jacobian"
-
     def __init__(self, tasks: Sequence[str], *, trim_number: int = 1, **options: Any) -> None:
         super().__init__(tasks, **options)
         if int(trim_number) != trim_number or trim_number < 0:
@@ -166,7 +164,7 @@ class TrimmedMean(GradientBalancer):
                              f"{2 * trim_number} tasks, got {self.num_tasks}")
         self.trim_number = int(trim_number)
 
-    def _aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+    def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         return trimmed_mean(jacobian, self.trim_number)
 
     def extra_repr(self) -> str:

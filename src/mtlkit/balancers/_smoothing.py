@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import GradientBalancer
-from mtlkit.balancers._registry import create, register
+from mtlkit.balancers._base import GramianWeighting
+from mtlkit.balancers._registry import create, get, register
 
 
 def smoothed_weights(previous: Tensor, current: Tensor, alpha: float, first: bool) -> Tensor:
@@ -19,7 +19,7 @@ def smoothed_weights(previous: Tensor, current: Tensor, alpha: float, first: boo
 
 
 @register("cr_mogm")
-class CRMOGM(GradientBalancer):
+class CRMOGM(GramianWeighting):
     r"""CR-MOGM: smooth the weights of any Gram weighting (MGDA, PCGrad, CAGrad, ...) with an
     exponential moving average across steps, so that stochastic gradient manipulation converges.
 
@@ -39,7 +39,7 @@ class CRMOGM(GradientBalancer):
        decays; here :math:`\alpha` is a constant (set ``balancer.alpha`` between steps to follow a
        schedule), default 0.9 as TorchJD. :math:`\lambda_1 = \hat\lambda_1` follows TorchJD.
        Only methods whose update is a combination of the task gradients with weights from the
-       Gram matrix can be wrapped (``requires == "gramian"``); their own state is kept as a child
+       Gram matrix can be wrapped (a :class:`~mtlkit.balancers.GramianWeighting`); their own state is kept as a child
        module (``inner``) and saved with this one.
 
     Args:
@@ -48,7 +48,7 @@ class CRMOGM(GradientBalancer):
         alpha: averaging factor :math:`\alpha \in [0, 1]` (default 0.9). 0 is the wrapped
             method itself.
         method_options: hyperparameters of the wrapped method.
-        **options: engine options of :class:`GradientBalancer`.
+        **options: engine options of :class:`~mtlkit.balancers.GradientBalancer`.
 
     State:
         ``smoothed`` (K,), the averaged weights :math:`\lambda_{t-1}`; the wrapped method's state
@@ -75,17 +75,17 @@ class CRMOGM(GradientBalancer):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha = alpha
-        inner = create(method, self.tasks, **dict(method_options or {}))
-        if inner.requires != "gramian" or type(inner)._gramian_weights is \
-                GradientBalancer._gramian_weights:
+        wrapped = get(method).requires
+        if wrapped != "gramian":
             raise ValueError(f"cr_mogm wraps a Gram weighting (requires 'gramian'); "
-                             f"{method!r} requires {inner.requires!r}")
+                             f"{method!r} requires {wrapped!r}")
+        inner = create(method, self.tasks, **dict(method_options or {}))
         self.method = method
         self.inner = inner
         self.register_buffer("smoothed", torch.zeros(self.num_tasks))
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        current = self.inner._gramian_weights(gramian, losses).to(self.smoothed.dtype)
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        current = self.inner.gramian_weights(gramian, losses).to(self.smoothed.dtype)
         self.inner.step += 1  # the wrapped method's own counter (seeds, warnings)
         out = smoothed_weights(self.smoothed, current, self.alpha, first=int(self.step) == 0)
         self.smoothed.copy_(out)
