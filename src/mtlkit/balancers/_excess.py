@@ -19,13 +19,18 @@ def excess_risks(jacobian: Tensor, sq_grad_sum: Tensor) -> Tensor:
     AdaGrad preconditioner :math:`H_k = \mathrm{diag}(\sqrt{S_k})`, :math:`S_k` the running sum
     of :math:`g_k^2` (this step included). Coordinates where :math:`S_k = 0` contribute 0.
 
+    Computed one task at a time, so that the temporaries are of size P, not K x P.
+
     Args:
         jacobian: (K, P) task gradients.
         sq_grad_sum: (K, P) running sum of their squares.
     """
-    root = sq_grad_sum.sqrt()
-    ratio = jacobian.square() / root.clamp_min(torch.finfo(root.dtype).tiny)
-    return torch.where(root > 0, ratio, 0.0).sum(1)
+    out = jacobian.new_empty(jacobian.shape[0])
+    for k, (g, s) in enumerate(zip(jacobian, sq_grad_sum)):
+        # g^2 / sqrt(s); where s = 0, g = 0 too and 0 * inf gives nan: count it as 0
+        ratio = s.rsqrt().mul_(g).mul_(g).nan_to_num_(nan=0.0)
+        out[k] = ratio.sum()
+    return out
 
 
 @register("excess_mtl")
@@ -101,7 +106,7 @@ class ExcessMTL(JacobianAggregator):
                 raise ValueError(f"excess_mtl accumulates task gradients of size "
                                  f"{self.sq_grad_sum.shape[1]}, but this step's have size {p}")
             self.sq_grad_sum = jacobian.new_zeros(k, p)
-        self.sq_grad_sum.add_(jacobian.square())
+        self.sq_grad_sum.addcmul_(jacobian, jacobian)
         risks = excess_risks(jacobian, self.sq_grad_sum).to(self.baseline.dtype)
         t = int(self.step)  # completed steps
         if t < self.warmup_steps or (self.warmup_steps == 0 and t == 0):

@@ -62,6 +62,7 @@ class IMTLL(LossWeighting):
     def objective(self, losses: Tensor, values: Tensor,
                    context: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         # Differentiable in the scales: they learn from this same backward pass.
-        s = self.log_scales.to(losses.dtype)
+        s = self.log_scales if self.log_scales.dtype == losses.dtype else \
+            self.log_scales.to(losses.dtype)
         weights = torch.exp(s)
-        return (weights * losses - s).sum(), weights
+        return losses @ weights - s.sum(), weights

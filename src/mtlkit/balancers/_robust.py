@@ -108,12 +108,12 @@ def trimmed_mean(jacobian: Tensor, trim: int) -> tuple[Tensor, Tensor]:
     ``trim`` largest and ``trim`` smallest values are dropped and the others averaged.
 
     Returns (the (P,) mean, the (K,) effective weights: the mean over the coordinates of the
-    weight each row received there, ``1 / (K - 2 trim)`` or 0; they sum to 1). Ties are broken
-    by row order (a stable sort).
+    weight each row received there, ``1 / (K - 2 trim)`` or 0; they sum to 1). Among equal
+    values, which row counts as kept is the sort's choice (the mean does not depend on it).
     """
     k, p = jacobian.shape
     kept = k - 2 * trim
-    values, rows = torch.sort(jacobian, dim=0, stable=True)
+    values, rows = torch.sort(jacobian, dim=0)
     vector = values[trim: trim + kept].mean(0)
     counts = torch.bincount(rows[trim: trim + kept].reshape(-1), minlength=k)
     return vector, counts.to(jacobian.dtype) / max(kept * p, 1)
@@ -136,7 +136,8 @@ class TrimmedMean(JacobianAggregator):
 
     .. note:: The paper states the trimming as a fraction :math:`\beta`; the count is given
        here, as TorchJD. With 3 tasks, ``trim_number=1`` (the default) is the coordinate-wise
-       median. Ties are broken by task order.
+       median. Among equal values, which task counts as kept (for the reported weights) is
+       the sort's choice.
 
     Args:
         tasks: task names (more than ``2 * trim_number``).
