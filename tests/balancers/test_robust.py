@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from _hard import F32, hard_jacobians
-from _inputs import random_jacobian, run
+from _inputs import degenerate_jacobians, random_jacobian, run
 
 from mtlkit.balancers._robust import Krum, TrimmedMean, krum_scores
 
@@ -120,6 +120,24 @@ def test_trimmed_mean_agrees_with_torchjd():
         b = (k - 1) // 2
         d, _ = run(TrimmedMean(names(k), trim_number=b), jac, dtype=F64)
         torch.testing.assert_close(d, agg.TrimmedMean(trim_number=b)(jac))
+
+
+@pytest.mark.parametrize("name", ["krum", "trimmed_mean"])
+def test_degenerate_inputs_with_three_tasks(name):
+    """The contract's degenerate cases at K = 3 (the contract test skips these rules, which
+    are not defined for K = 1, 2): finite; zero -> 0; identical rows g -> g."""
+    cls = {"krum": Krum, "trimmed_mean": TrimmedMean}[name]
+    for case, jac in degenerate_jacobians(3).items():
+        if case == "single_task":
+            continue
+        b = cls(names(3))
+        for _ in range(2):
+            d, step = run(b, jac, dtype=F32)
+            assert torch.isfinite(d).all() and torch.isfinite(step.weight_tensor).all(), case
+        if case == "zero":
+            assert bool((d == 0).all())
+        if case == "identical":
+            torch.testing.assert_close(d.double(), jac[0], rtol=1e-6, atol=0)
 
 
 def test_validation():
