@@ -22,6 +22,8 @@ from mtlkit.balancers._dynamic import (
     LossBalancedTaskWeighting,
     RandomLossWeighting,
 )
+from mtlkit.balancers._excess import ExcessMTL
+from mtlkit.balancers._fairness import FairGrad
 from mtlkit.balancers._famo import FAMO
 from mtlkit.balancers._gradnorm import GradNorm, GradNormScaling
 from mtlkit.balancers._gramian import (
@@ -33,8 +35,12 @@ from mtlkit.balancers._gramian import (
     NashMTL,
     UPGrad,
 )
+from mtlkit.balancers._imtl_l import IMTLL
+from mtlkit.balancers._metabalance import MetaBalance
 from mtlkit.balancers._mgda import MGDA
+from mtlkit.balancers._projections import PCD, ConFIG, DualProj
 from mtlkit.balancers._registry import available, create, get, hyperparameters, register
+from mtlkit.balancers._robust import Krum, TrimmedMean
 from mtlkit.balancers._scaling import (
     EqualWeighting,
     FixedWeighting,
@@ -43,24 +49,32 @@ from mtlkit.balancers._scaling import (
     PriorLossWeighting,
     prior_loss,
 )
+from mtlkit.balancers._smoothing import CRMOGM
 from mtlkit.balancers._surgery import GradDrop, GradVac, PCGrad
 from mtlkit.balancers._torchjd import TorchJDWeighting
 from mtlkit.balancers._uncertainty import UncertaintyWeighting
 
 __all__ = [
+    "CRMOGM",
     "DBMTL",
     "FAMO",
     "IMTL",
+    "IMTLL",
     "MGDA",
+    "PCD",
     "AlignedMTL",
     "BalanceStep",
     "Balancer",
     "BargainingWarning",
     "BlockGramianWeighting",
     "CAGrad",
+    "ConFIG",
+    "DualProj",
     "DynamicTaskPrioritization",
     "DynamicWeightAverage",
     "EqualWeighting",
+    "ExcessMTL",
+    "FairGrad",
     "FixedWeighting",
     "GeometricWeighting",
     "GradDrop",
@@ -71,14 +85,17 @@ __all__ = [
     "GramianWeighting",
     "InitialLossWeighting",
     "JacobianAggregator",
+    "Krum",
     "LastLayerWeighting",
     "LossBalancedTaskWeighting",
     "LossWeighting",
+    "MetaBalance",
     "NashMTL",
     "PCGrad",
     "PriorLossWeighting",
     "RandomLossWeighting",
     "TorchJDWeighting",
+    "TrimmedMean",
     "UPGrad",
     "UncertaintyWeighting",
     "available",

@@ -105,6 +105,9 @@ DEFAULT_METHODS = (
     "ew", "ew[check_finite=False]", "uw", "dwa", "famo", "famo[update=next_batch]", "gradnorm",
     "grad_norm_scaling@features", "mgda", "mgda@features", "pcgrad", "graddrop", "gradvac",
     "cagrad", "imtl", "nash_mtl", "aligned_mtl", "upgrad", "upgrad@features", "db_mtl",
+    # issue 11
+    "config", "dualproj", "cr_mogm", "fairgrad", "krum", "trimmed_mean", "pcd", "excess_mtl",
+    "imtl_l", "metabalance",
 )
 #: Targets of issue 3 (see the module docstring).
 LOSS_TIME, FEATURES_TIME, PEER_TIME, PEER_MEM = 1.05, 1.5, 1.00, 0.50
@@ -121,13 +124,32 @@ PEERS: dict[str, Callable[[int], Any]] = {
     "nash_mtl": lambda k: _tjd().NashMTL(n_tasks=k),
     "aligned_mtl": lambda k: _tjd().AlignedMTL(),
     "upgrad": lambda k: _tjd().UPGrad(),
+    "config": lambda k: _tjd().ConFIG(),
+    "dualproj": lambda k: _tjd().DualProj(),
+    "cr_mogm": lambda k: _tjd().GramianWeightedAggregator(
+        _tjd().CRMOGMWeighting(_tjd().MGDAWeighting())),
+    "fairgrad": lambda k: _tjd().FairGrad(alpha=2.0),
+    "krum": lambda k: _tjd().Krum(n_byzantine=0),
+    "trimmed_mean": lambda k: _tjd().TrimmedMean(trim_number=1),
+    "pcd": lambda k: _tjd().PCD(),
+    "excess_mtl": lambda k: _tjd().ExcessMTL(),
+    "imtl_l": lambda k: _tjd_scalarization().IMTLL(k),
 }
+#: Peers that are TorchJD scalarizers (one backward pass of ``scalarizer(losses)``), not
+#: aggregators.
+SCALARIZER_PEERS = {"imtl_l"}
 
 
 def _tjd() -> Any:
     from torchjd import aggregation
 
     return aggregation
+
+
+def _tjd_scalarization() -> Any:
+    from torchjd import scalarization
+
+    return scalarization
 
 
 @dataclass(frozen=True)
@@ -205,6 +227,17 @@ class Problem:
                 opt.step()
 
             return plain
+        if spec.peer and spec.name in SCALARIZER_PEERS:
+            scalarizer = PEERS[spec.name](len(self.suite.tasks)).to(self.device)
+            opt = torch.optim.SGD([*model.parameters(), *scalarizer.parameters()], lr=0.0)
+
+            def peer_scalarizer() -> None:
+                opt.zero_grad(set_to_none=True)
+                losses, _ = model.losses(*batch)
+                scalarizer(torch.stack(list(losses.values()))).backward()
+                opt.step()
+
+            return peer_scalarizer
         if spec.peer:
             from torchjd.autojac import jac_to_grad, mtl_backward
 
