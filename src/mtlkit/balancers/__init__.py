@@ -7,6 +7,7 @@ True
 """
 
 from mtlkit.balancers._base import Balancer, BalanceStep, GradientBalancer
+from mtlkit.balancers._bilevel import AutoLambda
 from mtlkit.balancers._dynamic import (
     DynamicTaskPrioritization,
     DynamicWeightAverage,
@@ -14,6 +15,7 @@ from mtlkit.balancers._dynamic import (
     RandomLossWeighting,
 )
 from mtlkit.balancers._famo import FAMO
+from mtlkit.balancers._go4align import GO4Align
 from mtlkit.balancers._gradnorm import GradNorm, GradNormScaling
 from mtlkit.balancers._gramian import (
     DBMTL,
@@ -26,6 +28,7 @@ from mtlkit.balancers._gramian import (
 )
 from mtlkit.balancers._mgda import MGDA
 from mtlkit.balancers._registry import available, create, get, register
+from mtlkit.balancers._scalarization import COSMOS, PBI, STCH
 from mtlkit.balancers._scaling import (
     EqualWeighting,
     FixedWeighting,
@@ -34,16 +37,21 @@ from mtlkit.balancers._scaling import (
     PriorLossWeighting,
     prior_loss,
 )
+from mtlkit.balancers._stochastic import MoCo, MoDo, SDMGrad
 from mtlkit.balancers._surgery import GradDrop, GradVac, PCGrad
 from mtlkit.balancers._torchjd import TorchJDWeighting
 from mtlkit.balancers._uncertainty import UncertaintyWeighting
 
 __all__ = [
+    "COSMOS",
     "DBMTL",
     "FAMO",
     "IMTL",
     "MGDA",
+    "PBI",
+    "STCH",
     "AlignedMTL",
+    "AutoLambda",
     "BalanceStep",
     "Balancer",
     "BargainingWarning",
@@ -52,6 +60,7 @@ __all__ = [
     "DynamicWeightAverage",
     "EqualWeighting",
     "FixedWeighting",
+    "GO4Align",
     "GeometricWeighting",
     "GradDrop",
     "GradNorm",
@@ -60,10 +69,13 @@ __all__ = [
     "GradientBalancer",
     "InitialLossWeighting",
     "LossBalancedTaskWeighting",
+    "MoCo",
+    "MoDo",
     "NashMTL",
     "PCGrad",
     "PriorLossWeighting",
     "RandomLossWeighting",
+    "SDMGrad",
     "TorchJDWeighting",
     "UPGrad",
     "UncertaintyWeighting",
