@@ -198,7 +198,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
             loader = DataLoader(train, batch_size=self.config.batch_size, shuffle=True,
                                 generator=gen, drop_last=len(train) > self.config.batch_size)
-            self._train_epoch(loader)
+            self._train_epoch(loader, self._extra_loader(train))
             record: dict[str, Any] = {"epoch": self.epoch + 1}
             record["val"] = evaluate(self.model, self.tasks, val_loader, self.device)
             if test_loader is not None:
@@ -227,9 +227,38 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ training
-    def _train_epoch(self, loader: Iterable) -> None:
+    def _extra_loader(self, train: Dataset) -> DataLoader | None:
+        """A second, independently shuffled pass over the training set, for balancers that
+        need a second batch (``needs_second_batch``: MoDo, SDMGrad) or a held-out batch
+        (``needs_held_out_batch``: Auto-Lambda, whose official code also draws it from the
+        training set; the validation split stays for model selection). Seeded by
+        ``(seed, epoch)`` like the main loader, so a resumed run draws the same batches."""
+        if not (getattr(self.balancer, "needs_second_batch", False)
+                or getattr(self.balancer, "needs_held_out_batch", False)):
+            return None
+        gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch + 7_777_777)
+        return DataLoader(train, batch_size=self.config.batch_size, shuffle=True, generator=gen,
+                          drop_last=len(train) > self.config.batch_size)
+
+    def _extra_context(self, batch: Any) -> dict[str, Any]:
+        """``second_losses`` or ``held_out`` + ``parameters`` from the extra loader's batch."""
+        x, y, mask = self._my_part(*_unpack(batch, self.device))
+
+        def losses() -> dict[str, Tensor]:
+            out = self.forward_model(x)
+            return {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name)) for t in self.tasks}
+
+        if getattr(self.balancer, "needs_second_batch", False):
+            no_sync = self.ranks > 1 and self.balancer.takes_task_gradients
+            with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+                return {"second_losses": losses()}
+        return {"held_out": losses,
+                "parameters": [p for p in self.model.parameters() if p.requires_grad]}
+
+    def _train_epoch(self, loader: Iterable, extra: Iterable | None = None) -> None:
         self.model.train()
         n = len(loader)  # type: ignore[arg-type]
+        extra_batches = iter(extra) if extra is not None else None
         for i, batch in enumerate(loader):
             if self._out_of_steps():
                 break
@@ -252,9 +281,11 @@ class Trainer:
                 cosine = parameter_cosine(losses, list(self.model.shared_parameters()))
                 t0 += time.perf_counter() - c0
             context = self._context(out, y, losses)
+            features = self._features()  # before a second forward pass replaces them
+            if extra_batches is not None:
+                context.update(self._extra_context(next(extra_batches)))
             step = self.balancer.backward(
-                losses, shared=self.model.shared_parameters(), features=self._features(),
-                **context,
+                losses, shared=self.model.shared_parameters(), features=features, **context,
             )
             self.optimizer.step()
             if self.balancer.needs_after_step:
