@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -103,7 +104,8 @@ class GO4Align(Balancer):
        the optimal clustering is found exactly by dynamic programming over the sorted
        indicators (:func:`kmeans_1d`), so the weights are deterministic. That takes the K
        indicators to the host once per step. A zero loss makes :math:`\beta_k` infinite;
-       losses are clamped at the smallest normal float first, so the weights stay finite.
+       a loss below the largest one over the square root of the dtype's largest float is raised
+       to that floor first, so the weights stay finite.
 
     Example:
         >>> import torch
@@ -133,7 +135,12 @@ class GO4Align(Balancer):
                                                  dtype=torch.float64))
 
     def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        safe = losses.double().clamp_min(torch.finfo(losses.dtype).tiny)
+        # A loss below the largest over sqrt(float max) counts as that floor: beta_k = sum / L_k
+        # stays finite in the losses' dtype (an exact zero would make it infinite).
+        info = torch.finfo(losses.dtype)
+        top = losses.double().max()
+        floor = torch.clamp_min(top / math.sqrt(info.max), info.tiny)
+        safe = losses.double().clamp_min(floor)
         # Multiplicative update in log space: exp(-eta L) underflows for huge losses.
         log_omega = self.omega.log() - self.step_size * safe
         self.omega.copy_(torch.softmax(log_omega, dim=0))
