@@ -32,6 +32,9 @@ def project_simplex(v: Tensor) -> Tensor:
     [1.0, 0.0, 0.0]
     """
     n = v.numel()
+    # The projection commutes with adding a constant to every entry: shift the largest to 0,
+    # so that entries of 1e27 keep their differences exact.
+    v = v - v.max()
     u = torch.sort(v, descending=True).values
     css = u.cumsum(0) - 1
     idx = torch.arange(1, n + 1, dtype=v.dtype, device=v.device)
