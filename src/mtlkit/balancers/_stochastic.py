@@ -153,19 +153,24 @@ class _TwoBatchBalancer(GradientBalancer):
         shared = self._shared_list(shared)
         second = self._loss_list(context["second_losses"])
         second_values = self._loss_values(torch.stack(second).detach())
-        k = self.num_tasks
         # Halved losses: every head receives the mean of its loss's gradients on the two
-        # batches, and weights [w, w] on the halves give sum_k w_k (g1_k + g2_k) / 2.
-        halves = [0.5 * loss for loss in [*items, *second]]
-        grads = task_gradients(halves, shared, None, grad_on="parameters",
-                               strategy=self.strategy, chunk_size=self.chunk_size)
+        # batches, and the weights w on each batch's halves give sum_k w_k (g1_k + g2_k) / 2.
+        # One engine call per batch: two K-task passes, never a 2K x 2K Gram matrix.
+        kwargs = {"grad_on": "parameters", "strategy": self.strategy,
+                  "chunk_size": self.chunk_size}
+        first = task_gradients([0.5 * loss for loss in items], shared, None, **kwargs)
+        other = task_gradients([0.5 * loss for loss in second], shared, None, **kwargs)
         with torch.no_grad():
-            gram = 4 * grads.gramian  # of the full losses' gradients, (2K, 2K)
-            weights = self._cross_weights(gram[:k, k:]).to(gram.dtype)
-            grads.apply_weights(torch.cat([weights, weights]))
+            k = self.num_tasks
+            cross = 4 * sum(a.reshape(k, -1) @ b.reshape(k, -1).T
+                            for a, b in zip(first.blocks, other.blocks))
+            weights = self._cross_weights(cross).to(first.gramian.dtype)
+            first.apply_weights(weights)
+            other.apply_weights(weights)
             weights = weights.to(values.dtype)
+            gramian = 4 * first.gramian  # of the first batch's full losses
         mean_values = (values + second_values) / 2
-        return BalanceStep(self.tasks, (weights * mean_values).sum(), weights, gram[:k, :k])
+        return BalanceStep(self.tasks, (weights * mean_values).sum(), weights, gramian)
 
 
 @register("modo")

@@ -105,6 +105,7 @@ DEFAULT_METHODS = (
     "ew", "ew[check_finite=False]", "uw", "dwa", "famo", "famo[update=next_batch]", "gradnorm",
     "grad_norm_scaling@features", "mgda", "mgda@features", "pcgrad", "graddrop", "gradvac",
     "cagrad", "imtl", "nash_mtl", "aligned_mtl", "upgrad", "upgrad@features", "db_mtl",
+    "moco", "modo", "sdmgrad",
 )
 #: Targets of issue 3 (see the module docstring).
 LOSS_TIME, FEATURES_TIME, PEER_TIME, PEER_MEM = 1.05, 1.5, 1.00, 0.50
@@ -121,6 +122,13 @@ PEERS: dict[str, Callable[[int], Any]] = {
     "nash_mtl": lambda k: _tjd().NashMTL(n_tasks=k),
     "aligned_mtl": lambda k: _tjd().AlignedMTL(),
     "upgrad": lambda k: _tjd().UPGrad(),
+}
+# Weightings of J1 J2' (two independent batches; here two forward passes of the same batch):
+# the peer step runs TorchJD's ``jac`` on each batch's losses, then backpropagates the mean of
+# the two batches' losses weighted by the weighting's output, as TorchJD's own example.
+CROSS_PEERS: dict[str, Callable[[int], Any]] = {
+    "modo": lambda k: _tjd().MoDoWeighting(gamma=1e-3, rho=0.1),
+    "sdmgrad": lambda k: _tjd().SDMGradWeighting(),
 }
 
 
@@ -177,7 +185,7 @@ class Spec:
         """The TorchJD peer timed beside this method (parameters mode only)."""
         if self.peer or self.key == PLAIN_SUM or self.grad_on is not None:
             return None
-        return f"torchjd:{self.name}" if self.name in PEERS else None
+        return f"torchjd:{self.name}" if self.name in PEERS or self.name in CROSS_PEERS else None
 
 
 class Problem:
@@ -205,6 +213,22 @@ class Problem:
                 opt.step()
 
             return plain
+        if spec.peer and spec.name in CROSS_PEERS:
+            from torchjd.autojac import jac
+
+            weighting = CROSS_PEERS[spec.name](len(self.suite.tasks))
+            opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+            def cross_peer() -> None:
+                opt.zero_grad(set_to_none=True)
+                both = [torch.stack(list(model.losses(*batch)[0].values())) for _ in range(2)]
+                j1, j2 = (torch.cat([g.flatten(1) for g in jac(v, shared, retain_graph=True)], 1)
+                          for v in both)
+                weights = weighting(j1 @ j2.T)
+                ((both[0] + both[1]) / 2).backward(weights)
+                opt.step()
+
+            return cross_peer
         if spec.peer:
             from torchjd.autojac import jac_to_grad, mtl_backward
 
@@ -229,7 +253,10 @@ class Problem:
         def ours() -> None:
             opt.zero_grad(set_to_none=True)
             losses, z = model.losses(*batch)
-            balancer.backward(losses, shared=shared, features=z)
+            # A second forward of the same batch stands in for a second batch (MoDo, SDMGrad).
+            extra = ({"second_losses": model.losses(*batch)[0]}
+                     if getattr(balancer, "needs_second_batch", False) else {})
+            balancer.backward(losses, shared=shared, features=z, **extra)
             opt.step()
             if balancer.needs_after_step:
                 with torch.no_grad():
@@ -388,7 +415,7 @@ def _unavailable(spec: Spec, k: int) -> str | None:
     """Why the peer of ``spec`` cannot be built here (TorchJD or its optional solvers), or None."""
     try:
         with _quiet():
-            PEERS[spec.name](k)
+            (PEERS.get(spec.name) or CROSS_PEERS[spec.name])(k)
     except Exception as err:  # noqa: BLE001 - any failure of an optional peer is reported
         return f"{type(err).__name__}: {err}"
     return None
