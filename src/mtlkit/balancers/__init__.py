@@ -6,7 +6,16 @@
 True
 """
 
-from mtlkit.balancers._base import Balancer, BalanceStep, GradientBalancer
+from mtlkit.balancers._base import (
+    Balancer,
+    BalanceStep,
+    BlockGramianWeighting,
+    GradientBalancer,
+    GramianWeighting,
+    JacobianAggregator,
+    LastLayerWeighting,
+    LossWeighting,
+)
 from mtlkit.balancers._bilevel import AutoLambda
 from mtlkit.balancers._dynamic import (
     DynamicTaskPrioritization,
@@ -27,7 +36,7 @@ from mtlkit.balancers._gramian import (
     UPGrad,
 )
 from mtlkit.balancers._mgda import MGDA
-from mtlkit.balancers._registry import available, create, get, register
+from mtlkit.balancers._registry import available, create, get, hyperparameters, register
 from mtlkit.balancers._scalarization import COSMOS, PBI, STCH
 from mtlkit.balancers._scaling import (
     EqualWeighting,
@@ -55,6 +64,7 @@ __all__ = [
     "BalanceStep",
     "Balancer",
     "BargainingWarning",
+    "BlockGramianWeighting",
     "CAGrad",
     "DynamicTaskPrioritization",
     "DynamicWeightAverage",
@@ -67,8 +77,12 @@ __all__ = [
     "GradNormScaling",
     "GradVac",
     "GradientBalancer",
+    "GramianWeighting",
     "InitialLossWeighting",
+    "JacobianAggregator",
+    "LastLayerWeighting",
     "LossBalancedTaskWeighting",
+    "LossWeighting",
     "MoCo",
     "MoDo",
     "NashMTL",
@@ -82,6 +96,7 @@ __all__ = [
     "available",
     "create",
     "get",
+    "hyperparameters",
     "prior_loss",
     "register",
 ]

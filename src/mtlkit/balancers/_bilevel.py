@@ -15,30 +15,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import Balancer, BalanceStep, positive
+from mtlkit.balancers._base import LossWeighting, positive
+from mtlkit.balancers._functional import InnerAdam
 from mtlkit.balancers._registry import register
 from mtlkit.engine import task_jacobian
 from mtlkit.engine._dist import world_size
 
 HeldOut = Callable[[], Mapping[str, Tensor]]
-
-
-def adam_update(
-    value: Tensor, grad: Tensor, m: Tensor, v: Tensor, t: int, lr: float,
-    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-) -> None:
-    """One step of Adam with bias correction, in place on ``value``, ``m`` and ``v`` (t >= 1).
-
-    >>> x, m, v = torch.zeros(1), torch.zeros(1), torch.zeros(1)
-    >>> adam_update(x, torch.tensor([2.0]), m, v, 1, 0.1)
-    >>> round(x.item(), 6)
-    -0.1
-    """
-    b1, b2 = betas
-    m.mul_(b1).add_(grad, alpha=1 - b1)
-    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-    denom = (v / (1 - b2**t)).sqrt_().add_(eps)
-    value.sub_((m / (1 - b1**t)) / denom * lr)
 
 
 def lookahead_hypergradient(per_task: Sequence[Tensor], held_out_grad: Sequence[Tensor],
@@ -60,7 +43,7 @@ def lookahead_hypergradient(per_task: Sequence[Tensor], held_out_grad: Sequence[
 
 
 @register("auto_lambda")
-class AutoLambda(Balancer):
+class AutoLambda(LossWeighting):
     r"""Auto-Lambda: task weights meta-learned on a held-out batch by a one-step lookahead.
 
     Proposed in Liu, Li, Kuang & Davison, *Auto-Lambda: Disentangling Dynamic Task
@@ -89,15 +72,16 @@ class AutoLambda(Balancer):
     called), and ``params`` are the model's trainable parameters.
 
     State:
-        ``weights`` (K,): :math:`\lambda`; ``adam_m``, ``adam_v`` (K,), ``adam_t`` (): its Adam.
+        ``weights`` (K,): :math:`\lambda`; ``adam``: its
+        :class:`~mtlkit.balancers._functional.InnerAdam` (moments and step count).
 
     .. note:: The paper approximates the inner product
        :math:`\langle \nabla L_k(\theta), \nabla L^{val}(\theta')\rangle` by central finite
        differences of the training losses at :math:`\theta \pm \epsilon \nabla L^{val}`
        (two more forward passes of the training batch, as DARTS). Since :math:`\theta'` is
        linear in :math:`\lambda` the inner product is the exact hypergradient, and it is
-       computed here from the per-task gradients (K vectorised backward passes, which also give
-       the update, so no further backward runs). The virtual step is plain SGD (the official
+       computed here from the per-task gradients of every parameter (one vectorised backward
+       of the K losses, graph kept), before the one backward pass of the update. The virtual step is plain SGD (the official
        code also adds the momentum and weight decay of its SGD optimiser). The held-out batch
        is an independent batch of the *training* set in the trainer (as the official code,
        which shuffles a second copy of the training loader), which keeps the validation split
@@ -117,10 +101,6 @@ class AutoLambda(Balancer):
     context_keys: ClassVar[tuple[str, ...]] = ("held_out", "parameters")
 
     weights: Tensor
-    adam_m: Tensor
-    adam_v: Tensor
-    adam_t: Tensor
-    primary_mask: Tensor
 
     def __init__(
         self,
@@ -129,10 +109,9 @@ class AutoLambda(Balancer):
         init: float = 0.1,
         virtual_lr: float = 1e-3,
         primary: Sequence[str] | None = None,
-        *,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         self.lr = positive("lr", lr)
         self.virtual_lr = positive("virtual_lr", virtual_lr)
         init = positive("init", init)
@@ -142,13 +121,8 @@ class AutoLambda(Balancer):
             raise ValueError(f"primary must name some of the tasks {list(self.tasks)}, "
                              f"got {primary!r}")
         self.primary = tuple(t for t in self.tasks if t in primary)
-        k = self.num_tasks
-        mask = torch.tensor([t in self.primary for t in self.tasks], dtype=torch.float64)
-        self.register_buffer("primary_mask", mask, persistent=False)
-        self.register_buffer("weights", torch.full((k,), init, dtype=torch.float64))
-        self.register_buffer("adam_m", torch.zeros(k, dtype=torch.float64))
-        self.register_buffer("adam_v", torch.zeros(k, dtype=torch.float64))
-        self.register_buffer("adam_t", torch.zeros((), dtype=torch.long))
+        self.register_buffer("weights", torch.full((self.num_tasks,), init))
+        self.adam = InnerAdam(self.num_tasks, lr=self.lr)
 
     def _validate_context(self, context: Mapping[str, Any]) -> None:
         missing = [key for key in self.context_keys if key not in context]
@@ -170,19 +144,21 @@ class AutoLambda(Balancer):
                 "need the held-out gradient of every rank)"
             )
 
-    def _backward_losses(self, losses: Tensor, values: Tensor,
-                         context: Mapping[str, Any]) -> BalanceStep:
+    def objective(self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
+                  ) -> tuple[Tensor, Tensor]:
         params = [p for p in context["parameters"] if p.requires_grad]
         if not params:
             raise ValueError("parameters contains no tensor that requires grad")
         held_out: HeldOut = context["held_out"]
-        # Per-task gradients of every parameter: they give the hypergradient and the update.
-        per_task = task_jacobian(list(losses.unbind()), params, retain_graph=False)
+        # Per-task gradients of every parameter (graph kept for the update's backward pass).
+        per_task = task_jacobian(list(losses.unbind()), params)
+        # The virtual step swaps each parameter's data for theta' and back: an in-place update
+        # would bump the version of tensors the kept graph saved, and its backward would refuse.
         with torch.no_grad():
             lam = self.weights.to(per_task[0].dtype)
-            saved = [p.detach().clone() for p in params]
+            saved = [p.data for p in params]
             for p, b in zip(params, per_task):
-                p.sub_(torch.tensordot(lam, b, dims=1), alpha=self.virtual_lr)
+                p.data = p.data - self.virtual_lr * torch.tensordot(lam, b, dims=1)
         try:  # at theta': the held-out losses and their gradient
             with torch.enable_grad():
                 val = self._loss_list(held_out())
@@ -191,20 +167,13 @@ class AutoLambda(Balancer):
             grad_val = torch.autograd.grad(target, params, allow_unused=True,
                                            materialize_grads=True)
         finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
+            for p, s in zip(params, saved):
+                p.data = s
         with torch.no_grad():
-            hyper = lookahead_hypergradient(per_task, grad_val, self.virtual_lr)
-            self.adam_t += 1
-            adam_update(self.weights, hyper, self.adam_m, self.adam_v, int(self.adam_t),
-                        self.lr)
-            lam = self.weights.to(per_task[0].dtype)
-            for p, b in zip(params, per_task):
-                g = torch.tensordot(lam, b, dims=1)
-                p.grad = g if p.grad is None else p.grad + g
-            weights = self.weights.to(values.dtype)
-        return BalanceStep(self.tasks, (weights * values).sum(), weights)
+            self.adam.step(self.weights, lookahead_hypergradient(per_task, grad_val,
+                                                                 self.virtual_lr))
+            weights = self.weights.to(losses.dtype)
+        return losses @ weights, weights
 
     def extra_repr(self) -> str:
         return (f"lr={self.lr}, virtual_lr={self.virtual_lr}, "

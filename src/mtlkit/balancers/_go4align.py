@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import Balancer, positive
+from mtlkit.balancers._base import LossWeighting, positive
 from mtlkit.balancers._registry import register
 
 
@@ -74,7 +74,7 @@ def group_means(indicators: Tensor, labels: Tensor) -> Tensor:
 
 
 @register("go4align")
-class GO4Align(Balancer):
+class GO4Align(LossWeighting):
     r"""GO4Align: weight tasks by group, grouping tasks whose risk-guided indicators agree.
 
     Proposed in Shen, Wang, Xiao, Van Noord & Worring, *GO4Align: Group Optimization for
@@ -123,10 +123,9 @@ class GO4Align(Balancer):
         tasks: Sequence[str],
         num_groups: int = 2,
         step_size: float = 1e-4,
-        *,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         if isinstance(num_groups, bool) or int(num_groups) != num_groups or num_groups < 1:
             raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}")
         self.num_groups = min(int(num_groups), self.num_tasks)
@@ -134,7 +133,8 @@ class GO4Align(Balancer):
         self.register_buffer("omega", torch.full((self.num_tasks,), 1.0 / self.num_tasks,
                                                  dtype=torch.float64))
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
+        losses = values
         # A loss below the largest over sqrt(float max) counts as that floor: beta_k = sum / L_k
         # stays finite in the losses' dtype (an exact zero would make it infinite).
         info = torch.finfo(losses.dtype)

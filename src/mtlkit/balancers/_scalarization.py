@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import Balancer, positive
+from mtlkit.balancers._base import LossWeighting, positive
 from mtlkit.balancers._registry import register
 
 
@@ -79,7 +79,7 @@ def pbi_weights(losses: Tensor, preference: Tensor, theta: float, reference: Ten
 
 
 # ---------------------------------------------------------------------------- classes
-class _PreferenceScalarization(Balancer):
+class _PreferenceScalarization(LossWeighting):
     """Shared validation of a preference vector (one positive number per task)."""
 
     preference: Tensor
@@ -138,18 +138,17 @@ class STCH(_PreferenceScalarization):
         mu: float = 1.0,
         preference: float | Mapping[str, float] | None = None,
         reference: float | Mapping[str, float] = 0.0,
-        *,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         self.mu = positive("mu", mu)
         self.register_buffer("preference", self._preference(preference), persistent=False)
         self.register_buffer("reference", self._task_values(reference, "reference"),
                              persistent=False)
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        return stch_weights(losses, self.preference.to(losses.dtype), self.mu,
-                            self.reference.to(losses.dtype))
+    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
+        return stch_weights(values, self.preference.to(values.dtype), self.mu,
+                            self.reference.to(values.dtype))
 
     def extra_repr(self) -> str:
         return f"mu={self.mu}, preference={self.preference.tolist()}"
@@ -201,10 +200,9 @@ class COSMOS(_PreferenceScalarization):
         alpha: float = 1.2,
         preference: float | Mapping[str, float] | None = None,
         seed: int = 0,
-        *,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         self.penalty = positive("penalty", penalty, allow_zero=True)
         self.alpha = positive("alpha", alpha)
         self.seed = int(seed)
@@ -224,9 +222,9 @@ class COSMOS(_PreferenceScalarization):
         g = torch._standard_gamma(conc, generator=gen)
         return g / g.sum()
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        pref = self.preference_at(int(self.step)).to(losses.device, losses.dtype)
-        return cosmos_weights(losses, pref, self.penalty)
+    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
+        pref = self.preference_at(int(self.step)).to(values.device, values.dtype)
+        return cosmos_weights(values, pref, self.penalty)
 
     def extra_repr(self) -> str:
         r = self.preference.tolist() if self.fixed else f"Dir({self.alpha})"
@@ -277,18 +275,17 @@ class PBI(_PreferenceScalarization):
         theta: float = 5.0,
         preference: float | Mapping[str, float] | None = None,
         reference: float | Mapping[str, float] = 0.0,
-        *,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         self.theta = positive("theta", theta, allow_zero=True)
         self.register_buffer("preference", self._preference(preference), persistent=False)
         self.register_buffer("reference", self._task_values(reference, "reference"),
                              persistent=False)
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        return pbi_weights(losses, self.preference.to(losses.dtype), self.theta,
-                           self.reference.to(losses.dtype))
+    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
+        return pbi_weights(values, self.preference.to(values.dtype), self.theta,
+                           self.reference.to(values.dtype))
 
     def extra_repr(self) -> str:
         return f"theta={self.theta}, preference={self.preference.tolist()}"

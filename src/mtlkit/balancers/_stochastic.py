@@ -18,9 +18,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import BalanceStep, GradientBalancer, Requirement, positive
+from mtlkit.balancers._base import (
+    BalanceStep,
+    GramianWeighting,
+    JacobianAggregator,
+    positive,
+)
 from mtlkit.balancers._registry import register
-from mtlkit.engine import GradOn, Strategy, task_gradients
+from mtlkit.engine import task_gradients
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -104,26 +109,19 @@ def moco_step(
 
 
 # ---------------------------------------------------------------------------- two batches
-class _TwoBatchBalancer(GradientBalancer):
+class _TwoBatchBalancer(GramianWeighting):
     """A gradient method that weighs the tasks from two independent mini-batches (see the
-    module docstring). ``backward(losses, shared=..., second_losses=...)``."""
+    module docstring): ``backward(losses, shared=..., second_losses=...)``. Hook:
+    :meth:`cross_weights`."""
 
     #: The trainer draws a second, independent batch and passes its losses as ``second_losses``.
     needs_second_batch: ClassVar[bool] = True
     context_keys: ClassVar[tuple[str, ...]] = ("second_losses",)
+    _hooks = ("cross_weights",)
 
-    def __init__(
-        self,
-        tasks: Sequence[str],
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
-    ) -> None:
-        super().__init__(tasks, grad_on=grad_on, strategy=strategy, chunk_size=chunk_size,
-                         check_finite=check_finite)
-        if grad_on != "parameters":
+    def __init__(self, tasks: Sequence[str], **options: Any) -> None:
+        super().__init__(tasks, **options)
+        if self.grad_on != "parameters":
             raise ValueError(
                 f"{type(self).__name__} needs grad_on='parameters': the two batches have "
                 "different shared representations"
@@ -138,18 +136,14 @@ class _TwoBatchBalancer(GradientBalancer):
             )
         self._check_losses(context["second_losses"])
 
-    def _cross_weights(self, cross: Tensor) -> Tensor:
-        """Weights (K,) from :math:`A = J_1 J_2^\\top` (K x K, not symmetric in general)."""
+    def cross_weights(self, cross: Tensor) -> Tensor:
+        """Weights (K,) from :math:`A = J_1 J_2^\\top` (K x K float64, not symmetric in
+        general)."""
         raise NotImplementedError
 
-    def _backward_gradients(
-        self,
-        values: Tensor,
-        items: list[Tensor],
-        shared: Any,
-        features: Tensor | None,
-        context: Mapping[str, Any],
-    ) -> BalanceStep:
+    def _balance(self, items: list[Tensor], stacked: Tensor, values: Tensor,
+                 shared: Any, features: Tensor | None,
+                 context: Mapping[str, Any]) -> BalanceStep:
         shared = self._shared_list(shared)
         second = self._loss_list(context["second_losses"])
         second_values = self._loss_values(torch.stack(second).detach())
@@ -162,9 +156,9 @@ class _TwoBatchBalancer(GradientBalancer):
         other = task_gradients([0.5 * loss for loss in second], shared, None, **kwargs)
         with torch.no_grad():
             k = self.num_tasks
-            cross = 4 * sum(a.reshape(k, -1) @ b.reshape(k, -1).T
+            cross = 4 * sum(a.reshape(k, -1).double() @ b.reshape(k, -1).double().T
                             for a, b in zip(first.blocks, other.blocks))
-            weights = self._cross_weights(cross).to(first.gramian.dtype)
+            weights = self.cross_weights(cross)
             first.apply_weights(weights)
             other.apply_weights(weights)
             weights = weights.to(values.dtype)
@@ -218,20 +212,15 @@ class MoDo(_TwoBatchBalancer):
         tasks: Sequence[str],
         gamma: float = 1e-3,
         rho: float = 0.1,
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, grad_on=grad_on, strategy=strategy, chunk_size=chunk_size,
-                         check_finite=check_finite)
+        super().__init__(tasks, **options)
         self.gamma = positive("gamma", gamma)
         self.rho = positive("rho", rho, allow_zero=True)
         k = self.num_tasks
         self.register_buffer("weights", torch.full((k,), 1.0 / k, dtype=torch.float64))
 
-    def _cross_weights(self, cross: Tensor) -> Tensor:
+    def cross_weights(self, cross: Tensor) -> Tensor:
         new = modo_step(self.weights, cross.double(), self.gamma, self.rho)
         self.weights.copy_(new)
         return new
@@ -293,14 +282,9 @@ class SDMGrad(_TwoBatchBalancer):
         lr: float = 10.0,
         momentum: float = 0.5,
         n_iter: int = 20,
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, grad_on=grad_on, strategy=strategy, chunk_size=chunk_size,
-                         check_finite=check_finite)
+        super().__init__(tasks, **options)
         self.lambda_ = positive("lambda_", lambda_, allow_zero=True)
         self.lr = positive("lr", lr)
         if not 0 <= momentum < 1:
@@ -312,7 +296,7 @@ class SDMGrad(_TwoBatchBalancer):
         k = self.num_tasks
         self.register_buffer("weights", torch.full((k,), 1.0 / k, dtype=torch.float64))
 
-    def _cross_weights(self, cross: Tensor) -> Tensor:
+    def cross_weights(self, cross: Tensor) -> Tensor:
         w, eff = sdmgrad_solve(self.weights, cross.double(), self.lambda_, self.lr,
                                self.momentum, self.n_iter)
         self.weights.copy_(w)
@@ -324,7 +308,7 @@ class SDMGrad(_TwoBatchBalancer):
 
 # ---------------------------------------------------------------------------- MoCo
 @register("moco")
-class MoCo(GradientBalancer):
+class MoCo(JacobianAggregator):
     r"""MoCo: MGDA on tracked (moving-average) task gradients, to remove the bias of stochastic
     MGDA.
 
@@ -364,7 +348,6 @@ class MoCo(GradientBalancer):
         [0.5188, 0.4812]
     """
 
-    requires: ClassVar[Requirement] = "jacobian"
     tracked: Tensor
     weights: Tensor
 
@@ -377,15 +360,10 @@ class MoCo(GradientBalancer):
         gamma_sigma: float = 0.5,
         rho: float = 0.0,
         normalize: bool = True,
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, grad_on=grad_on, strategy=strategy, chunk_size=chunk_size,
-                         check_finite=check_finite)
-        if grad_on != "parameters":
+        super().__init__(tasks, **options)
+        if self.grad_on != "parameters":
             raise ValueError("MoCo needs grad_on='parameters': it tracks parameter gradients")
         self.beta = positive("beta", beta)
         if self.beta > 1:
@@ -407,7 +385,7 @@ class MoCo(GradientBalancer):
             self.tracked = torch.zeros_like(saved, device=self.tracked.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
-    def _aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+    def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         grads = jacobian.double()
         if self.normalize:
             norms = grads.norm(dim=1, keepdim=True)
