@@ -291,7 +291,8 @@ class Trainer:
             gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
             loader = DataLoader(train, batch_size=self.config.batch_size, shuffle=True,
                                 generator=gen, drop_last=drop_last)
-            self._train_epoch(loader, self._extra_loader(train))
+            self._extra = self._extra_loader(train)
+            self._train_epoch(loader)
             last = self.epoch + 1 >= self.config.epochs or self._out_of_steps()
             best = False
             if (self.epoch + 1) % self.config.eval_every == 0 or last:
@@ -368,9 +369,10 @@ class Trainer:
         return {"held_out": losses,
                 "parameters": [p for p in self.model.parameters() if p.requires_grad]}
 
-    def _train_epoch(self, loader: Iterable, extra: Iterable | None = None) -> None:
+    def _train_epoch(self, loader: Iterable) -> None:
         self.model.train()
         n = len(loader)  # type: ignore[arg-type]
+        extra = getattr(self, "_extra", None)  # set by fit() from _extra_loader
         extra_batches = iter(extra) if extra is not None else None
         for i, batch in enumerate(loader):
             if self._out_of_steps():
