@@ -327,7 +327,8 @@ class MoCo(JacobianAggregator):
         gamma, gamma_sigma: step size of the weights and its decay exponent (0.1, 0.5).
         rho: :math:`\ell_2` regularisation of the weights (0).
         normalize: replace each task gradient by :math:`L_k g_k / \lVert g_k\rVert` before
-            tracking, as the authors' multi-task code (a zero gradient stays zero).
+            tracking, as the authors' multi-task code (default False: the paper's raw gradients;
+            with it, a task whose loss is 0 contributes nothing).
         grad_on, strategy, chunk_size, check_finite: engine options; only
             ``grad_on="parameters"`` (the tracked gradients live in parameter space).
 
@@ -359,7 +360,7 @@ class MoCo(JacobianAggregator):
         gamma: float = 0.1,
         gamma_sigma: float = 0.5,
         rho: float = 0.0,
-        normalize: bool = True,
+        normalize: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(tasks, **options)
