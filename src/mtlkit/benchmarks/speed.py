@@ -247,15 +247,23 @@ class Problem:
         hparams.update(spec.options)
         balancer = balancers.create(spec.name, tasks=list(self.suite.tasks), **hparams)
         balancer.to(self.device)
-        self.requires[spec.key] = balancer.requires
+        # A bilevel method is no plain loss weighting: the 1.05x target is not its.
+        self.requires[spec.key] = (f"{balancer.requires}, held-out batch"
+                                   if getattr(balancer, "needs_held_out_batch", False)
+                                   else balancer.requires)
         opt = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.0)
 
         def ours() -> None:
             opt.zero_grad(set_to_none=True)
             losses, z = model.losses(*batch)
-            # A second forward of the same batch stands in for a second batch (MoDo, SDMGrad).
-            extra = ({"second_losses": model.losses(*batch)[0]}
-                     if getattr(balancer, "needs_second_batch", False) else {})
+            # A second forward of the same batch stands in for a second batch (MoDo, SDMGrad)
+            # or a held-out batch (Auto-Lambda).
+            extra: dict[str, Any] = {}
+            if getattr(balancer, "needs_second_batch", False):
+                extra = {"second_losses": model.losses(*batch)[0]}
+            elif getattr(balancer, "needs_held_out_batch", False):
+                extra = {"held_out": lambda: model.losses(*batch)[0],
+                         "parameters": list(model.parameters())}
             balancer.backward(losses, shared=shared, features=z, **extra)
             opt.step()
             if balancer.needs_after_step:
