@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mtlkit import balancers, cli
@@ -51,3 +52,26 @@ def test_the_trainer_reads_class_attributes_not_names() -> None:
     held = {n for n in balancers.available()
             if getattr(balancers.get(n), "needs_held_out_batch", False)}
     assert needs == {"modo", "sdmgrad"} and held == {"auto_lambda"}
+
+
+def test_held_out_pass_leaves_batch_norm_statistics_alone():
+    from _fakes import RegressionTask, TinyModel, TwoTaskData
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from mtlkit.train import TrainConfig, Trainer
+
+    model = TinyModel()
+    model.trunk = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.Tanh())
+    trainer = Trainer(model, [RegressionTask("a"), RegressionTask("b")],
+                      balancers.create("auto_lambda", tasks=["a", "b"]),
+                      TrainConfig(epochs=1, batch_size=16), None)
+    data = TwoTaskData(32, 0)
+    ctx = trainer._extra_context(next(iter(DataLoader(data, batch_size=16))))
+    assert ctx["parameters"] == list(model.parameters())
+    before = [b.clone() for b in model.buffers()]
+    losses = ctx["held_out"]()
+    assert set(losses) == {"a", "b"} and all(v.requires_grad for v in losses.values())
+    assert all(torch.equal(b, s) for b, s in zip(model.buffers(), before))
+    model(data.x[:16])  # a plain training-mode forward does move them
+    assert not all(torch.equal(b, s) for b, s in zip(model.buffers(), before))

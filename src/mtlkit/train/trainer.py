@@ -366,7 +366,18 @@ class Trainer:
             no_sync = self.ranks > 1 and self.balancer.takes_task_gradients
             with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
                 return {"second_losses": losses()}
-        return {"held_out": losses,
+
+        def held_out() -> dict[str, Tensor]:
+            # At the virtual parameters: batch-norm statistics must not remember this pass.
+            buffers = [(b, b.clone()) for b in self.model.buffers()]
+            try:
+                return losses()
+            finally:
+                with torch.no_grad():
+                    for b, saved in buffers:
+                        b.copy_(saved)
+
+        return {"held_out": held_out,
                 "parameters": [p for p in self.model.parameters() if p.requires_grad]}
 
     def _train_epoch(self, loader: Iterable) -> None:
