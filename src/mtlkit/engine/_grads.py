@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -169,27 +169,41 @@ def task_gradients(
         )
     k = len(losses)
     shared = list(shared)
+    explicit = strategy == "batched"
     if strategy == "auto":
         device = shared[0].device if len(shared) else torch.device("cpu")
         strategy, chunk_size = auto_strategy(k, device.type, chunk_size)
     shared_ids = {id(p) for p in shared}
     if features is not None and id(features) in shared_ids:
         raise ValueError("features must be the shared representation, not a shared parameter")
-    heads, own_heads, bypass, overlap = _task_leaves(losses, shared_ids, features)
-    if bypass and features is not None:
+    found = _task_leaves(losses, shared_ids, features)
+    heads, own_heads, overlap = found.heads, found.by_loss, found.overlap
+    if found.bypass and features is not None:
         # A shared parameter reaches the losses without going through the features (e.g. tied
-        # weights in a head): splitting at the features would drop that part of its gradient.
+        # weights in a head, or a model compiled whole): splitting at the features would drop
+        # that part of its gradient.
         if grad_on == "features":
+            if found.fused:
+                raise ValueError(
+                    "the features and the losses come out of one torch.compile-d graph (the "
+                    "model was compiled whole), so the losses' gradients at the features cannot "
+                    "be taken; compile the trunk and the heads separately, or end the trunk "
+                    "with torch._dynamo.graph_break() (mtlkit.nn.HardSharing does), or use "
+                    "grad_on='parameters'"
+                )
             raise ValueError(
                 "a shared parameter is used after the features (it reaches the losses without "
                 "passing through them), so grad_on='features' cannot account for it; use "
                 "grad_on='parameters'"
             )
         features = None
-        heads, _, _, _ = _task_leaves(losses, shared_ids, None)
+        found = _task_leaves(losses, shared_ids, None)
+        heads = found.heads
+    compiled = found.compiled  # the whole graph was walked when there are no features
 
     if features is not None:
-        _check_trunk_is_shared(features, shared_ids)
+        compiled = _check_trunk_is_shared(features, shared_ids) or compiled
+        strategy, chunk_size = _sequential_if_compiled(strategy, chunk_size, compiled, explicit)
         # Heads pass: per task, dL_k/dz and the task's own head gradients. A loop touches only
         # task k's head each time, so it costs one backward through all heads in total. When
         # the tasks share no operation above z, each head's graph is freed as soon as it has
@@ -222,6 +236,7 @@ def task_gradients(
             features, shared, dz_stack, strategy, chunk_size, outputs_are_losses=False
         ))
     else:
+        strategy, chunk_size = _sequential_if_compiled(strategy, chunk_size, compiled, explicit)
         blocks = all_mean_list(_batched_or_loop(
             torch.stack([_scalar(loss) for loss in losses]),
             [*shared, *heads],
@@ -255,8 +270,9 @@ def task_jacobian(
     if chunk_size is None and len(inputs):
         chunk_size = AUTO_CHUNK.get(inputs[0].device.type, 16)
     stacked = torch.stack([_scalar(loss) for loss in losses])
+    strategy = "loop" if _graph_is_compiled(losses) else "batched"
     return all_mean_list(_batched_or_loop(
-        stacked, list(inputs), None, "batched", chunk_size, outputs_are_losses=True,
+        stacked, list(inputs), None, strategy, chunk_size, outputs_are_losses=True,
         retain_graph=retain_graph,
     ))
 
@@ -396,34 +412,37 @@ def _accumulate(p: Tensor, g: Tensor, *, owned: bool = False) -> None:
 
 def _task_leaves(
     losses: Sequence[Tensor], exclude: set[int], features: Tensor | None
-) -> tuple[list[Tensor], list[list[Tensor]], bool, bool]:
+) -> _Leaves:
     """Leaves that require grad, reached from the losses without passing through ``features``
     and not in ``exclude``: the task-specific parameters. Order is deterministic.
 
-    Also returns each loss's own such leaves (complete only when no two losses share an
-    operation above ``features``); whether an excluded (shared) leaf was reached on that walk,
-    i.e. a shared parameter that influences the losses other than through ``features``; and
-    whether two losses share an operation above ``features`` (then a backward pass from one of
-    them must keep the graph for the others).
+    The walk follows each edge's output index, so it survives a node with several outputs, such
+    as the single node of a model compiled whole by ``torch.compile``: a loss that reaches the
+    features' node through another of its outputs does not go through the features, and the
+    walk continues through that node (``fused``).
     """
     stop = features.grad_fn if features is not None else None
+    stop_nr = features.output_nr if features is not None else -1
     owner: dict[int, int] = {}
     found: dict[int, Tensor] = {}
-    by_loss: list[list[Tensor]] = []
-    bypass = overlap = False
+    out = _Leaves([], [], False, False, False, False)
     for k, loss in enumerate(losses):
         own: list[Tensor] = []
         own_ids: set[int] = set()
-        by_loss.append(own)
-        stack = [loss.grad_fn] if loss.grad_fn is not None else []
+        out.by_loss.append(own)
+        stack = [(loss.grad_fn, loss.output_nr)] if loss.grad_fn is not None else []
         while stack:
-            node = stack.pop()
-            if node is None or node is stop:
+            node, nr = stack.pop()
+            if node is None:
                 continue
+            if node is stop:
+                if nr == stop_nr:
+                    continue
+                out.fused = True  # another output of the features' node: walk through it
             var = getattr(node, "variable", None)
             if var is not None:  # an AccumulateGrad node: a leaf parameter
                 if id(var) in exclude:
-                    bypass = True
+                    out.bypass = True
                 elif var is not features:
                     if id(var) not in own_ids:  # a leaf of two heads belongs to both
                         own_ids.add(id(var))
@@ -432,23 +451,58 @@ def _task_leaves(
                 continue
             seen_by = owner.get(id(node))
             if seen_by is not None:
-                overlap = overlap or seen_by != k
+                out.overlap = out.overlap or seen_by != k
                 continue
             owner[id(node)] = k
-            stack.extend(nxt for nxt, _ in reversed(node.next_functions) if nxt is not None)
-    return list(found.values()), by_loss, bypass, overlap
+            out.compiled = out.compiled or _is_compiled(node)
+            stack.extend((nxt, i) for nxt, i in reversed(node.next_functions) if nxt is not None)
+    out.heads = list(found.values())
+    return out
 
 
-def _check_trunk_is_shared(features: Tensor, shared_ids: set[int]) -> None:
-    """Raise if a parameter behind ``features`` is not in ``shared``.
+@dataclass
+class _Leaves:
+    """What :func:`_task_leaves` found above the features.
+
+    Attributes:
+        heads: the task-specific leaves (every loss's).
+        by_loss: each loss's own such leaves (complete only when no two losses share an
+            operation above the features).
+        bypass: an excluded (shared) leaf was reached: a shared parameter influences the losses
+            other than through the features.
+        overlap: two losses share an operation above the features (a backward pass from one
+            of them must keep the graph for the others).
+        compiled: a node of a ``torch.compile``-d graph was passed (its backward cannot run
+            under ``torch.vmap``).
+        fused: a loss reached the features' node through another of its outputs (the features
+            and the heads are computed in one compiled graph).
+    """
+
+    heads: list[Tensor]
+    by_loss: list[list[Tensor]]
+    bypass: bool
+    overlap: bool
+    compiled: bool
+    fused: bool
+
+
+def _is_compiled(node: Any) -> bool:
+    """Whether an autograd node is the backward of a ``torch.compile``-d graph (AOTAutograd)."""
+    return type(node).__name__ == "CompiledFunctionBackward"
+
+
+def _check_trunk_is_shared(features: Tensor, shared_ids: set[int]) -> bool:
+    """Raise if a parameter behind ``features`` is not in ``shared``; return whether the trunk
+    holds a ``torch.compile``-d node.
 
     Such a parameter influences every task through the features, but the trunk's backward pass
     writes only the listed shared parameters: it would silently get no gradient at all.
     """
     if features.grad_fn is None:
-        return
+        return False
     stack, seen = [features.grad_fn], set()
     missing: list[Tensor] = []
+    compiled = False
     while stack:
         node = stack.pop()
         if id(node) in seen:
@@ -459,6 +513,7 @@ def _check_trunk_is_shared(features: Tensor, shared_ids: set[int]) -> None:
             if isinstance(var, torch.nn.Parameter) and id(var) not in shared_ids:
                 missing.append(var)
             continue
+        compiled = compiled or _is_compiled(node)
         stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
     if missing:
         shapes = ", ".join(str(tuple(p.shape)) for p in missing[:5])
@@ -468,3 +523,34 @@ def _check_trunk_is_shared(features: Tensor, shared_ids: set[int]) -> None:
             "through the features, so list them in shared= (for an mtlkit.nn model, its "
             "shared_parameters() does), or they would receive no gradient"
         )
+    return compiled
+
+
+def _graph_is_compiled(roots: Sequence[Tensor]) -> bool:
+    """Whether the autograd graph behind ``roots`` holds a ``torch.compile``-d node."""
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or getattr(node, "variable", None) is not None:
+            continue
+        if _is_compiled(node):
+            return True
+        seen.add(id(node))
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return False
+
+
+def _sequential_if_compiled(strategy: str, chunk_size: int | None, compiled: bool,
+                            explicit: bool) -> tuple[str, int | None]:
+    """The loop instead of a vectorised backward through a compiled graph (whose backward cannot
+    run under ``torch.vmap``, pytorch#138422); an explicit ``strategy="batched"`` is refused
+    before any backward pass runs."""
+    if not compiled or strategy == "loop":
+        return strategy, chunk_size
+    if explicit:
+        raise ValueError(
+            "strategy='batched' cannot run through a torch.compile-d model (a compiled "
+            "backward cannot run under torch.vmap); use strategy='auto' or 'loop'"
+        )
+    return "loop", 1
