@@ -325,7 +325,7 @@ class Balancer(nn.Module):
             grad_on=self.grad_on,
             strategy=self.strategy,
             chunk_size=self.chunk_size,
-            need_jacobian=self.requires == "jacobian",
+            need_jacobian=self.requires in ("jacobian", "block_gramian"),
         )
         detached = values
         with torch.no_grad():

@@ -14,9 +14,15 @@ How the K trunk backward passes run (``strategy``, parameters mode):
 * ``"batched"``: one vectorised backward (``torch.autograd.grad(..., is_grads_batched=True)``);
   ``chunk_size`` bounds how many tasks go through at once (memory ~ chunk x activations).
 * ``"loop"``: K ordinary passes, the least memory.
+* ``"gramian"`` (Gram-only): one vectorised backward over all K tasks in which each shared
+  parameter's K task gradients are folded into the Gram matrix as soon as autograd produces
+  them (a hook per parameter), so the K x P Jacobian is never held; ``sum_k w_k g_k`` is then
+  written by one weighted backward pass. Only for methods that need nothing but the Gram
+  matrix, in one process.
 * ``"auto"``: batched in chunks of at most 16 tasks (split evenly: 40 tasks are 14 + 13 + 13);
   on CPUs the loop for up to 4 tasks (see :func:`auto_strategy`); an explicit ``chunk_size``
-  means batched in even chunks of at most that size.
+  means batched in even chunks of at most that size. Gram-only instead when the method needs
+  only the Gram matrix and the Jacobian would exceed :data:`JACOBIAN_BUDGET` bytes.
 
 Task-specific parameters (leaves reached from the losses that are not shared, and, when features
 are given, not behind them) receive the plain gradient of their own task's loss. They are found
@@ -41,9 +47,13 @@ from torch import Tensor
 from mtlkit.engine._dist import all_mean, all_mean_list, world_size
 
 GradOn = Literal["parameters", "features"]
-Strategy = Literal["auto", "batched", "loop"]
+Strategy = Literal["auto", "batched", "loop", "gramian"]
 GRAD_ON: tuple[str, ...] = ("parameters", "features")
-STRATEGIES: tuple[str, ...] = ("auto", "batched", "loop")
+STRATEGIES: tuple[str, ...] = ("auto", "batched", "loop", "gramian")
+#: Above this many bytes of K x P Jacobian, ``strategy="auto"`` takes the Gram-only path for a
+#: method that needs only the Gram matrix (40 tasks on a ResNet-18 trunk, 11.2M parameters:
+#: 1.8 GB in float32, Gram-only; the speed benchmark's encoder, 40 x 0.1M: 16 MB, Jacobian).
+JACOBIAN_BUDGET = 2**30
 #: At most this many tasks per vectorised backward under ``strategy="auto"`` (split evenly, see
 #: :func:`chunk_sizes`). On GPUs a vectorised backward over many tasks runs them in parallel;
 #: 16 bounds the K-fold activation-gradient memory. On CPUs (one torch thread, the speed
@@ -81,6 +91,8 @@ class TaskGradients:
         blocks: per-task gradient blocks, each (K, *shape) (one per shared parameter, or the
             single feature tensor in features mode).
         block_gramians: (B, K, K), the Gram matrix of each block; they sum to ``gramian``.
+        pending: Gram-only path: (outputs, rows) whose weighted backward pass writes
+            ``sum_k w_k g_k`` (the graph is still held); ``blocks`` is then empty.
     """
 
     gramian: Tensor
@@ -89,24 +101,52 @@ class TaskGradients:
     features: Tensor | None
     grad_on: GradOn
     block_gramians: Tensor
+    pending: tuple[Tensor, Tensor] | None = None
 
     def jacobian_matrix(self) -> Tensor:
         """The K x P matrix of task gradients (materialised on demand)."""
+        self._need_blocks()
         k = self.gramian.shape[0]
         return torch.cat([b.reshape(k, -1) for b in self.blocks], dim=1)
 
     def apply_weights(self, weights: Tensor) -> None:
         """Accumulate ``sum_k w_k g_k`` into the shared parameters' ``.grad``."""
+        if self.gram_only:
+            # Gram-only: one backward pass of sum_k w_k (row_k . outputs), freeing the graph.
+            if self.pending is None:
+                raise RuntimeError("the Gram-only update was already written (its graph is freed)")
+            outputs, rows = self.pending
+            self.pending = None
+            grad = torch.tensordot(weights.to(rows.dtype), rows, dims=1)
+            out = torch.autograd.grad(outputs, self.shared, grad, allow_unused=True,
+                                      materialize_grads=True)
+            for p, g in zip(self.shared, out):
+                _accumulate(p, g, owned=True)
+            return
         combined = [torch.tensordot(weights.to(b.dtype), b, dims=1) for b in self.blocks]
         self._write(combined, owned=True)
 
+    @property
+    def gram_only(self) -> bool:
+        """Whether these are the Gram-only path's (no per-task gradients held)."""
+        return not self.blocks
+
+    def _need_blocks(self) -> None:
+        if self.gram_only:
+            raise RuntimeError(
+                "the Gram-only path (strategy='gramian') holds no per-task gradients: only "
+                "apply_weights can write its update"
+            )
+
     def apply_block_weights(self, weights: Tensor) -> None:
         """Accumulate ``sum_k W[b, k] g_k^(b)`` into block b, for per-block weights (B, K)."""
+        self._need_blocks()
         combined = [torch.tensordot(w.to(b.dtype), b, dims=1) for w, b in zip(weights, self.blocks)]
         self._write(combined, owned=True)
 
     def apply_vector(self, vector: Tensor) -> None:
         """Accumulate a combined gradient given as a flat vector of the task-gradient space."""
+        self._need_blocks()
         out, offset = [], 0
         for b in self.blocks:
             n = b[0].numel()
@@ -148,7 +188,8 @@ def task_gradients(
         grad_on: ``"parameters"`` or ``"features"``.
         strategy: ``"auto"``, ``"batched"`` or ``"loop"`` (parameters mode).
         chunk_size: at most this many tasks per batched backward.
-        need_jacobian: the caller will read :meth:`TaskGradients.jacobian_matrix`.
+        need_jacobian: the caller will read the task gradients themselves (the blocks or
+            :meth:`TaskGradients.jacobian_matrix`), not only their Gram matrix.
 
     Returns:
         A :class:`TaskGradients`; task-specific ``.grad`` has already been accumulated.
@@ -169,7 +210,8 @@ def task_gradients(
         )
     k = len(losses)
     shared = list(shared)
-    explicit = strategy == "batched"
+    explicit = strategy in ("batched", "gramian")
+    gram_only = _gram_only(strategy, k, shared, grad_on, need_jacobian)
     if strategy == "auto":
         device = shared[0].device if len(shared) else torch.device("cpu")
         strategy, chunk_size = auto_strategy(k, device.type, chunk_size)
@@ -201,9 +243,16 @@ def task_gradients(
         heads = found.heads
     compiled = found.compiled  # the whole graph was walked when there are no features
 
+    if compiled and gram_only and strategy == "gramian":
+        raise ValueError(
+            "strategy='gramian' cannot run through a torch.compile-d model (a compiled "
+            "backward cannot run under torch.vmap); use strategy='auto' or 'loop'"
+        )
+    gram_only = gram_only and not compiled
     if features is not None:
         compiled = _check_trunk_is_shared(features, shared_ids) or compiled
         strategy, chunk_size = _sequential_if_compiled(strategy, chunk_size, compiled, explicit)
+        gram_only = gram_only and not compiled
         # Heads pass: per task, dL_k/dz and the task's own head gradients. A loop touches only
         # task k's head each time, so it costs one backward through all heads in total. When
         # the tasks share no operation above z, each head's graph is freed as soon as it has
@@ -232,11 +281,23 @@ def task_gradients(
             if ranks > 1:
                 gram = all_mean(gram) / ranks
             return TaskGradients(gram, [dz_stack], shared, features, grad_on, gram[None])
+        if gram_only:
+            block_gram, _ = _gram_pass(features, shared, dz_stack, len(shared))
+            return TaskGradients(block_gram.sum(0), [], shared, None, grad_on, block_gram,
+                                 pending=(features, dz_stack))
         blocks = all_mean_list(_batched_or_loop(
             features, shared, dz_stack, strategy, chunk_size, outputs_are_losses=False
         ))
     else:
         strategy, chunk_size = _sequential_if_compiled(strategy, chunk_size, compiled, explicit)
+        if gram_only:
+            stacked = torch.stack([_scalar(loss) for loss in losses])
+            rows = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
+            block_gram, head_blocks = _gram_pass(stacked, [*shared, *heads], rows, len(shared))
+            for p, g in zip(heads, head_blocks):
+                _accumulate(p, g.sum(0), owned=True)
+            return TaskGradients(block_gram.sum(0), [], shared, None, grad_on, block_gram,
+                                 pending=(stacked, rows))
         blocks = all_mean_list(_batched_or_loop(
             torch.stack([_scalar(loss) for loss in losses]),
             [*shared, *heads],
@@ -319,6 +380,66 @@ def _batched_or_loop(
         start += size
     assert blocks is not None
     return blocks
+
+
+def _gram_only(strategy: str, k: int, shared: list[Tensor], grad_on: str,
+               need_jacobian: bool) -> bool:
+    """Whether to take the Gram-only path (see the module docstring)."""
+    if strategy == "gramian":
+        if need_jacobian or grad_on != "parameters" or world_size() > 1:
+            raise ValueError(
+                "strategy='gramian' (Gram-only) serves methods that need only the Gram matrix, "
+                "with grad_on='parameters', in one process (under torch.distributed the ranks' "
+                "Gram matrices do not add up to the whole batch's)"
+            )
+        return True
+    if strategy != "auto" or need_jacobian or grad_on != "parameters" or world_size() > 1:
+        return False
+    size = sum(p.numel() * p.element_size() for p in shared)
+    return k > 1 and k * size > JACOBIAN_BUDGET
+
+
+def _gram_pass(
+    outputs: Tensor, inputs: list[Tensor], rows: Tensor, n_shared: int
+) -> tuple[Tensor, list[Tensor]]:
+    """One vectorised backward over all rows that keeps, of the first ``n_shared`` inputs, only
+    their Gram matrices (n_shared, K, K); the other inputs' blocks (K, *shape) are returned.
+    The graph is kept for the weighted backward pass that follows.
+
+    A hook on each shared parameter receives its K task gradients as autograd produces them
+    (inside ``torch.vmap``, a batched tensor: functorch's unwrap gives the (K, ...) tensor),
+    adds their Gram matrix and hands autograd a zero of stride 0 instead, so that at most one
+    parameter's K gradients are alive at a time.
+    """
+    k = rows.shape[0]
+    dtype = torch.float64 if outputs.dtype == torch.float64 else torch.float32
+    block_gram = torch.zeros((n_shared, k, k), dtype=dtype, device=outputs.device)
+
+    def tap(i: int) -> Any:
+        def hook(grad: Tensor) -> Tensor:
+            block_gram[i] += _gram(_unbatched(grad, k).reshape(k, -1))
+            return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+        return hook
+
+    handles = [p.register_hook(tap(i)) for i, p in enumerate(inputs[:n_shared])]
+    try:
+        out = _vjp_rows(outputs, inputs, rows, keep=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return block_gram, list(out[n_shared:])
+
+
+def _unbatched(grad: Tensor, k: int) -> Tensor:
+    """The (K, *shape) tensor behind a gradient seen inside ``torch.vmap`` over K rows (a
+    private functorch API; a gradient the rows do not change arrives unbatched)."""
+    from torch._C import _functorch
+
+    level = _functorch.maybe_get_level(grad)
+    if level == -1:  # not batched: one backward row, or the same for every row
+        return grad.unsqueeze(0).expand(k, *grad.shape)
+    inner, bdim = _functorch._unwrap_batched(grad, level)
+    return inner.movedim(bdim, 0)
 
 
 def chunk_sizes(k: int, at_most: int) -> list[int]:
