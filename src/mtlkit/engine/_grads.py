@@ -95,6 +95,9 @@ class TaskGradients:
             ``gramian``.
         pending: Gram-only path: (outputs, rows) whose weighted backward pass writes
             ``sum_k w_k g_k`` (the graph is still held); ``blocks`` is then empty.
+        loss_scale: the factor the differentiated losses carried (a gradient scaler's scale;
+            see :meth:`unscale`): the blocks hold scaled gradients, and what is written is scaled
+            back, for the scaler to unscale.
     """
 
     gramian: Tensor
@@ -104,12 +107,27 @@ class TaskGradients:
     grad_on: GradOn
     block_gramians: Tensor
     pending: tuple[Tensor, Tensor] | None = None
+    loss_scale: Tensor | None = None
+
+    def unscale(self, scale: Tensor) -> None:
+        """The losses were multiplied by ``scale``: divide the Gram matrices by ``scale^2`` and,
+        from now on, give :meth:`jacobian_matrix` divided by ``scale`` and write
+        :meth:`apply_vector`'s vector multiplied by it. Weights computed from these are those of
+        the unscaled losses; the gradients written are ``scale`` times the unscaled update
+        (:meth:`apply_weights` and :meth:`apply_block_weights` combine the scaled gradients)."""
+        inv2 = scale.double().reciprocal() ** 2
+        self.gramian = self.gramian * inv2
+        self.block_gramians = self.block_gramians * inv2
+        self.loss_scale = scale
 
     def jacobian_matrix(self) -> Tensor:
         """The K x P matrix of task gradients (materialised on demand)."""
         self._need_blocks()
         k = self.gramian.shape[0]
-        return torch.cat([b.reshape(k, -1) for b in self.blocks], dim=1)
+        out = torch.cat([b.reshape(k, -1) for b in self.blocks], dim=1)
+        if self.loss_scale is not None:
+            out.div_(self.loss_scale.to(out.dtype))
+        return out
 
     def apply_weights(self, weights: Tensor) -> None:
         """Accumulate ``sum_k w_k g_k`` into the shared parameters' ``.grad``."""
@@ -149,6 +167,8 @@ class TaskGradients:
     def apply_vector(self, vector: Tensor) -> None:
         """Accumulate a combined gradient given as a flat vector of the task-gradient space."""
         self._need_blocks()
+        if self.loss_scale is not None:
+            vector = vector * self.loss_scale.to(vector.dtype)
         out, offset = [], 0
         for b in self.blocks:
             n = b[0].numel()
