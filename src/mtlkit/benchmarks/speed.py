@@ -15,7 +15,12 @@ problem     batch   input  width  shared params  task-specific
 ==========  ======  =====  =====  =============  =================
 dense       8       48x48  8      24,296         28,203 (3 heads)
 many        16      16x16  8      24,296         1,320 (40 heads)
+resnet18    8       64x64  -      11,176,512     20,520 (40 heads)
 ==========  ======  =====  =====  =============  =================
+
+``resnet18`` (opt in with ``--suites resnet18``) is the ``many`` problem on a ResNet-18 trunk,
+where the K x P Jacobian (1.8 GB) decides the memory: ``strategy="auto"`` takes the Gram-only
+path there (``mgda[strategy=batched]`` is the Jacobian path, for comparison).
 
 A step is: zero the gradients, forward, ``balancer.backward(losses, shared=encoder parameters,
 features=encoder output)``, an SGD step (learning rate 0, so every step sees the same inputs),
@@ -594,7 +599,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated balancer names; NAME@features for grad_on="
                              "'features'; NAME[opt=value;...] for constructor options "
                              "(default: a representative set)")
-    parser.add_argument("--suites", default="dense,many", help="dense, many or both")
+    parser.add_argument("--suites", default="dense,many",
+                        help="comma-separated: dense, many, resnet18 (default dense,many)")
     parser.add_argument("--peers", action="store_true",
                         help="also time TorchJD's mtl_backward with the same aggregator")
     parser.add_argument("--repeats", type=int, default=None,
