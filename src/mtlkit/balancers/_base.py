@@ -295,7 +295,8 @@ class Balancer(nn.Module):
             self._check_context(context)
         stacked = torch.stack(items)
         values = self._loss_values(stacked)
-        self._skipped = False
+        if self._skipped:  # (a module attribute assignment costs more than this read)
+            self._skipped = False
         if scaler is None or not scaler.is_enabled():
             out = self._balance(items, stacked, values, shared, features, context)
             self._commit()
