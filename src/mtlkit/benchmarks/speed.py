@@ -10,8 +10,8 @@ Default sizes (chosen so that one full run with ``--peers`` and the default meth
 minutes on 2 shared CPU cores: 332-376 s measured, 20 methods and 9 peers, 9 repeats of
 measurements of at least 0.3 s; the ten methods of issue 11 and their nine peers, added since,
 took 15 minutes alone for both problems with 5 repeats on a heavily loaded machine (load 13-15
-on 2 cores), so a full default run now takes longer: pass ``--methods`` for a subset; ``--quick`` is a set-up check, not a
-measurement):
+on 2 cores), so a full default run now takes longer: pass ``--methods`` for a subset;
+``--quick`` is a set-up check, not a measurement):
 
 ==========  ======  =====  =====  =============  =================
 problem     batch   input  width  shared params  task-specific
