@@ -16,6 +16,7 @@ from mtlkit.balancers._base import (
     LastLayerWeighting,
     LossWeighting,
 )
+from mtlkit.balancers._bilevel import AutoLambda
 from mtlkit.balancers._dynamic import (
     DynamicTaskPrioritization,
     DynamicWeightAverage,
@@ -25,6 +26,7 @@ from mtlkit.balancers._dynamic import (
 from mtlkit.balancers._excess import ExcessMTL
 from mtlkit.balancers._fairness import FairGrad
 from mtlkit.balancers._famo import FAMO
+from mtlkit.balancers._go4align import GO4Align
 from mtlkit.balancers._gradnorm import GradNorm, GradNormScaling
 from mtlkit.balancers._gramian import (
     DBMTL,
@@ -41,6 +43,7 @@ from mtlkit.balancers._mgda import MGDA
 from mtlkit.balancers._projections import PCD, ConFIG, DualProj
 from mtlkit.balancers._registry import available, create, get, hyperparameters, register
 from mtlkit.balancers._robust import Krum, TrimmedMean
+from mtlkit.balancers._scalarization import COSMOS, PBI, STCH
 from mtlkit.balancers._scaling import (
     EqualWeighting,
     FixedWeighting,
@@ -50,19 +53,24 @@ from mtlkit.balancers._scaling import (
     prior_loss,
 )
 from mtlkit.balancers._smoothing import CRMOGM
+from mtlkit.balancers._stochastic import MoCo, MoDo, SDMGrad
 from mtlkit.balancers._surgery import GradDrop, GradVac, PCGrad
 from mtlkit.balancers._torchjd import TorchJDWeighting
 from mtlkit.balancers._uncertainty import UncertaintyWeighting
 
 __all__ = [
+    "COSMOS",
     "CRMOGM",
     "DBMTL",
     "FAMO",
     "IMTL",
     "IMTLL",
     "MGDA",
+    "PBI",
     "PCD",
+    "STCH",
     "AlignedMTL",
+    "AutoLambda",
     "BalanceStep",
     "Balancer",
     "BargainingWarning",
@@ -76,6 +84,7 @@ __all__ = [
     "ExcessMTL",
     "FairGrad",
     "FixedWeighting",
+    "GO4Align",
     "GeometricWeighting",
     "GradDrop",
     "GradNorm",
@@ -90,10 +99,13 @@ __all__ = [
     "LossBalancedTaskWeighting",
     "LossWeighting",
     "MetaBalance",
+    "MoCo",
+    "MoDo",
     "NashMTL",
     "PCGrad",
     "PriorLossWeighting",
     "RandomLossWeighting",
+    "SDMGrad",
     "TorchJDWeighting",
     "TrimmedMean",
     "UPGrad",
