@@ -19,17 +19,18 @@ def excess_risks(jacobian: Tensor, sq_grad_sum: Tensor) -> Tensor:
     AdaGrad preconditioner :math:`H_k = \mathrm{diag}(\sqrt{S_k})`, :math:`S_k` the running sum
     of :math:`g_k^2` (this step included). Coordinates where :math:`S_k = 0` contribute 0.
 
-    Computed one task at a time, so that the temporaries are of size P, not K x P.
+    Computed eight tasks at a time, so that the temporaries are of size 8 x P at most, not
+    K x P.
 
     Args:
         jacobian: (K, P) task gradients.
         sq_grad_sum: (K, P) running sum of their squares.
     """
     out = jacobian.new_empty(jacobian.shape[0])
-    for k, (g, s) in enumerate(zip(jacobian, sq_grad_sum)):
+    for start in range(0, jacobian.shape[0], 8):
+        g, s = jacobian[start: start + 8], sq_grad_sum[start: start + 8]
         # g^2 / sqrt(s); where s = 0, g = 0 too and 0 * inf gives nan: count it as 0
-        ratio = s.rsqrt().mul_(g).mul_(g).nan_to_num_(nan=0.0)
-        out[k] = ratio.sum()
+        out[start: start + 8] = s.rsqrt().mul_(g).mul_(g).nan_to_num_(nan=0.0).sum(1)
     return out
 
 

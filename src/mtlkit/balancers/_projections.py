@@ -309,8 +309,10 @@ class PCD(GramianWeighting):
     r"""Priority-constrained descent: follow the primary task's gradient as closely as possible
     while each secondary task keeps a fraction of the progress its own gradient would give.
 
-    Proposed in Varam et al., *Not All Objectives Are Born Equal: Priority-Constrained Descent
-    for Hierarchical Multi-Objective Optimization* (TMLR 2026, arXiv:2606.29521). The primary
+    Proposed in *Not All Objectives Are Born Equal: Priority-Constrained Descent for
+    Hierarchical Multi-Objective Optimization* (TMLR 2026, arXiv:2606.29521; reference code
+    DaraVaram/priority-constrained-descent on GitHub; we could not check the author list
+    here). The primary
     task is the first of ``tasks`` (or ``primary``). With :math:`\tilde g_i = s_i g_i`,
     :math:`s_i = 1/\sqrt{\hat v_i + \epsilon}` and :math:`\hat v_i` the bias-corrected moving
     average (decay :math:`\beta`) of :math:`\|g_i\|^2`:

@@ -9,9 +9,12 @@ Three problems (built in plain torch, :mod:`mtlkit.benchmarks._models`):
   three dense convolutional heads (segmentation, depth, normals), K = 3;
 * ``many``: the same encoder, globally pooled, with 40 linear binary classifiers, K = 40.
 
-Default sizes (dense and many chosen so that one run of them with ``--peers`` and 20 methods
-fits in 10 minutes on 2 shared CPU cores: 332-376 s measured, 9 peers, 9 repeats of
-measurements of at least 0.3 s; ``--quick`` is a set-up check, not a measurement):
+Default sizes (dense and many chosen so that one full run with ``--peers`` and the default methods fitted in 10
+minutes on 2 shared CPU cores: 332-376 s measured, 20 methods and 9 peers, 9 repeats of
+measurements of at least 0.3 s; the ten methods of issue 11 and their nine peers, added since,
+took 15 minutes alone for both problems with 5 repeats on a heavily loaded machine (load 13-15
+on 2 cores), so a full default run now takes longer: pass ``--methods`` for a subset;
+``--quick`` is a set-up check, not a measurement):
 
 ==========  ======  =====  =====  =============  =================
 problem     batch   input  width  shared params  task-specific
