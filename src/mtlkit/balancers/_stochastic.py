@@ -26,6 +26,7 @@ from mtlkit.balancers._base import (
 )
 from mtlkit.balancers._registry import register
 from mtlkit.engine import task_gradients
+from mtlkit.engine._grads import auto_strategy
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -150,9 +151,13 @@ class _TwoBatchBalancer(GramianWeighting):
         # Halved losses: every head receives the mean of its loss's gradients on the two
         # batches, and the weights [w, w] on the 2K halves give sum_k w_k (g1_k + g2_k) / 2.
         # One engine call for both batches: their graphs may share nodes (the same batch twice).
+        # "auto" chooses as for the K tasks of one batch (on CPU: a loop for few tasks).
+        strategy, chunk = self.strategy, self.chunk_size
+        if strategy == "auto":
+            strategy, chunk = auto_strategy(len(items), shared[0].device.type, chunk)
         grads = task_gradients([0.5 * loss for loss in [*items, *second]], shared, None,
-                               grad_on="parameters", strategy=self.strategy,
-                               chunk_size=self.chunk_size, need_jacobian=True)
+                               grad_on="parameters", strategy=strategy, chunk_size=chunk,
+                               need_jacobian=True)
         with torch.no_grad():
             k = self.num_tasks
             cross = 4 * sum(b[:k].reshape(k, -1).double() @ b[k:].reshape(k, -1).double().T
