@@ -39,13 +39,39 @@ REQUIRED: dict[str, dict[str, Any]] = {
     "fixed": {"weights": {"a": 1.0, "b": 0.5, "c": 2.0}},
     "prior_loss": {"priors": {"a": 1.0, "b": 2.0, "c": 0.25}},
 }
-#: How to supply each per-step context key a method may declare (``context_keys``).
-CONTEXT: dict[str, Callable[[list[str], int], Any]] = {
-    "kpi": lambda tasks, i: {t: 0.2 + 0.15 * ((j + i) % 5) for j, t in enumerate(tasks)},
+
+
+def _same_batch_again(losses: Any) -> Any:
+    """A "second batch" identical to the first (new graph nodes over the same values): MoDo's and
+    SDMGrad's J1 J2' is then the Gram matrix, and every property of one batch applies."""
+    if isinstance(losses, dict):
+        return {t: 1.0 * v for t, v in losses.items()}
+    return [1.0 * v for v in losses]
+
+
+#: How to supply each per-step context key a method may declare (``context_keys``), from the
+#: task names, the step index and the step's losses.
+CONTEXT: dict[str, Callable[[list[str], int, Any], Any]] = {
+    "kpi": lambda tasks, i, losses: {t: 0.2 + 0.15 * ((j + i) % 5) for j, t in enumerate(tasks)},
+    "second_losses": lambda tasks, i, losses: _same_batch_again(losses),
 }
 #: property -> {method: reason}: the only methods a property does not check.
 EXCEPTIONS: dict[str, dict[str, str]] = {
-    "scale": {"torchjd": "TorchJD's UPGrad treats a Gram matrix of trace below 1e-4 as zero"},
+    "scale": {
+        "torchjd": "TorchJD's UPGrad treats a Gram matrix of trace below 1e-4 as zero",
+        # their weight steps are gamma * (gradient products) * lambda, as in the papers
+        "moco": "the weight step gamma (Y Y' + rho I) lambda scales with the gradients (as the "
+                "paper; normalize=True, the authors' code, is invariant)",
+        "modo": "the weight step gamma (J1 J2' + rho I) lambda scales with the gradients (as "
+                "the paper)",
+    },
+    # methods that combine gradients across batches or steps refuse grad_on="features" when
+    # built (the representation differs between the batches): checked in check_builds
+    "features": {
+        "moco": "tracks parameter gradients across steps, whose features differ",
+        "modo": "its two batches have different features",
+        "sdmgrad": "its two batches have different features",
+    },
     "degenerate": {
         # robust aggregation rules need a majority to vote; their K = 3 degenerate cases are in
         # tests/balancers/test_robust.py
@@ -63,8 +89,19 @@ EXCEPTIONS: dict[str, dict[str, str]] = {
         "torchjd": "a wrapper: cites TorchJD's paper (arXiv:2406.16232)",
         "cr_mogm": "NeurIPS 2022 with no arXiv version",
         "imtl_l": "ICLR 2021 with no arXiv version (cites OpenReview IMPnRXEWpvr)",
+        "pbi": "MOEA/D, IEEE Transactions on Evolutionary Computation 2007, no arXiv version",
     },
 }
+# Auto-Lambda's step needs held_out= (a function that reruns the model on a held-out batch)
+# and parameters=, which these generic properties cannot build from their losses; the same
+# properties are checked in tests/balancers/test_bilevel.py.
+for _prop in ("degenerate", "heads", "resume", "bad_input"):
+    EXCEPTIONS.setdefault(_prop, {})["auto_lambda"] = (
+        "needs a held-out closure and the parameters (test_bilevel.py checks this property)")
+for _name in ("modo", "sdmgrad"):
+    EXCEPTIONS.setdefault("heads", {})[_name] = (
+        "differentiates the 2K losses of its two batches, so its pass count is not K's; "
+        "test_stochastic.py checks the heads (mean of both batches) and the shared update")
 
 
 def exception(prop: str, name: str) -> None:
@@ -90,10 +127,10 @@ def factory(name: str) -> Factory:
     return make
 
 
-def context(b: Any, i: int = 0) -> dict[str, Any]:
+def context(b: Any, i: int = 0, losses: Any = None) -> dict[str, Any]:
     missing = [k for k in b.context_keys if k not in CONTEXT]
     assert not missing, f"no way to supply the context {missing}: add it to CONTEXT"
-    return {k: CONTEXT[k](list(b.tasks), i) for k in b.context_keys}
+    return {k: CONTEXT[k](list(b.tasks), i, losses) for k in b.context_keys}
 
 
 def quiet_step(b: Any, losses: Any, i: int = 0, **kw: Any) -> Any:
@@ -101,7 +138,7 @@ def quiet_step(b: Any, losses: Any, i: int = 0, **kw: Any) -> Any:
     failure warning is tested elsewhere)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return b.backward(losses, **kw, **context(b, i))
+        return b.backward(losses, **kw, **context(b, i, losses))
 
 
 def run_linear(b: Any, jac: torch.Tensor, offset: float = 1.0) -> tuple[torch.Tensor, Any]:
@@ -132,6 +169,12 @@ def check_builds(name: str, make: Factory) -> None:
         make(nope=1)
     if isinstance(b, GradientBalancer):
         assert {"grad_on", "strategy", "chunk_size"} <= set(accepted)
+        if name in EXCEPTIONS["features"]:
+            with pytest.raises(ValueError, match="grad_on='parameters'"):
+                make(grad_on="features")
+            built = make(strategy="loop", chunk_size=2, check_finite=False)
+            assert (built.strategy, built.chunk_size) == ("loop", 2)
+            return
         built = make(grad_on="features", strategy="loop", chunk_size=2, check_finite=False)
         assert (built.grad_on, built.strategy, built.chunk_size) == ("features", "loop", 2)
 
@@ -342,7 +385,7 @@ def test_property(name, prop):
 
 def test_exceptions_name_registered_methods_and_known_properties():
     """A stale exception (a method renamed or removed) fails here instead of hiding."""
-    known = {*PROPERTIES, "citation"}
+    known = {*PROPERTIES, "citation", "features"}
     for prop, methods in EXCEPTIONS.items():
         assert prop in known, prop
         for name, reason in methods.items():

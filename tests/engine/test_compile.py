@@ -39,6 +39,9 @@ def cases() -> list[tuple[str, str]]:
     for name in balancers.available():
         if name == "torchjd":
             continue  # a wrapper around the same engine as upgrad
+        cls = balancers.get(name)
+        if getattr(cls, "needs_second_batch", False) or getattr(cls, "needs_held_out_batch", False):
+            continue  # a one-batch step cannot supply their second / held-out batch
         grad_modes = ["parameters", "features"] if "grad_on" in _signature(name) else ["-"]
         out.extend((name, g) for g in grad_modes)
     return out

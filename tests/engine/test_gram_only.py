@@ -14,8 +14,10 @@ from mtlkit import balancers
 from mtlkit.engine import _grads, task_gradients
 
 K = 6
+# (MoDo and SDMGrad read both batches' task gradients themselves: never Gram-only)
 GRAMIAN_METHODS = [n for n in balancers.available()
-                   if n != "torchjd" and balancers.get(n).requires == "gramian"]
+                   if n != "torchjd" and balancers.get(n).requires == "gramian"
+                   and not getattr(balancers.get(n), "needs_second_batch", False)]
 
 
 class Net(nn.Module):

@@ -6,11 +6,41 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
 from mtlkit.balancers._registry import register
+
+
+def _kmeans_1d_labels(v: np.ndarray, groups: int) -> np.ndarray:
+    """Labels of the optimal 1-D K-means (see :func:`kmeans_1d`), in NumPy (K values)."""
+    n = v.size
+    groups = min(groups, n)
+    order = np.argsort(v, kind="stable")
+    s = v[order]
+    pre = np.concatenate([[0.0], np.cumsum(s)])
+    pre2 = np.concatenate([[0.0], np.cumsum(s * s)])
+    i, j = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tot = pre[j] - pre[i]
+        sse = np.where(j > i, np.maximum(pre2[j] - pre2[i] - tot * tot / (j - i), 0.0), np.inf)
+    cost = sse[0].copy()  # one group over s[:j]
+    cuts = []
+    for _ in range(1, groups):
+        # cost of g groups over s[:j] = min over the last cut i of (g-1 groups over s[:i]) + sse
+        total = cost[:, None] + sse
+        best = np.argmin(total, axis=0)  # the earliest of equally good cuts
+        cost = total[best, np.arange(n + 1)]
+        cuts.append(best)
+    labels = np.empty(n, dtype=np.int64)
+    end = n
+    for g in range(groups - 1, -1, -1):
+        start = int(cuts[g - 1][end]) if g > 0 else 0
+        labels[order[start:end]] = g
+        end = start
+    return labels
 
 
 def kmeans_1d(values: Tensor, groups: int) -> Tensor:
@@ -24,38 +54,7 @@ def kmeans_1d(values: Tensor, groups: int) -> Tensor:
     >>> kmeans_1d(torch.tensor([5.0, 1.0, 1.2, 5.1]), 2).tolist()
     [1, 0, 0, 1]
     """
-    n = values.numel()
-    groups = min(groups, n)
-    v = values.detach().double().cpu()
-    order = torch.argsort(v, stable=True)
-    s = v[order].tolist()
-    pre, pre2 = [0.0], [0.0]
-    for x in s:
-        pre.append(pre[-1] + x)
-        pre2.append(pre2[-1] + x * x)
-
-    def sse(i: int, j: int) -> float:  # values s[i:j]
-        tot = pre[j] - pre[i]
-        return max(pre2[j] - pre2[i] - tot * tot / (j - i), 0.0)
-
-    inf = float("inf")
-    cost = [[inf] * (n + 1) for _ in range(groups + 1)]
-    cut = [[0] * (n + 1) for _ in range(groups + 1)]
-    cost[0][0] = 0.0
-    for g in range(1, groups + 1):
-        for j in range(g, n + 1):
-            for i in range(g - 1, j):
-                c = cost[g - 1][i] + sse(i, j)
-                if c < cost[g][j] - 1e-12 * (1.0 + abs(c)):
-                    cost[g][j], cut[g][j] = c, i
-    labels = [0] * n
-    j = n
-    for g in range(groups, 0, -1):
-        i = cut[g][j]
-        for pos in range(i, j):
-            labels[order[pos]] = g - 1
-        j = i
-    return torch.tensor(labels, dtype=torch.long)
+    return torch.from_numpy(_kmeans_1d_labels(values.detach().double().cpu().numpy(), groups))
 
 
 def group_means(indicators: Tensor, labels: Tensor) -> Tensor:
@@ -134,21 +133,23 @@ class GO4Align(LossWeighting):
                                                  dtype=torch.float64))
 
     def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
-        losses = values
+        # K numbers: computed on the host (one read of the losses), where the clustering is.
+        losses = values.detach().double().cpu().numpy()
+        info = torch.finfo(values.dtype)
         # A loss below the largest over sqrt(float max) counts as that floor: beta_k = sum / L_k
         # stays finite in the losses' dtype (an exact zero would make it infinite).
-        info = torch.finfo(losses.dtype)
-        top = losses.double().max()
-        floor = torch.clamp_min(top / math.sqrt(info.max), info.tiny)
-        safe = losses.double().clamp_min(floor)
+        safe = np.maximum(losses, max(losses.max() / math.sqrt(info.max), info.tiny))
         # Multiplicative update in log space: exp(-eta L) underflows for huge losses.
-        log_omega = self.omega.log() - self.step_size * safe
-        self.omega.copy_(torch.softmax(log_omega, dim=0))
-        # beta_k = sum_j L_j / L_k, computed relative to the largest loss (no overflow).
-        ratio = safe / safe.max()
-        indicators = (ratio.sum() / ratio) * self.omega
-        labels = kmeans_1d(indicators, self.num_groups)
-        return group_means(indicators, labels).to(losses.dtype)
+        with np.errstate(divide="ignore"):
+            log_omega = np.log(self.omega.cpu().numpy()) - self.step_size * safe
+        omega = np.exp(log_omega - log_omega.max())
+        omega /= omega.sum()
+        self.omega.copy_(torch.from_numpy(omega))
+        ratio = safe / safe.max()  # beta_k = sum_j L_j / L_k, relative to the largest loss
+        indicators = ratio.sum() / ratio * omega
+        labels = _kmeans_1d_labels(indicators, self.num_groups)
+        means = np.bincount(labels, indicators) / np.bincount(labels)
+        return torch.from_numpy(means[labels]).to(values.device, values.dtype)
 
     def extra_repr(self) -> str:
         return f"num_groups={self.num_groups}, step_size={self.step_size}"

@@ -26,6 +26,7 @@ from mtlkit.balancers._base import (
 )
 from mtlkit.balancers._registry import register
 from mtlkit.engine import task_gradients
+from mtlkit.engine._grads import auto_strategy
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -148,21 +149,23 @@ class _TwoBatchBalancer(GramianWeighting):
         second = self._loss_list(context["second_losses"])
         second_values = self._loss_values(torch.stack(second).detach())
         # Halved losses: every head receives the mean of its loss's gradients on the two
-        # batches, and the weights w on each batch's halves give sum_k w_k (g1_k + g2_k) / 2.
-        # One engine call per batch: two K-task passes, never a 2K x 2K Gram matrix.
-        kwargs = {"grad_on": "parameters", "strategy": self.strategy,
-                  "chunk_size": self.chunk_size}
-        first = task_gradients([0.5 * loss for loss in items], shared, None, **kwargs)
-        other = task_gradients([0.5 * loss for loss in second], shared, None, **kwargs)
+        # batches, and the weights [w, w] on the 2K halves give sum_k w_k (g1_k + g2_k) / 2.
+        # One engine call for both batches: their graphs may share nodes (the same batch twice).
+        # "auto" chooses as for the K tasks of one batch (on CPU: a loop for few tasks).
+        strategy, chunk = self.strategy, self.chunk_size
+        if strategy == "auto":
+            strategy, chunk = auto_strategy(len(items), shared[0].device.type, chunk)
+        grads = task_gradients([0.5 * loss for loss in [*items, *second]], shared, None,
+                               grad_on="parameters", strategy=strategy, chunk_size=chunk,
+                               need_jacobian=True)
         with torch.no_grad():
             k = self.num_tasks
-            cross = 4 * sum(a.reshape(k, -1).double() @ b.reshape(k, -1).double().T
-                            for a, b in zip(first.blocks, other.blocks))
+            cross = 4 * sum(b[:k].reshape(k, -1).double() @ b[k:].reshape(k, -1).double().T
+                            for b in grads.blocks)
             weights = self.cross_weights(cross)
-            first.apply_weights(weights)
-            other.apply_weights(weights)
+            grads.apply_weights(torch.cat([weights, weights]))
             weights = weights.to(values.dtype)
-            gramian = 4 * first.gramian  # of the first batch's full losses
+            gramian = 4 * grads.gramian[:k, :k]  # of the first batch's full losses
         mean_values = (values + second_values) / 2
         return BalanceStep(self.tasks, (weights * mean_values).sum(), weights, gramian)
 
