@@ -153,3 +153,16 @@ def test_a_killed_checkpoint_write_leaves_no_temp_file_after_the_next_run(run, c
     stale.write_bytes(b"half a checkpoint")
     assert cli.main(["train", *TINY, "--out", str(run), "--resume", "--epochs", "3"]) == 0
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(("keep", "files"), [("last", ["checkpoint.pt"]), ("best", ["best.pt"]),
+                                             ("none", [])])
+def test_keep_checkpoint_policy(tmp_path, capsys, keep, files):
+    out = tmp_path / keep
+    assert cli.main(["train", *TINY, "--out", str(out), "--set", f"keep_checkpoint={keep}"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.glob("*.pt")) == files
+    record = json.loads((out / "result.json").read_text())
+    assert record["result"]["selected_epoch"] == printed["selected_epoch"]
+    if keep == "best":  # the checkpoint of the epoch selected on validation
+        assert load_checkpoint(out / "best.pt")["epoch"] == printed["selected_epoch"]

@@ -107,3 +107,12 @@ def test_grad_clip_bounds_the_update_norm(tmp_path):
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip(t.model.parameters(), before)])
     # plain SGD: the update is lr * clipped gradient, so its norm is at most lr * max_norm
     assert 0 < step.norm() <= 0.05 * 1e-3 * (1 + 1e-5)
+
+
+def test_eval_every_evaluates_those_epochs_and_the_last(tmp_path):
+    t = _trainer(tmp_path, 5, eval_every=2)
+    res = t.fit(*DATA)
+    assert [r["epoch"] for r in res.history] == [2, 4, 5]
+    assert res.selected_epoch in (2, 4, 5)
+    logged = (tmp_path / "epochs.jsonl").read_text().splitlines()
+    assert [__import__("json").loads(x)["epoch"] for x in logged] == [2, 4, 5]
