@@ -265,14 +265,9 @@ class Experiment:
             optimizer=opt.name, momentum=opt.momentum, nesterov=opt.nesterov,
             betas=(float(opt.betas[0]), float(opt.betas[1])),
             scheduler=copy.deepcopy(self.scheduler), grad_clip=self.grad_clip,
-<<<<<<< HEAD
-            eval_every=self.eval_every, keep=self.keep_checkpoint or keep, seed=seed,
-            device=self.device, progress=False, amp=self.amp,
-=======
             eval_every=self.eval_every, cosine_every=self.cosine_every,
             keep=self.keep_checkpoint or keep, seed=seed,
-            device=self.device, progress=False,
->>>>>>> main
+            device=self.device, progress=False, amp=self.amp,
         )
 
     def load_data(self) -> DatasetBundle:
