@@ -151,18 +151,30 @@ class _TwoBatchBalancer(GramianWeighting):
         # batches, and the weights w on each batch's halves give sum_k w_k (g1_k + g2_k) / 2.
         # One engine call per batch: two K-task passes, never a 2K x 2K Gram matrix.
         kwargs = {"grad_on": "parameters", "strategy": self.strategy,
-                  "chunk_size": self.chunk_size}
-        first = task_gradients([0.5 * loss for loss in items], shared, None, **kwargs)
-        other = task_gradients([0.5 * loss for loss in second], shared, None, **kwargs)
+                  "chunk_size": self.chunk_size, "need_jacobian": True}  # reads the blocks
+        # Under a gradient scaler the losses carry its scale (Balancer.backward): the blocks
+        # and the update written are scaled, the cross Gram matrix is read unscaled.
+        scale = self._loss_scale
+        half = 0.5 if scale is None else 0.5 * scale
+        first = task_gradients([half * loss for loss in items], shared, None, **kwargs)
+        other = task_gradients([half * loss for loss in second], shared, None, **kwargs)
         with torch.no_grad():
             k = self.num_tasks
             cross = 4 * sum(a.reshape(k, -1).double() @ b.reshape(k, -1).double().T
                             for a, b in zip(first.blocks, other.blocks))
+            if scale is not None:
+                cross = cross / scale.double() ** 2
+                if not bool(torch.isfinite(cross).all()):  # overflow: the scaler skips
+                    first.apply_weights(torch.ones_like(values))
+                    nan = torch.full_like(values, float("nan"))
+                    return BalanceStep(self.tasks, nan.sum(), nan, cross)
             weights = self.cross_weights(cross)
             first.apply_weights(weights)
             other.apply_weights(weights)
             weights = weights.to(values.dtype)
             gramian = 4 * first.gramian  # of the first batch's full losses
+            if scale is not None:
+                gramian = gramian / scale.double() ** 2
         mean_values = (values + second_values) / 2
         return BalanceStep(self.tasks, (weights * mean_values).sum(), weights, gramian)
 
