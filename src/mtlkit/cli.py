@@ -146,7 +146,7 @@ def _fields_epilog() -> str:
     notes = {"model": "the dataset's default model", "out": "reports/compare | runs/<method>",
              "keep_checkpoint": "none for compare, last for train",
              "max_steps": "whole epochs", "root": "none", "max_samples": "all",
-             "grad_clip": "none"}
+             "grad_clip": "none", "amp": "none"}
     for key, value in _defaults().items():
         shown = notes.get(key, json.dumps(value))
         lines.append(f"  {key:<24} [{shown}]")

@@ -44,6 +44,9 @@ Fields (defaults in brackets):
   logged (K extra backward passes for methods that do not compute them anyway).
 - ``methods`` [ten methods, see ``DEFAULT_METHODS``], ``hparams`` [{}]: ``{method: {name:
   value}}``. ``seeds`` [1]: a count (seeds 0..n-1) or a list of seeds.
+- ``amp`` [none]: mixed precision, ``bf16`` (autocast) or ``fp16`` (autocast and a gradient
+  scaler that the balancer drives: weights from unscaled quantities, skipped steps leave the
+  balancer's state untouched).
 - ``device`` [cpu]; ``out`` [reports/compare for compare, runs/<method> for train];
   ``keep_checkpoint`` [none for compare, last for train]: which checkpoint a finished run keeps
   (``last``, ``best`` (the selected epoch) or ``none``; a run being trained always has one, so
@@ -133,6 +136,7 @@ class Experiment:
     eval_every: int = 1
     cosine_every: int = 25
     device: str = "cpu"
+    amp: str | None = None
     out: str | None = None
     keep_checkpoint: str | None = None
 
@@ -232,6 +236,8 @@ class Experiment:
         if not isinstance(self.device, str):
             raise ValueError(f"device must be a string, got {self.device!r}")  # noqa: TRY004
         check_device(self.device)
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be bf16, fp16 or null, got {self.amp!r}")
         if self.out is not None and not isinstance(self.out, (str, os.PathLike)):
             raise ValueError(f"out must be a folder path, got {self.out!r}")
         if self.keep_checkpoint is not None and self.keep_checkpoint not in KEEP:
@@ -261,7 +267,7 @@ class Experiment:
             scheduler=copy.deepcopy(self.scheduler), grad_clip=self.grad_clip,
             eval_every=self.eval_every, cosine_every=self.cosine_every,
             keep=self.keep_checkpoint or keep, seed=seed,
-            device=self.device, progress=False,
+            device=self.device, progress=False, amp=self.amp,
         )
 
     def load_data(self) -> DatasetBundle:

@@ -23,9 +23,9 @@ What Lightning's settings change:
 * ``precision="bf16-mixed"``: Lightning runs ``training_step`` under autocast; the balancer
   computes its Gram matrices in float32 (as without Lightning).
 * ``precision="16-mixed"``: Lightning's gradient scaler is handed to the balancer
-  (``backward(..., scaler=...)`` where the balancer takes one), and the optimiser step goes
-  through Lightning's precision plugin, which unscales, skips non-finite steps and updates the
-  scale.
+  (``backward(..., scaler=...)``: weights from unscaled quantities, state untouched by a skipped
+  step), and the optimiser step goes through Lightning's precision plugin, which unscales,
+  skips non-finite steps and updates the scale.
 * ``strategy="ddp"``: Lightning runs ``training_step`` inside DDP's forward, where an
   ordinary DDP gradient hook cannot serve a balancer (its per-task passes never reach DDP's
   hooks, and its backward runs before DDP expects one). mtlkit therefore turns DDP's gradient
@@ -37,7 +37,6 @@ What Lightning's settings change:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -122,16 +121,10 @@ def balanced_step(
         # mtlkit averages what it writes itself (module docstring); DDP must not wait for a
         # backward pass of its own.
         ddp.require_backward_grad_sync = False
+    # 16-mixed: the balancer scales its losses with Lightning's scaler (Balancer.backward)
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is not None:
-        if "scaler" not in inspect.signature(balancer.backward).parameters:
-            raise NotImplementedError(
-                "precision='16-mixed' needs a balancer that takes the gradient scaler "
-                "(backward(..., scaler=...)); use precision='bf16-mixed'"
-            )
-        context["scaler"] = scaler
     optimizer.zero_grad()
-    step = balancer.backward(losses, shared=shared, features=features, **context)
+    step = balancer.backward(losses, shared=shared, features=features, scaler=scaler, **context)
     if world_size() > 1 and not balancer.takes_task_gradients:
         # An ordinary backward pass wrote this rank's gradients: average them (the engine
         # has already averaged those of per-task-gradient methods).

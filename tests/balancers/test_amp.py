@@ -44,6 +44,20 @@ class Net(nn.Module):
                 for i, (t, h) in enumerate(zip(TASKS, self.heads))}, z
 
 
+def context_for(b, net: Net, step: int) -> dict:
+    """The per-step inputs some methods need: a KPI (DTP), a second batch's losses (MoDo,
+    SDMGrad), a held-out batch (Auto-Lambda)."""
+    out: dict = {}
+    if "kpi" in b.context_keys:
+        out["kpi"] = {t: 0.5 for t in TASKS}
+    if "second_losses" in b.context_keys:
+        out["second_losses"] = net.losses(*batch(100 + step))[0]
+    if "held_out" in b.context_keys:
+        out["held_out"] = lambda: net.losses(*batch(200 + step))[0]
+        out["parameters"] = list(net.parameters())
+    return out
+
+
 def make(case: str):
     name, _, mode = case.partition("@")
     hp = dict(NEEDS.get(name, {}))
@@ -66,7 +80,7 @@ def train(case: str, scaler: torch.amp.GradScaler | None, steps: int = 3):
         x, y = batch(step)
         opt.zero_grad()
         ls, z = net.losses(x, y)
-        context = {"kpi": {t: 0.5 for t in TASKS}} if "kpi" in b.context_keys else {}
+        context = context_for(b, net, step)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Nash-MTL's bargaining warning
             out = b.backward(ls, shared=net.trunk.parameters(), features=z, scaler=scaler,
@@ -105,7 +119,7 @@ def test_skipped_step_leaves_state_and_parameters_untouched(case) -> None:
     x, y = batch(7)
     opt.zero_grad()
     ls, z = net.losses(x, y, poison=True)
-    context = {"kpi": {t: 0.5 for t in TASKS}} if "kpi" in b.context_keys else {}
+    context = context_for(b, net, 7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         b.backward(ls, shared=net.trunk.parameters(), features=z, scaler=scaler, **context)
@@ -124,6 +138,7 @@ def test_skipped_step_leaves_state_and_parameters_untouched(case) -> None:
     # the next (finite) step is an ordinary one: finite weights
     opt.zero_grad()
     ls, z = net.losses(*batch(8))
+    context = context_for(b, net, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = b.backward(ls, shared=net.trunk.parameters(), features=z, scaler=scaler, **context)

@@ -77,10 +77,17 @@ def train(net: HardSharing, forward: nn.Module, name: str, grad_on: str) -> dict
         out = forward(x)
         return {t: (out[t].squeeze(-1) - y[:, i]).pow(2).mean() for i, t in enumerate(TASKS)}
 
-    for x, y in zip(*data()):
+    xs, ys = data()
+    for i, (x, y) in enumerate(zip(xs, ys)):
         opt.zero_grad()
         ls = losses(x, y)
-        context = {"kpi": {t: 0.5 for t in TASKS}} if "kpi" in b.context_keys else {}
+        context: dict = {"kpi": {t: 0.5 for t in TASKS}} if "kpi" in b.context_keys else {}
+        other = (i + 1) % STEPS  # another batch, for the methods that draw a second one
+        if "second_losses" in b.context_keys:
+            context["second_losses"] = losses(xs[other], ys[other])
+        if "held_out" in b.context_keys:
+            context["held_out"] = lambda o=other: losses(xs[o], ys[o])
+            context["parameters"] = list(net.parameters())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Nash-MTL's bargaining warning on tiny problems
             step = b.backward(ls, shared=net.shared_parameters(), features=net.features,

@@ -80,10 +80,12 @@ def test_auto_takes_the_gram_only_path_over_the_budget(monkeypatch, name) -> Non
         for step in range(3):
             opt.zero_grad()
             losses, z = net.losses(*data(step))
+            context = ({"second_losses": net.losses(*data(100 + step))[0]}
+                       if "second_losses" in b.context_keys else {})
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 weights.append(b.backward(losses, shared=net.trunk.parameters(),
-                                          features=z).weight_tensor)
+                                          features=z, **context).weight_tensor)
             opt.step()
         assert len(calls) == (3 if budget == 0 else 0)
         results.append((torch.stack(weights), [p.detach() for p in net.parameters()]))
@@ -94,11 +96,13 @@ def test_auto_takes_the_gram_only_path_over_the_budget(monkeypatch, name) -> Non
 
 def test_gram_only_refuses_what_it_cannot_serve(monkeypatch) -> None:
     monkeypatch.setattr(_grads, "JACOBIAN_BUDGET", 0)
-    for name in ("graddrop", "gradvac"):  # they read the gradients themselves: Jacobian path
+    for name in ("graddrop", "gradvac", "modo"):  # they read the gradients: Jacobian path
         net = Net()
         losses, z = net.losses(*data())
-        balancers.create(name, tasks=[str(i) for i in range(K)]).backward(
-            losses, shared=net.trunk.parameters())
+        b = balancers.create(name, tasks=[str(i) for i in range(K)])
+        context = ({"second_losses": net.losses(*data(1))[0]}
+                   if "second_losses" in b.context_keys else {})
+        b.backward(losses, shared=net.trunk.parameters(), **context)
     net = Net()
     losses, z = net.losses(*data())
     with pytest.raises(ValueError, match="need only the Gram matrix"):

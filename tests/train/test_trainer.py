@@ -86,7 +86,7 @@ def test_selection_uses_validation_never_test():
     ("field", "value", "msg"),
     [("lr", -1.0, "lr must be a positive"), ("epochs", 0, "epochs must be"),
      ("task_lr", {"c": 1.0}, "unknown task 'c'"), ("batch_size", 0, "batch_size"),
-     ("select", "test", "select must be 'val' or 'last'")],
+     ("select", "test", "select must be 'val' or 'last'"), ("amp", "fp8", "amp must be one of")],
 )
 def test_bad_config_is_named(field, value, msg):
     cfg = TrainConfig(**{field: value})
@@ -113,3 +113,26 @@ def test_features_mode_on_a_model_without_features_says_why():
     # in parameters mode the model's features are not needed, and training runs
     mgda = balancers.create("mgda", tasks=["a", "b"])
     assert Trainer(NoFeaturesModel(), TASKS, mgda, cfg).fit(*DATA).selected_epoch == 1
+
+
+@pytest.mark.parametrize("method", ["geometric", "mgda"])
+def test_amp_fp16_and_bf16_train_as_float32(method):
+    """amp: fp16 (autocast + the scaler the balancer drives) and bf16 move the parameters as
+    float32 does, to autocast tolerance (a scale-invariant method under a scaler used to move
+    them 65536x too little)."""
+    moved = {}
+    for amp in (None, "fp16", "bf16"):
+        torch.manual_seed(0)
+        model = TinyModel()
+        start = [p.detach().clone() for p in model.parameters()]
+        cfg = TrainConfig(epochs=3, batch_size=16, lr=1e-2, seed=3, log_every=0, cosine_every=0,
+                          amp=amp, progress=False)
+        Trainer(model, TASKS, balancers.create(method, tasks=["a", "b"]), cfg).fit(*DATA)
+        moved[amp] = torch.cat([(p.detach() - q).flatten()
+                                for p, q in zip(model.parameters(), start)])
+    # fp16: the scaler skips the first steps while its scale settles (from 2^16; task b's
+    # targets are ~50), so Adam takes fewer steps: comparable, not equal.
+    for amp, rel, cos in (("fp16", 0.5, 0.5), ("bf16", 0.1, 0.98)):
+        d, ref = moved[amp], moved[None]
+        assert float(d.norm() / ref.norm()) == pytest.approx(1.0, rel=rel), amp
+        assert float(d @ ref / (d.norm() * ref.norm())) > cos, amp

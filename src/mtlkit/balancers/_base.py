@@ -95,6 +95,7 @@ from mtlkit.engine import (
     task_jacobian,
 )
 from mtlkit.engine._dist import all_mean, all_mean_list, world_size
+from mtlkit.engine._grads import _task_leaves
 
 Requirement = Literal["losses", "last_shared", "gramian", "block_gramian", "jacobian"]
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
@@ -306,6 +307,17 @@ class Balancer(nn.Module):
         self._loss_scale = scaler.scale(torch.ones((), device=values.device))
         try:
             out = self._balance(items, stacked, values, shared, features, context)
+        except FloatingPointError:
+            # Non-finite gradients made a derived quantity non-finite (e.g. Auto-Lambda's
+            # held-out losses after its look-ahead step): restore the state and hand the
+            # scaler non-finite gradients, so that it skips this step like any other overflow.
+            self.load_state_dict(saved)
+            self._skipped = True
+            nan = float("nan")
+            for p in _task_leaves(items, set(), None).heads:
+                p.grad = torch.full_like(p, nan)
+            weights = torch.full_like(values, nan)
+            return BalanceStep(self.tasks, weights.sum(), weights)
         finally:
             self._loss_scale = None
         if _written_gradients_finite(items, self):
@@ -727,8 +739,6 @@ def _written_gradients_finite(items: list[Tensor], balancer: nn.Module) -> bool:
     """Whether every gradient a step may have written is finite: those of the leaves reached
     from the losses (shared and task-specific) and of the balancer's own parameters (the
     scaler's own check in ``scaler.step`` reads the same values: both agree on skipping)."""
-    from mtlkit.engine._grads import _task_leaves
-
     leaves = _task_leaves(items, set(), None).heads + list(balancer.parameters())
     grads = [p.grad for p in leaves if isinstance(p, Tensor) and p.grad is not None]
     if not grads:

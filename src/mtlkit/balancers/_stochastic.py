@@ -155,17 +155,30 @@ class _TwoBatchBalancer(GramianWeighting):
         strategy, chunk = self.strategy, self.chunk_size
         if strategy == "auto":
             strategy, chunk = auto_strategy(len(items), shared[0].device.type, chunk)
-        grads = task_gradients([0.5 * loss for loss in [*items, *second]], shared, None,
+        # Under a gradient scaler the losses carry its scale (Balancer.backward): the blocks
+        # and the update written are scaled, the cross Gram matrix is read unscaled.
+        scale = self._loss_scale
+        half = 0.5 if scale is None else 0.5 * scale
+        grads = task_gradients([half * loss for loss in [*items, *second]], shared, None,
                                grad_on="parameters", strategy=strategy, chunk_size=chunk,
                                need_jacobian=True)
         with torch.no_grad():
             k = self.num_tasks
             cross = 4 * sum(b[:k].reshape(k, -1).double() @ b[k:].reshape(k, -1).double().T
                             for b in grads.blocks)
+            if scale is not None:
+                cross = cross / scale.double() ** 2
+                if not bool(torch.isfinite(cross).all()):  # overflow: the scaler skips
+                    grads.apply_weights(torch.ones(2 * k, dtype=values.dtype,
+                                                   device=values.device))
+                    nan = torch.full_like(values, float("nan"))
+                    return BalanceStep(self.tasks, nan.sum(), nan, cross)
             weights = self.cross_weights(cross)
             grads.apply_weights(torch.cat([weights, weights]))
             weights = weights.to(values.dtype)
             gramian = 4 * grads.gramian[:k, :k]  # of the first batch's full losses
+            if scale is not None:
+                gramian = gramian / scale.double() ** 2
         mean_values = (values + second_values) / 2
         return BalanceStep(self.tasks, (weights * mean_values).sum(), weights, gramian)
 

@@ -86,6 +86,11 @@ def check_device(device: str, name: str = "device") -> None:
         raise ValueError(f"{name}: device type {dev.type!r} is not supported (cpu, cuda, mps)")
 
 
+#: ``amp`` setting -> autocast dtype
+AMP: dict[str | None, torch.dtype] = {None: torch.float32, "bf16": torch.bfloat16,
+                                      "fp16": torch.float16}
+
+
 @dataclass
 class TrainConfig:
     """How to train one run. Every field is validated by :meth:`validate`."""
@@ -111,6 +116,9 @@ class TrainConfig:
     select: Literal["val", "last"] = "val"
     device: str = "cpu"
     progress: bool = True
+    #: mixed precision: None (float32), "bf16" (autocast) or "fp16" (autocast and a gradient
+    #: scaler that the balancer drives, see Balancer.backward)
+    amp: str | None = None
 
     def validate(self, tasks: Sequence[str]) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -155,6 +163,8 @@ class TrainConfig:
         if not isinstance(self.device, str):
             raise ValueError(f"device must be a string, got {self.device!r}")  # noqa: TRY004
         check_device(self.device)
+        if self.amp not in AMP:
+            raise ValueError(f"amp must be one of {list(AMP)[1:]} or None, got {self.amp!r}")
 
     def settings(self) -> dict[str, Any]:
         """The fields a resumed run must share with the saved one (not the budget, the
@@ -245,6 +255,8 @@ class Trainer:
             groups, config.optimizer, weight_decay=config.weight_decay, momentum=config.momentum,
             nesterov=config.nesterov, betas=config.betas,
         )
+        #: fp16: the scaler the balancer scales its losses with (Balancer.backward)
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
         for g in self.optimizer.param_groups:  # the schedule scales each group's own base rate
             g.setdefault("initial_lr", g["lr"])
         self.steps_per_epoch = 1
@@ -393,9 +405,12 @@ class Trainer:
             # Under DDP, a balancer that computes per-task gradients itself averages them; DDP's
             # hooks must then not wait for an ordinary backward pass (Balancer docs).
             no_sync = self.ranks > 1 and self.balancer.takes_task_gradients
-            with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+            autocast = torch.autocast(self.device.type, dtype=AMP[self.config.amp],
+                                      enabled=self.config.amp is not None)
+            with self.forward_model.no_sync() if no_sync else contextlib.nullcontext(), autocast:  # type: ignore[operator]
                 out = self.forward_model(x)
-            losses = {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name)) for t in self.tasks}
+                losses = {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name))
+                          for t in self.tasks}
             # Diagnostics, every ``cosine_every`` steps, always in the same space (the shared
             # parameters) so that methods can be compared: free where the balancer computes
             # that Gram matrix itself, else K extra backward passes left out of the step time.
@@ -410,15 +425,23 @@ class Trainer:
             if extra_batches is not None:
                 context.update(self._extra_context(next(extra_batches)))
             try:
-                step = self.balancer.backward(
-                    losses, shared=self.model.shared_parameters(), features=features, **context,
-                )
+                with autocast:
+                    step = self.balancer.backward(
+                        losses, shared=self.model.shared_parameters(), features=features,
+                        scaler=self.scaler, **context,
+                    )
             except FloatingPointError as err:
                 raise NonFiniteLossError(self._non_finite_message(err)) from None
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip (and step) the true gradients
             if self.config.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             self._set_lr()
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)  # skipped on non-finite gradients
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             if self.balancer.needs_after_step:
                 with torch.no_grad():
                     out2 = self.model(x)
