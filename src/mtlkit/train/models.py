@@ -147,3 +147,7 @@ def default_model(input_shape: Sequence[int], tasks: Sequence[Task]) -> HardShar
         for t in tasks
     }
     return HardSharing(encoder, heads)
+
+
+# The benchmark protocols' models register themselves (kept in their own module).
+from mtlkit.train import protocol_models  # noqa: F401

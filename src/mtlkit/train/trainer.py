@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtlkit.balancers import Balancer
+from mtlkit.data._multi_input import MultiInputDataset
 from mtlkit.engine import cosine_from_gramian, task_jacobian
 from mtlkit.engine._dist import rank, world_size
 from mtlkit.optim import model_param_groups
@@ -176,6 +177,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.step_times: list[float] = []
         self._kpi_scale: dict[str, float] = {}
+        self._multi_input = False
 
     # ------------------------------------------------------------------ public
     def fit(
@@ -192,12 +194,22 @@ class Trainer:
         else:
             self.log.truncate(0, 0)  # a fresh run into a used folder starts fresh logs
         eval_batch = max(self.config.batch_size, 256)
-        val_loader = DataLoader(val, batch_size=eval_batch)
-        test_loader = DataLoader(test, batch_size=eval_batch) if test is not None else None
+        multi = self._multi_input = isinstance(train, MultiInputDataset)
+        if multi and self.balancer.grad_on == "features":
+            raise ValueError("grad_on='features' needs one shared representation of every "
+                             "task's samples; with multi-input data each task has its own "
+                             "inputs: use grad_on='parameters'")
+        val_loader = _eval_loader(val, eval_batch)
+        test_loader = _eval_loader(test, eval_batch) if test is not None else None
         while self.epoch < self.config.epochs and not self._out_of_steps():
             gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
-            loader = DataLoader(train, batch_size=self.config.batch_size, shuffle=True,
-                                generator=gen, drop_last=len(train) > self.config.batch_size)
+            if multi:
+                loader: Iterable = PerTaskBatches(train, self.names, self.config.batch_size,
+                                                  gen)
+            else:
+                loader = DataLoader(train, batch_size=self.config.batch_size, shuffle=True,
+                                    generator=gen,
+                                    drop_last=len(train) > self.config.batch_size)
             self._train_epoch(loader)
             record: dict[str, Any] = {"epoch": self.epoch + 1}
             record["val"] = evaluate(self.model, self.tasks, val_loader, self.device)
@@ -233,14 +245,14 @@ class Trainer:
         for i, batch in enumerate(loader):
             if self._out_of_steps():
                 break
-            x, y, mask = self._my_part(*_unpack(batch, self.device))
+            x, y, mask = self._batch(batch)
             t0 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             # Under DDP, a balancer that computes per-task gradients itself averages them; DDP's
             # hooks must then not wait for an ordinary backward pass (Balancer docs).
             no_sync = self.ranks > 1 and self.balancer.takes_task_gradients
             with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
-                out = self.forward_model(x)
+                out = _forward(self.forward_model, x)
             losses = {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name)) for t in self.tasks}
             # Diagnostics, every ``cosine_every`` steps, always in the same space (the shared
             # parameters) so that methods can be compared: free where the balancer computes
@@ -259,7 +271,7 @@ class Trainer:
             self.optimizer.step()
             if self.balancer.needs_after_step:
                 with torch.no_grad():
-                    out2 = self.model(x)
+                    out2 = _forward(self.model, x)
                     self.balancer.after_step(
                         {t.name: t.loss(out2[t.name], y[t.name], mask.get(t.name))
                          for t in self.tasks}
@@ -277,6 +289,19 @@ class Trainer:
         if self.config.progress and sys.stderr.isatty():
             print(file=sys.stderr)
 
+    def _batch(self, batch: Any) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor],
+                                          dict[str, Tensor]]:
+        """``(x, y, mask)`` of this rank; for multi-input data ``x`` is ``{task: inputs}``."""
+        if not isinstance(batch, dict):
+            return self._my_part(*_unpack(batch, self.device))
+        xs, ys, masks = {}, {}, {}
+        for t, part in batch.items():  # each task's own batch
+            x, y, mask = self._my_part(*_unpack(part, self.device))
+            xs[t], ys[t] = x, y[t]
+            if t in mask:
+                masks[t] = mask[t]
+        return xs, ys, masks
+
     def _my_part(self, x: Tensor, y: dict[str, Tensor], mask: dict[str, Tensor]
                  ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
         """This rank's contiguous slice of a batch (all of it in one process). Every rank
@@ -293,7 +318,10 @@ class Trainer:
 
     def _features(self) -> Tensor | None:
         """The model's shared representation; where the balancer needs it and the model has
-        ``require_features`` (every ``mtlkit.nn`` model), the model says why it has none."""
+        ``require_features`` (every ``mtlkit.nn`` model), the model says why it has none.
+        None for multi-input data (the last forward saw only the last task's inputs)."""
+        if self._multi_input:
+            return None
         if self.balancer.grad_on == "features" and hasattr(self.model, "require_features"):
             return self.model.require_features()
         return getattr(self.model, "features", None)
@@ -374,6 +402,58 @@ class Trainer:
         self.log.truncate(self.global_step, self.epoch)
 
 
+def _forward(model: nn.Module, x: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The model's outputs; for multi-input data each task's output on its own inputs."""
+    if isinstance(x, Mapping):
+        return {t: model(xt)[t] for t, xt in x.items()}
+    return model(x)
+
+
+class PerTaskBatches:
+    """One epoch of multi-input training: each step a batch of every task's own samples.
+
+    An epoch lasts as long as the largest task's shuffled pass (as LibMTL); a smaller task
+    starts a new shuffled pass when its samples run out. Shuffles come from ``generator``.
+    """
+
+    def __init__(self, data: MultiInputDataset, tasks: Sequence[str], batch_size: int,
+                 generator: torch.Generator) -> None:
+        self.loaders = {
+            t: DataLoader(data.datasets[t], batch_size=batch_size, shuffle=True,
+                          generator=generator,
+                          drop_last=len(data.datasets[t]) > batch_size)  # type: ignore[arg-type]
+            for t in tasks
+        }
+
+    def __len__(self) -> int:
+        return max(len(loader) for loader in self.loaders.values())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        iterators = {t: iter(loader) for t, loader in self.loaders.items()}
+        for _ in range(len(self)):
+            step = {}
+            for t, it in iterators.items():
+                try:
+                    step[t] = next(it)
+                except StopIteration:
+                    iterators[t] = iter(self.loaders[t])
+                    step[t] = next(iterators[t])
+            yield step
+
+
+class _PerTaskLoader:
+    """Evaluation over multi-input data: each task on its own split (see :func:`evaluate`)."""
+
+    def __init__(self, data: MultiInputDataset, batch_size: int) -> None:
+        self.loaders = {t: DataLoader(d, batch_size=batch_size) for t, d in data.datasets.items()}
+
+
+def _eval_loader(data: Dataset, batch_size: int) -> Iterable:
+    if isinstance(data, MultiInputDataset):
+        return _PerTaskLoader(data, batch_size)
+    return DataLoader(data, batch_size=batch_size)
+
+
 def _unpack(batch: Any, device: torch.device) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
     if isinstance(batch, (list, tuple)) and len(batch) == 3:
         x, y, mask = batch
@@ -389,8 +469,15 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], loader: Iterable,
              device: torch.device | str = "cpu") -> dict[str, float]:
     """Every task's metrics (and mean loss) over a whole split, accumulated exactly.
 
-    Keys are ``"task/metric"``; ``"task/loss"`` is the sample-weighted mean loss.
+    Keys are ``"task/metric"``; ``"task/loss"`` is the sample-weighted mean loss. For
+    multi-input data (a loader over a :class:`~mtlkit.data.MultiInputDataset`) each task is
+    evaluated on its own samples.
     """
+    if isinstance(loader, _PerTaskLoader):
+        result: dict[str, float] = {}
+        for t in tasks:
+            result.update(evaluate(model, [t], loader.loaders[t.name], device))
+        return result
     was_training = model.training
     model.eval()
     metrics = {t.name: t.metrics() for t in tasks}
@@ -407,7 +494,7 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], loader: Iterable,
             for metric in metrics[t.name].values():
                 metric.update(out[t.name], y[t.name], m)
     model.train(was_training)
-    result: dict[str, float] = {}
+    result = {}
     for t in tasks:
         for name, metric in metrics[t.name].items():
             result[f"{t.name}/{name}"] = float(metric.compute())
