@@ -69,7 +69,7 @@ def test_office31_is_multi_input_with_libmtl_lists(tmp_path: Path) -> None:
     assert b.train.sizes == {"amazon": 3, "dslr": 2, "webcam": 4}
     assert b.test.sizes == {"amazon": 2, "dslr": 1, "webcam": 1}
     x, y = b.train.datasets["webcam"][2]
-    rel, label, pixels = lists["webcam"]["train"][2]
+    _rel, label, pixels = lists["webcam"]["train"][2]
     assert list(y) == ["webcam"] and int(y["webcam"]) == label and y["webcam"].dtype == torch.int64
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     np.testing.assert_allclose(x.permute(1, 2, 0).numpy(), (pixels / 255.0 - mean) / std,
@@ -166,7 +166,7 @@ def test_tabular_click_log_masks_empty_cells(tmp_path: Path) -> None:
     b = data.load("tabular", root=tmp_path, file="log.csv", categorical=["user", "item"],
                   numeric=["price"], tasks=CLICK_TASKS, val_fraction=0.25, test_fraction=0.25)
     assert (len(b.train), len(b.val), len(b.test)) == (20, 10, 10)
-    x, y, mask = b.train[0]
+    x, y, _mask = b.train[0]
     assert x.shape == (3,) and x.dtype == torch.float32
     assert y["click"].dtype == torch.int64 and y["rating"].dtype == torch.float32
     ds = b.train
