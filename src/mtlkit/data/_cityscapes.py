@@ -106,6 +106,7 @@ def cityscapes(
     num_classes: int = 7,
     val_fraction: float = 0.1,
     model: str = "segnet_mtan",
+    model_options: dict | None = None,
 ) -> DatasetBundle:
     """Cityscapes with two tasks: ``seg`` (7 classes, or 19) and ``depth``, at 128x256.
 
@@ -125,6 +126,7 @@ def cityscapes(
         num_classes: 7 (the MTL benchmark) or 19.
         val_fraction: fraction of the training images held out, in (0, 1).
         model: the registered model to train.
+        model_options: options of that model (e.g. SegNet-MTAN's ``filters``).
 
     Raises:
         ValueError: no root, a bad option; when read, a malformed array.
@@ -152,4 +154,4 @@ def cityscapes(
     info = {"root": str(path), "seed": seed, "val_indices": val_idx, "num_classes": num_classes,
             "layout": "MTAN preprocessed (arXiv:1803.10704); test = the 'val' folder"}
     return DatasetBundle("cityscapes", train, val, test, tasks, (3, int(h), int(w)), info,
-                         model=model)
+                         model=model, model_options=dict(model_options or {}))

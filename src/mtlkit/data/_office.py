@@ -83,7 +83,8 @@ class ImageListDataset(Dataset):
 
 
 def _office(name: str, domains: Sequence[str], num_classes: int, root: str | Path | None,
-            image_size: int, lists: str | None, pretrained: str | None) -> DatasetBundle:
+            image_size: int, lists: str | None, pretrained: str | None,
+            model: str) -> DatasetBundle:
     path = require_root(name, root)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
@@ -102,15 +103,17 @@ def _office(name: str, domains: Sequence[str], num_classes: int, root: str | Pat
     info = {"root": str(path), "lists": str(folder), "multi_input": True,
             "sizes": {s: ds.sizes for s, ds in per_split.items()},
             "source": "LibMTL image lists (Lin & Zhang, JMLR 2023, arXiv:2203.14338)"}
-    options = {} if pretrained is None else {"pretrained": pretrained}
+    options = {} if pretrained is None or model != "resnet18_multi_input" else {
+        "pretrained": pretrained}
     return DatasetBundle(name, per_split["train"], per_split["val"], per_split["test"], tasks,
-                         (3, image_size, image_size), info, model="resnet18_multi_input",
+                         (3, image_size, image_size), info, model=model,
                          model_options=options)
 
 
 @register("office31")
 def office31(root: str | Path | None = None, seed: int = 0, *, image_size: int = 224,
-             lists: str | None = None, pretrained: str | None = None) -> DatasetBundle:
+             lists: str | None = None, pretrained: str | None = None,
+             model: str = "resnet18_multi_input") -> DatasetBundle:
     """Office-31 (Saenko et al., ECCV 2010): 31 classes, one task per domain (``amazon``,
     ``dslr``, ``webcam``), multi-input: each domain's task has its own images.
 
@@ -126,18 +129,20 @@ def office31(root: str | Path | None = None, seed: int = 0, *, image_size: int =
         lists: the folder of the list files, relative to ``root``.
         pretrained: a torchvision-format ResNet-18 state dict file for the default model
             (ImageNet weights as LibMTL; never downloaded).
+        model: the registered model (LibMTL's ResNet-18 by default).
 
     Raises:
         FileNotFoundError: the root or a list file is missing (a missing image when read).
         ValueError: a malformed list line.
     """
     return _office("office31", ("amazon", "dslr", "webcam"), 31, root, image_size, lists,
-                   pretrained)
+                   pretrained, model)
 
 
 @register("office_home")
 def office_home(root: str | Path | None = None, seed: int = 0, *, image_size: int = 224,
-                lists: str | None = None, pretrained: str | None = None) -> DatasetBundle:
+                lists: str | None = None, pretrained: str | None = None,
+             model: str = "resnet18_multi_input") -> DatasetBundle:
     """Office-Home (Venkateswara et al., CVPR 2017): 65 classes, one task per domain (``Art``,
     ``Clipart``, ``Product``, ``Real_World``), multi-input; files as :func:`office31` (LibMTL's
     lists, or ``root/data_txt/office-home``).
@@ -148,10 +153,11 @@ def office_home(root: str | Path | None = None, seed: int = 0, *, image_size: in
         image_size: resize side.
         lists: the folder of the list files, relative to ``root``.
         pretrained: a torchvision-format ResNet-18 state dict file for the default model.
+        model: the registered model (LibMTL's ResNet-18 by default).
 
     Raises:
         FileNotFoundError: the root or a list file is missing.
         ValueError: a malformed list line.
     """
     return _office("office_home", ("Art", "Clipart", "Product", "Real_World"), 65, root,
-                   image_size, lists, pretrained)
+                   image_size, lists, pretrained, model)
