@@ -13,7 +13,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
 
-from _benchmark_files import (  # noqa: E402
+from _benchmark_files import (
     write_census,
     write_cityscapes,
     write_click_log,
@@ -22,9 +22,9 @@ from _benchmark_files import (  # noqa: E402
     write_qm9,
 )
 
-from mtlkit import balancers, data  # noqa: E402
-from mtlkit.train.compare import compare_config_from_dict, run_compare, train_one  # noqa: E402
-from mtlkit.train.models import build_model  # noqa: E402
+from mtlkit import balancers, data
+from mtlkit.train.compare import compare_config_from_dict, run_compare, train_one
+from mtlkit.train.models import build_model
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
