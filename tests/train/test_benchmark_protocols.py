@@ -23,7 +23,12 @@ from _benchmark_files import (
 )
 
 from mtlkit import balancers, data
-from mtlkit.train.compare import compare_config_from_dict, run_compare, train_one
+from mtlkit.train.compare import (
+    check_methods,
+    compare_config_from_dict,
+    run_compare,
+    train_one,
+)
 from mtlkit.train.models import build_model
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -68,12 +73,14 @@ def test_protocol_config_trains_two_steps(config: str, tmp_path: Path) -> None:
     write(root)
     fields = yaml.safe_load((CONFIGS / config).read_text())
     fields["dataset_options"] = {**fields.get("dataset_options", {}), **options}
+    full = compare_config_from_dict({**fields, "root": str(root)})
+    bundle = data.load(full.dataset, root=root, **full.dataset_options)
+    check_methods(full, full.methods, bundle.task_names)  # every method builds on its tasks
     method = fields["methods"][0]
     fields.update(root=str(root), out=str(tmp_path / "run"), methods=[method],
                   hparams={k: v for k, v in fields.get("hparams", {}).items() if k == method},
                   epochs=1, max_steps=2, batch_size=2)
     cfg = compare_config_from_dict(fields)
-    bundle = data.load(cfg.dataset, root=root, **cfg.dataset_options)
     result = train_one(cfg)
     assert result.selected_epoch == 1
     assert len(result.history) == 1

@@ -251,4 +251,6 @@ def test_the_shipped_configs_are_valid():
     for path in paths:
         cfg = compare_config_from_dict(yaml.safe_load(path.read_text()))
         cfg.validate()
+        if cfg.dataset not in ("multidigits", "gradnorm_toy"):
+            continue  # read from disk: tests/train/test_benchmark_protocols.py, on fixtures
         check_methods(cfg, cfg.methods, load(cfg.dataset).task_names)
