@@ -12,7 +12,9 @@ Under ``torchrun`` (``torch.distributed`` initialised, as ``mtlkit train`` and `
 do when started by it) the model is wrapped in DDP, every rank draws the same batches and
 trains on its own slice of each (so two processes with batch B/2 each follow the run of one
 process with batch B: tested), evaluation runs on every rank, and rank 0 alone writes logs and
-checkpoints. Batch norm statistics are per rank, as in plain DDP.
+checkpoints. Batch norm statistics are per rank, as in plain DDP. A loss over a mask of missing
+labels is the mean over the labelled samples of the whole batch, as in one process (each rank
+rescales its own mean by its share of the labelled samples; tested).
 
 Model selection uses the validation split only (never test): the selected epoch maximises the
 mean over tasks of the primary validation metric's relative improvement over epoch 1
@@ -40,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from mtlkit.balancers import Balancer
 from mtlkit.data._multi_input import MultiInputDataset
 from mtlkit.engine import cosine_from_gramian, task_jacobian
-from mtlkit.engine._dist import rank, world_size
+from mtlkit.engine._dist import all_mean, rank, world_size
 from mtlkit.optim import model_param_groups
 from mtlkit.train.checkpoint import load_checkpoint, save_checkpoint
 from mtlkit.train.logs import RunLog
@@ -253,7 +255,7 @@ class Trainer:
             no_sync = self.ranks > 1 and self.balancer.takes_task_gradients
             with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
                 out = _forward(self.forward_model, x)
-            losses = {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name)) for t in self.tasks}
+            losses = self._losses(out, y, mask)
             # Diagnostics, every ``cosine_every`` steps, always in the same space (the shared
             # parameters) so that methods can be compared: free where the balancer computes
             # that Gram matrix itself, else K extra backward passes left out of the step time.
@@ -272,10 +274,7 @@ class Trainer:
             if self.balancer.needs_after_step:
                 with torch.no_grad():
                     out2 = _forward(self.model, x)
-                    self.balancer.after_step(
-                        {t.name: t.loss(out2[t.name], y[t.name], mask.get(t.name))
-                         for t in self.tasks}
-                    )
+                    self.balancer.after_step(self._losses(out2, y, mask))
             self.step_times.append(time.perf_counter() - t0)
             self.global_step += 1
             if want_cosine and cosine is None:
@@ -288,6 +287,21 @@ class Trainer:
                       f"step {i + 1}/{n}", end="", file=sys.stderr)
         if self.config.progress and sys.stderr.isatty():
             print(file=sys.stderr)
+
+    def _losses(self, out: Mapping[str, Tensor], y: Mapping[str, Tensor],
+                mask: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each task's loss. Under torchrun a masked loss is rescaled from the mean over this
+        rank's labelled samples to its share of the mean over the whole batch's: the ranks'
+        average (what the balancers and DDP take) is then that whole-batch mean."""
+        losses = {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name)) for t in self.tasks}
+        masked = [t for t in self.names if t in mask]
+        if self.ranks == 1 or not masked:
+            return losses
+        counts = torch.stack([mask[t].sum() for t in masked]).double()
+        share = counts * self.ranks / all_mean(counts).mul(self.ranks).clamp_min(1)
+        for t, f in zip(masked, share):
+            losses[t] = losses[t] * f.to(losses[t].dtype)
+        return losses
 
     def _batch(self, batch: Any) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor],
                                           dict[str, Tensor]]:
