@@ -1,7 +1,7 @@
 """The ``mtlkit`` command line tool.
 
     mtlkit compare [--config FILE] [--dataset NAME] [--methods a,b] [--seeds N] [--out DIR]
-    mtlkit train --method NAME [...]
+    mtlkit train [--method NAME] [--dataset NAME --root DIR] [...]
     mtlkit report DIR
     mtlkit bench speed [...]
     mtlkit list
@@ -93,7 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mtlkit.train.compare import compare_config_from_dict, train_one
 
     data = {**_load_config(args.config), **_overrides(args)}
-    data.setdefault("out", f"runs/{args.method}")
+    data.setdefault("methods", ["ew"])  # no --method: the config's first, else the plain sum
+    data.setdefault("out", f"runs/{data['methods'][0]}")
     cfg = compare_config_from_dict(data)
     result = train_one(cfg, resume=args.resume)
     if rank() == 0:
@@ -155,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one method")
     _common(p)
-    p.add_argument("--method", required=True, help="balancer name")
+    p.add_argument("--method", help="balancer name (default: the config's first method, "
+                                     "else ew)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.set_defaults(func=cmd_train)
 

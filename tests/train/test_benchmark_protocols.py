@@ -188,3 +188,19 @@ def test_metrics_skip_a_batch_without_labels(tmp_path: Path) -> None:
                            torch.zeros(int((~clicked).sum()), dtype=torch.bool))
         mixed[name].update(pred[clicked], b.train.targets["conversion"][clicked])
         assert mixed[name].compute() == pytest.approx(alone[name].compute())
+
+
+def test_mtlkit_train_dataset_root_uses_the_protocol_model(tmp_path: Path, capsys) -> None:
+    from mtlkit import cli
+    from mtlkit.train.checkpoint import load_checkpoint
+
+    write_mnist(tmp_path / "mnist")
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "multimnist", "--root", str(tmp_path / "mnist"),
+                     "--epochs", "1", "--max-steps", "2", "--batch-size", "4",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert '"method": "ew"' in printed and "left/accuracy" in printed
+    state = load_checkpoint(out / "checkpoint.pt")["model"]
+    assert "encoder.conv2.weight" in state  # the MultiMNIST LeNet, not the default CNN
+    assert tuple(state["encoder.fc.weight"].shape) == (50, 320)
