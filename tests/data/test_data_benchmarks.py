@@ -125,7 +125,7 @@ def test_multimnist_malformed_idx_file_is_named(tmp_path: Path) -> None:
 def test_census_mmoe_task_groups_and_train_only_vocabulary(tmp_path: Path) -> None:
     write_census(tmp_path, n_train=12, n_test=8)
     b = data.load("census", root=tmp_path, seed=0)
-    assert b.task_names == ["income", "marital"] and b.model == "mmoe"
+    assert b.task_names == ["income", "marital"] and b.model == "tabular_mmoe"
     assert (len(b.train), len(b.val), len(b.test)) == (12, 4, 4)
     cat, num = b.info["categorical"], b.info["numeric"]
     assert len(cat) + len(num) == 42 - 4 and len(num) == 7  # 4: labels + instance weight

@@ -64,7 +64,7 @@ def census(
     *,
     tasks: str = "income_marital",
     embed_dim: int = 4,
-    model: str = "mmoe",
+    model: str = "tabular_mmoe",
     model_options: dict | None = None,
 ) -> DatasetBundle:
     """Census-Income (KDD), UCI, with the two task groups of MMoE (Ma et al., KDD 2018).
@@ -85,7 +85,8 @@ def census(
         seed: seeds the validation / test split of the test file.
         tasks: ``income_marital`` or ``education_marital``.
         embed_dim: embedding size of the default model.
-        model: the registered model (the MMoE paper's is ``mmoe``; ``tabular_mlp`` is its
+        model: the registered model (the MMoE paper's is ``tabular_mmoe``; ``tabular_mlp``,
+            its
             shared-bottom baseline).
         model_options: further options of the model.
 

@@ -118,7 +118,7 @@ def cityscapes(
     and metrics; depth 0 is unknown. No augmentation.
 
     Protocols: SegNet-MTAN (``model="segnet_mtan"``, Nash-MTL / FAMO) or a dilated ResNet-50
-    with ASPP heads (``model="deeplab_resnet50"``, LibMTL).
+    with ASPP heads (``model="resnet50_deeplab"``, LibMTL).
 
     Args:
         root: the folder holding ``train/`` and ``val/``.

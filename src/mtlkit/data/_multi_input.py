@@ -43,6 +43,13 @@ class MultiInputDataset(Dataset):
         """Samples per task."""
         return {t: len(d) for t, d in self.datasets.items()}  # type: ignore[arg-type]
 
+    def head(self, n: int) -> MultiInputDataset:
+        """The first ``n`` samples of each task (``max_samples`` of an experiment)."""
+        from torch.utils.data import Subset
+
+        return MultiInputDataset({t: d if len(d) <= n else Subset(d, range(n))  # type: ignore[arg-type]
+                                  for t, d in self.datasets.items()})
+
     def __len__(self) -> int:
         return max(self.sizes.values())
 

@@ -397,7 +397,7 @@ def tabular(
         numeric: numeric feature columns (standardised on the training split).
         file: one file to split; or ``train``, ``val``, ``test``.
         val_fraction, test_fraction: the split of a single ``file``.
-        model: the registered model to train (``tabular_mlp``, ``mmoe``, ``cgc``, ``ple``,
+        model: the registered model to train (``tabular_mlp``, ``tabular_mmoe``, ``tabular_cgc``,
             ``esmm``, ``aitm``).
         model_options: options of that model (``embed_dim``, sizes, ...).
 

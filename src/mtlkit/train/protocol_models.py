@@ -5,14 +5,14 @@ a :class:`~mtlkit.data.DatasetBundle` names its protocol's model in ``bundle.mod
 
 ==========================  ===============================================================
 ``multilenet``              MultiMNIST: the LeNet of Sener & Koltun (2018)
-``segnet_mtan``             Cityscapes / NYUv2: SegNet-MTAN (Liu et al. 2019; Nash-MTL, FAMO)
-``deeplab_resnet50``        Cityscapes / NYUv2: dilated ResNet-50 + ASPP heads (LibMTL)
 ``resnet18_multi_input``    Office-31 / Office-Home: ResNet-18 + 512-unit layer (LibMTL)
 ``mpnn``                    QM9: NNConv + GRU + Set2Set (Nash-MTL, FAMO)
 ``tabular_mlp``             tabular: embeddings + shared MLP + a head per task (shared bottom)
-``mmoe``, ``cgc``, ``ple``  tabular: embeddings + experts with per-task gates
+``tabular_mmoe``, ...       tabular: embeddings + MMoE / CGC / PLE (``tabular_cgc``, ``tabular_ple``)
 ``esmm``, ``aitm``          tabular: embeddings + ESMM (Ma et al. 2018) / AITM (Xi et al. 2021)
 ==========================  ===============================================================
+
+Cityscapes uses :mod:`mtlkit.train.models`' ``segnet_mtan`` and ``resnet50_deeplab``.
 """
 
 from __future__ import annotations
@@ -30,18 +30,15 @@ from mtlkit.nn import (
     ESMM,
     MPNN,
     PLE,
-    DeepLabHead,
     Embedded,
     HardSharing,
     MMoE,
-    SegNetMTAN,
     TabularEmbedding,
     resnet18,
-    resnet50,
 )
 from mtlkit.nn._utils import mlp
 from mtlkit.tasks import Task
-from mtlkit.train.models import Resize, register_model, task_outputs
+from mtlkit.train.models import register_model, task_outputs
 
 
 class MultiLeNetTrunk(nn.Module):
@@ -70,26 +67,6 @@ def multilenet(tasks: Sequence[Task], input_shape: Sequence[int]) -> HardSharing
     heads = {t.name: nn.Sequential(nn.Linear(50, 50), nn.ReLU(), nn.Dropout(),
                                    nn.Linear(50, task_outputs(t))) for t in tasks}
     return HardSharing(MultiLeNetTrunk(c, h), heads)
-
-
-@register_model("segnet_mtan")
-def segnet_mtan(tasks: Sequence[Task], input_shape: Sequence[int],
-                filters: Sequence[int] = (64, 128, 256, 512, 512)) -> SegNetMTAN:
-    """SegNet-MTAN (Liu et al., CVPR 2019, arXiv:1803.10704), the dense model of Nash-MTL and
-    FAMO; ``filters`` may be made small for a CPU check."""
-    return SegNetMTAN({t.name: task_outputs(t) for t in tasks}, input_shape[0], filters)
-
-
-@register_model("deeplab_resnet50")
-def deeplab_resnet50(tasks: Sequence[Task], input_shape: Sequence[int],
-                     channels: int = 256) -> HardSharing:
-    """Dilated ResNet-50 (output stride 8) + an ASPP head per task, upsampled to the image:
-    LibMTL's NYUv2 / Cityscapes model (Lin & Zhang, JMLR 2023, arXiv:2203.14338)."""
-    c, h, w = input_shape
-    heads = {t.name: nn.Sequential(DeepLabHead(2048, task_outputs(t), rates=(6, 12, 18),
-                                               channels=channels), Resize((h, w)))
-             for t in tasks}
-    return HardSharing(resnet50(in_channels=c, dilated=True), heads)
 
 
 class PooledResNet18(nn.Module):
@@ -160,8 +137,8 @@ def tabular_mlp(tasks: Sequence[Task], input_shape: Sequence[int], *,
     return Embedded(emb, HardSharing(mlp(emb.out_features, hidden), heads))
 
 
-@register_model("mmoe")
-def mmoe(tasks: Sequence[Task], input_shape: Sequence[int], *,
+@register_model("tabular_mmoe")
+def tabular_mmoe(tasks: Sequence[Task], input_shape: Sequence[int], *,
          cardinalities: Sequence[int] = (), num_numeric: int = 0, embed_dim: int = 8,
          num_experts: int = 8, expert_hidden: Sequence[int] = (16,),
          tower_hidden: Sequence[int] = (8,)) -> Embedded:
@@ -172,8 +149,8 @@ def mmoe(tasks: Sequence[Task], input_shape: Sequence[int], *,
                               expert_hidden=expert_hidden, tower_hidden=tower_hidden))
 
 
-@register_model("cgc")
-def cgc(tasks: Sequence[Task], input_shape: Sequence[int], *,
+@register_model("tabular_cgc")
+def tabular_cgc(tasks: Sequence[Task], input_shape: Sequence[int], *,
         cardinalities: Sequence[int] = (), num_numeric: int = 0, embed_dim: int = 8,
         num_shared_experts: int = 2, num_task_experts: int = 2,
         expert_hidden: Sequence[int] = (16,), tower_hidden: Sequence[int] = (8,)) -> Embedded:
@@ -185,8 +162,8 @@ def cgc(tasks: Sequence[Task], input_shape: Sequence[int], *,
                              tower_hidden=tower_hidden))
 
 
-@register_model("ple")
-def ple(tasks: Sequence[Task], input_shape: Sequence[int], *,
+@register_model("tabular_ple")
+def tabular_ple(tasks: Sequence[Task], input_shape: Sequence[int], *,
         cardinalities: Sequence[int] = (), num_numeric: int = 0, embed_dim: int = 8,
         num_levels: int = 2, num_shared_experts: int = 2, num_task_experts: int = 2,
         expert_hidden: Sequence[int] = (16,), tower_hidden: Sequence[int] = (8,)) -> Embedded:
