@@ -211,3 +211,30 @@ def test_mtlkit_train_dataset_root_uses_the_protocol_model(tmp_path: Path, capsy
     state = load_checkpoint(out / "checkpoint.pt")["model"]
     assert "encoder.conv2.weight" in state  # the MultiMNIST LeNet, not the default CNN
     assert tuple(state["encoder.fc.weight"].shape) == (50, 320)
+
+
+@pytest.mark.parametrize("name", ["tabular_mlp", "tabular_mmoe", "tabular_cgc", "tabular_ple",
+                                  "esmm", "aitm"])
+def test_tabular_models_train_on_embedded_inputs(name: str, tmp_path: Path) -> None:
+    write_click_log(tmp_path / "log.csv", n=40)
+    b = data.load("tabular", root=tmp_path, file="log.csv", categorical=["user", "item"],
+                  numeric=["price"],
+                  tasks={"ctr": {"column": "click", "kind": "binary"},
+                         "ctcvr": {"column": "conversion", "kind": "binary",
+                                   "entire_space": "click"}})
+    torch.manual_seed(0)
+    model = build_model(name, b.tasks, b.input_shape, **b.model_options)
+    x, y = b.train.inputs[:8], {t: v[:8] for t, v in b.train.targets.items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(5):
+        optimizer.zero_grad()
+        out = model(x)
+        assert {t: tuple(o.shape) for t, o in out.items()} == {"ctr": (8, 2), "ctcvr": (8, 2)}
+        loss = sum(t.loss(out[t.name], y[t.name]) for t in b.tasks)
+        first = float(loss.detach()) if first is None else first
+        loss.backward()
+        optimizer.step()
+    assert float(loss.detach()) < first  # it learns through the embeddings
+    emb = model.embedding.tables[0].weight
+    assert emb.grad is not None and emb.grad.any()
