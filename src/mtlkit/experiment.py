@@ -282,6 +282,8 @@ class Experiment:
         from torch.utils.data import Subset
 
         def cut(ds: Any) -> Any:
+            if hasattr(ds, "head"):  # multi-input data: the first N samples of each task
+                return ds.head(int(self.max_samples))  # type: ignore[arg-type]
             n = min(len(ds), int(self.max_samples))  # type: ignore[arg-type]
             return ds if n == len(ds) else Subset(ds, range(n))
 

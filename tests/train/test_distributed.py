@@ -54,3 +54,38 @@ def test_mtlkit_train_under_torchrun_matches_one_process(tmp_path, capsys, metho
             assert off.float().mean() <= 0.01, (part, name, int(off.sum()))
             assert (x - y).abs().max() <= 0.01 * 6, (part, name)  # lr x steps
     assert sorted(p.name for p in together.iterdir()) == sorted(p.name for p in alone.iterdir())
+
+
+@pytest.mark.slow  # two torchrun processes: about a minute on 2 shared cores
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_masked_loss_under_torchrun_is_the_whole_batch_mean(tmp_path, capsys) -> None:
+    """Conversion is labelled on clicked rows only, so the two halves of a batch hold different
+    numbers of labels: the mean of the ranks' means would differ from the batch mean."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
+    from _benchmark_files import write_click_log
+
+    write_click_log(tmp_path / "log.csv", n=60)
+    config = tmp_path / "log.yaml"
+    config.write_text(json.dumps({
+        "dataset": "tabular", "root": str(tmp_path), "dataset_options": {
+            "file": "log.csv", "categorical": ["user", "item"], "numeric": ["price"],
+            "tasks": {"click": "binary", "conversion": "binary"},
+            "model_options": {"hidden": [16], "tower_hidden": [8]}},
+    }))
+    args = ["train", "--config", str(config), "--epochs", "1", "--max-steps", "4",
+            "--batch-size", "12", "--lr", "0.01", "--method", "uw"]
+    alone, together = tmp_path / "alone", tmp_path / "together"
+    assert cli.main([*args, "--out", str(alone)]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "mtlkit.cli", *args, "--out", str(together)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["test"] == pytest.approx(expected["test"], rel=1e-4, nan_ok=True)
+    a, b = (load_checkpoint(d / "checkpoint.pt")["model"] for d in (alone, together))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)

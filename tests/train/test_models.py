@@ -70,9 +70,13 @@ SMALL = {"segnet_mtan": {"filters": (4, 8, 8, 16, 16)}}
 
 
 def test_every_registered_model_is_listed_here():
-    from mtlkit.train.models import available_models
+    from mtlkit.train.models import available_models, model_builder
 
-    assert set(available_models()) == set(SERVES)
+    # the benchmark protocols' models read their own inputs (tabular codes, packed molecules):
+    # tests/train/test_benchmark_protocols.py trains each on its data
+    names = {n for n in available_models()
+             if model_builder(n).__module__ != "mtlkit.train.protocol_models"}
+    assert names == set(SERVES)
 
 
 @pytest.mark.parametrize(("name", "kind"), [(n, k) for n, ks in SERVES.items() for k in KINDS

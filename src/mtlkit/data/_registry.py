@@ -33,8 +33,8 @@ def available() -> list[str]:
 
     Example:
         >>> from mtlkit import data
-        >>> data.available()
-        ['celeba', 'gradnorm_toy', 'multidigits', 'nyuv2']
+        >>> data.available()[:6]
+        ['celeba', 'census', 'cityscapes', 'gradnorm_toy', 'multidigits', 'multimnist']
     """
     return sorted(_REGISTRY)
 

@@ -20,15 +20,20 @@ from mtlkit.nn._cross_stitch import CrossStitch, CrossStitchUnit, mixing_init
 from mtlkit.nn._experts import CGC, PLE, DSelectK, DSelectKGate, MMoE, SoftmaxGate, smooth_step
 from mtlkit.nn._fafs import FullyAdaptiveSharing, branch_affinity, task_affinity, widen
 from mtlkit.nn._hard import HardSharing
+from mtlkit.nn._mpnn import MPNN
 from mtlkit.nn._mrn import MRN
 from mtlkit.nn._mtan import MTAN, AttentionTransition, SegNetMTAN, attention_mask
+from mtlkit.nn._recsys import AITM, ESMM, Embedded, TabularEmbedding, binary_log_probs
 from mtlkit.nn._resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from mtlkit.nn._segnet import SegNet
 from mtlkit.nn._sluice import Sluice
 
 __all__ = [
+    "AITM",
     "ASPP",
     "CGC",
+    "ESMM",
+    "MPNN",
     "MRN",
     "MTAN",
     "PLE",
@@ -41,6 +46,7 @@ __all__ = [
     "DSelectK",
     "DSelectKGate",
     "DeepLabHead",
+    "Embedded",
     "FullyAdaptiveSharing",
     "HardSharing",
     "MMoE",
@@ -50,7 +56,9 @@ __all__ = [
     "SegNetMTAN",
     "Sluice",
     "SoftmaxGate",
+    "TabularEmbedding",
     "attention_mask",
+    "binary_log_probs",
     "branch_affinity",
     "concat_channels",
     "mixing_init",

@@ -418,3 +418,7 @@ def celeba_cnn(tasks: Sequence[Task], input_shape: Sequence[int]) -> nn.Module:
         *fc(), *fc(),
     )
     return HardSharing(encoder, {t.name: nn.Linear(512, task_outputs(t)) for t in tasks})
+
+
+# The benchmark protocols' models register themselves (kept in their own module).
+from mtlkit.train import protocol_models  # noqa: F401

@@ -12,7 +12,9 @@ Under ``torchrun`` (``torch.distributed`` initialised, as ``mtlkit train`` and `
 do when started by it) the model is wrapped in DDP, every rank draws the same batches and
 trains on its own slice of each (so two processes with batch B/2 each follow the run of one
 process with batch B: tested), evaluation runs on every rank, and rank 0 alone writes logs and
-checkpoints. Batch norm statistics are per rank, as in plain DDP.
+checkpoints. Batch norm statistics are per rank, as in plain DDP. A loss over a mask of missing
+labels is the mean over the labelled samples of the whole batch, as in one process (each rank
+rescales its own mean by its share of the labelled samples; tested).
 
 Model selection uses the validation split only (never test): the selected epoch maximises the
 mean over tasks of the primary validation metric's relative improvement over the first evaluated
@@ -37,7 +39,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -47,8 +49,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mtlkit.balancers import Balancer
+from mtlkit.data._multi_input import MultiInputDataset
 from mtlkit.engine import cosine_from_gramian, task_jacobian
-from mtlkit.engine._dist import rank, world_size
+from mtlkit.engine._dist import all_mean, rank, world_size
 from mtlkit.optim import model_param_groups
 from mtlkit.train.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from mtlkit.train.logs import RunLog
@@ -272,6 +275,7 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.step_times: list[float] = []
+        self._multi_input = False
 
     # ------------------------------------------------------------------ public
     def fit(
@@ -294,14 +298,24 @@ class Trainer:
                 for name in (RESULT, BEST):
                     (self.out_dir / name).unlink(missing_ok=True)
         eval_batch = max(self.config.batch_size, 256)
-        val_loader = DataLoader(val, batch_size=eval_batch)
-        test_loader = DataLoader(test, batch_size=eval_batch) if test is not None else None
+        multi = self._multi_input = isinstance(train, MultiInputDataset)
+        if multi and self.balancer.grad_on == "features":
+            raise ValueError("grad_on='features' needs one shared representation of every "
+                             "task's samples; with multi-input data each task has its own "
+                             "inputs: use grad_on='parameters'")
+        val_loader = _eval_loader(val, eval_batch)
+        test_loader = _eval_loader(test, eval_batch) if test is not None else None
         drop_last = len(train) > self.config.batch_size
         self.steps_per_epoch = max(1, len(train) // self.config.batch_size if drop_last else 1)
         while self.epoch < self.config.epochs and not self._out_of_steps():
             gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
-            loader = DataLoader(train, batch_size=self.config.batch_size, shuffle=True,
-                                generator=gen, drop_last=drop_last)
+            if multi:
+                loader: Iterable = PerTaskBatches(train, self.names, self.config.batch_size,
+                                                  gen)
+                self.steps_per_epoch = len(loader)  # type: ignore[arg-type]
+            else:
+                loader = DataLoader(train, batch_size=self.config.batch_size, shuffle=True,
+                                    generator=gen, drop_last=drop_last)
             self._extra = self._extra_loader(train)
             self._train_epoch(loader)
             last = self.epoch + 1 >= self.config.epochs or self._out_of_steps()
@@ -362,16 +376,17 @@ class Trainer:
                 or getattr(self.balancer, "needs_held_out_batch", False)):
             return None
         gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch + 7_777_777)
+        if isinstance(train, MultiInputDataset):
+            return PerTaskBatches(train, self.names, self.config.batch_size, gen)  # type: ignore[return-value]
         return DataLoader(train, batch_size=self.config.batch_size, shuffle=True, generator=gen,
                           drop_last=len(train) > self.config.batch_size)
 
     def _extra_context(self, batch: Any) -> dict[str, Any]:
         """``second_losses`` or ``held_out`` + ``parameters`` from the extra loader's batch."""
-        x, y, mask = self._my_part(*_unpack(batch, self.device))
+        x, y, mask = self._batch(batch)
 
         def losses() -> dict[str, Tensor]:
-            out = self.forward_model(x)
-            return {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name)) for t in self.tasks}
+            return self._losses(_forward(self.forward_model, x), y, mask)
 
         if getattr(self.balancer, "needs_second_batch", False):
             no_sync = self.ranks > 1 and self.balancer.takes_task_gradients
@@ -399,7 +414,7 @@ class Trainer:
         for i, batch in enumerate(loader):
             if self._out_of_steps():
                 break
-            x, y, mask = self._my_part(*_unpack(batch, self.device))
+            x, y, mask = self._batch(batch)
             t0 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
             # Under DDP, a balancer that computes per-task gradients itself averages them; DDP's
@@ -408,9 +423,8 @@ class Trainer:
             autocast = torch.autocast(self.device.type, dtype=AMP[self.config.amp],
                                       enabled=self.config.amp is not None)
             with self.forward_model.no_sync() if no_sync else contextlib.nullcontext(), autocast:  # type: ignore[operator]
-                out = self.forward_model(x)
-                losses = {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name))
-                          for t in self.tasks}
+                out = _forward(self.forward_model, x)
+                losses = self._losses(out, y, mask)
             # Diagnostics, every ``cosine_every`` steps, always in the same space (the shared
             # parameters) so that methods can be compared: free where the balancer computes
             # that Gram matrix itself, else K extra backward passes left out of the step time.
@@ -444,11 +458,8 @@ class Trainer:
                 self.optimizer.step()
             if self.balancer.needs_after_step:
                 with torch.no_grad():
-                    out2 = self.model(x)
-                    self.balancer.after_step(
-                        {t.name: t.loss(out2[t.name], y[t.name], mask.get(t.name))
-                         for t in self.tasks}
-                    )
+                    out2 = _forward(self.model, x)
+                    self.balancer.after_step(self._losses(out2, y, mask))
             self.step_times.append(time.perf_counter() - t0)
             self.global_step += 1
             if want_cosine and cosine is None:
@@ -461,6 +472,34 @@ class Trainer:
                       f"step {i + 1}/{n}", end="", file=sys.stderr)
         if self.config.progress and sys.stderr.isatty():
             print(file=sys.stderr)
+
+    def _losses(self, out: Mapping[str, Tensor], y: Mapping[str, Tensor],
+                mask: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each task's loss. Under torchrun a masked loss is rescaled from the mean over this
+        rank's labelled samples to its share of the mean over the whole batch's: the ranks'
+        average (what the balancers and DDP take) is then that whole-batch mean."""
+        losses = {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name)) for t in self.tasks}
+        masked = [t for t in self.names if t in mask]
+        if self.ranks == 1 or not masked:
+            return losses
+        counts = torch.stack([mask[t].sum() for t in masked]).double()
+        share = counts * self.ranks / all_mean(counts).mul(self.ranks).clamp_min(1)
+        for t, f in zip(masked, share):
+            losses[t] = losses[t] * f.to(losses[t].dtype)
+        return losses
+
+    def _batch(self, batch: Any) -> tuple[Tensor | dict[str, Tensor], dict[str, Tensor],
+                                          dict[str, Tensor]]:
+        """``(x, y, mask)`` of this rank; for multi-input data ``x`` is ``{task: inputs}``."""
+        if not isinstance(batch, dict):
+            return self._my_part(*_unpack(batch, self.device))
+        xs, ys, masks = {}, {}, {}
+        for t, part in batch.items():  # each task's own batch
+            x, y, mask = self._my_part(*_unpack(part, self.device))
+            xs[t], ys[t] = x, y[t]
+            if t in mask:
+                masks[t] = mask[t]
+        return xs, ys, masks
 
     def _set_lr(self) -> None:
         """The schedule's rate for this step, in every parameter group."""
@@ -499,7 +538,10 @@ class Trainer:
 
     def _features(self) -> Tensor | None:
         """The model's shared representation; where the balancer needs it and the model has
-        ``require_features`` (every ``mtlkit.nn`` model), the model says why it has none."""
+        ``require_features`` (every ``mtlkit.nn`` model), the model says why it has none.
+        None for multi-input data (the last forward saw only the last task's inputs)."""
+        if self._multi_input:
+            return None
         if self.balancer.grad_on == "features" and hasattr(self.model, "require_features"):
             return self.model.require_features()
         return getattr(self.model, "features", None)
@@ -575,6 +617,57 @@ class Trainer:
         self.log.truncate(self.global_step, self.epoch)
 
 
+def _forward(model: nn.Module, x: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The model's outputs; for multi-input data each task's output on its own inputs."""
+    if isinstance(x, Mapping):
+        return {t: model(xt)[t] for t, xt in x.items()}
+    return model(x)
+
+
+class PerTaskBatches:
+    """One epoch of multi-input training: each step a batch of every task's own samples.
+
+    An epoch lasts as long as the largest task's shuffled pass (as LibMTL); a smaller task
+    starts a new shuffled pass when its samples run out. Shuffles come from ``generator``.
+    """
+
+    def __init__(self, data: MultiInputDataset, tasks: Sequence[str], batch_size: int,
+                 generator: torch.Generator) -> None:
+        self.loaders = {
+            t: DataLoader(data.datasets[t], batch_size=batch_size, shuffle=True,
+                          generator=generator,
+                          drop_last=len(data.datasets[t]) > batch_size)  # type: ignore[arg-type]
+            for t in tasks
+        }
+
+    def __len__(self) -> int:
+        return max(len(loader) for loader in self.loaders.values())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        iterators = {t: iter(loader) for t, loader in self.loaders.items()}
+        for _ in range(len(self)):
+            step = {}
+            for t, it in iterators.items():
+                try:
+                    step[t] = next(it)
+                except StopIteration:
+                    iterators[t] = iter(self.loaders[t])
+                    step[t] = next(iterators[t])
+            yield step
+
+
+class _PerTaskLoader:
+    """Evaluation over multi-input data: each task on its own split (see :func:`evaluate`)."""
+
+    def __init__(self, data: MultiInputDataset, batch_size: int) -> None:
+        self.loaders = {t: DataLoader(d, batch_size=batch_size) for t, d in data.datasets.items()}
+
+
+def _eval_loader(data: Dataset, batch_size: int) -> Iterable:
+    if isinstance(data, MultiInputDataset):
+        return _PerTaskLoader(data, batch_size)
+    return DataLoader(data, batch_size=batch_size)
+
 def check_same_settings(saved: Mapping[str, Any], now: Mapping[str, Any], path: Path) -> None:
     """Raise ValueError naming every setting that differs between a saved run and this one."""
     diff = [f"{k}: {saved.get(k)!r} (saved) != {now.get(k)!r} (now)"
@@ -599,8 +692,15 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], loader: Iterable,
              device: torch.device | str = "cpu") -> dict[str, float]:
     """Every task's metrics (and mean loss) over a whole split, accumulated exactly.
 
-    Keys are ``"task/metric"``; ``"task/loss"`` is the sample-weighted mean loss.
+    Keys are ``"task/metric"``; ``"task/loss"`` is the sample-weighted mean loss. For
+    multi-input data (a loader over a :class:`~mtlkit.data.MultiInputDataset`) each task is
+    evaluated on its own samples.
     """
+    if isinstance(loader, _PerTaskLoader):
+        result: dict[str, float] = {}
+        for t in tasks:
+            result.update(evaluate(model, [t], loader.loaders[t.name], device))
+        return result
     was_training = model.training
     model.eval()
     metrics = {t.name: t.metrics() for t in tasks}
@@ -617,7 +717,7 @@ def evaluate(model: nn.Module, tasks: Sequence[Task], loader: Iterable,
             for metric in metrics[t.name].values():
                 metric.update(out[t.name], y[t.name], m)
     model.train(was_training)
-    result: dict[str, float] = {}
+    result = {}
     for t in tasks:
         for name, metric in metrics[t.name].items():
             result[f"{t.name}/{name}"] = float(metric.compute())
