@@ -20,8 +20,12 @@ from mtlkit.nn._cross_stitch import CrossStitch, CrossStitchUnit, mixing_init
 from mtlkit.nn._experts import CGC, PLE, DSelectK, DSelectKGate, MMoE, SoftmaxGate, smooth_step
 from mtlkit.nn._fafs import FullyAdaptiveSharing, branch_affinity, task_affinity, widen
 from mtlkit.nn._hard import HardSharing
+from mtlkit.nn._hrnet import HighResolutionModule, HRNet, hrnet_w18
 from mtlkit.nn._mrn import MRN
 from mtlkit.nn._mtan import MTAN, AttentionTransition, SegNetMTAN, attention_mask
+from mtlkit.nn._mtinet import MTINet
+from mtlkit.nn._nddr import NDDR, NDDRLayer
+from mtlkit.nn._padnet import PADNet
 from mtlkit.nn._resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from mtlkit.nn._segnet import SegNet
 from mtlkit.nn._sluice import Sluice
@@ -31,6 +35,7 @@ __all__ = [
     "CGC",
     "MRN",
     "MTAN",
+    "NDDR",
     "PLE",
     "AttentionTransition",
     "BasicBlock",
@@ -42,9 +47,14 @@ __all__ = [
     "DSelectKGate",
     "DeepLabHead",
     "FullyAdaptiveSharing",
+    "HRNet",
     "HardSharing",
+    "HighResolutionModule",
     "MMoE",
+    "MTINet",
     "MultiTaskModel",
+    "NDDRLayer",
+    "PADNet",
     "ResNet",
     "SegNet",
     "SegNetMTAN",
@@ -53,6 +63,7 @@ __all__ = [
     "attention_mask",
     "branch_affinity",
     "concat_channels",
+    "hrnet_w18",
     "mixing_init",
     "resnet18",
     "resnet50",
