@@ -9,6 +9,10 @@ test datasets, the tasks, the input shape); ``available()`` lists the names:
   output scales.
 - ``nyuv2`` (from disk, MTAN layout): segmentation, depth, surface normals.
 - ``celeba`` (from disk, official files): 40 binary face attributes.
+- ``nyud`` (from disk, the dense-prediction survey's layout): 40-class segmentation, depth,
+  normals, edges.
+- ``pascal_context`` (from disk, the survey's layout): segmentation, human parts, saliency,
+  normals, edges.
 
 Items are ``(x, {task: target})``, or ``(x, {task: target}, {task: mask})`` when labels are
 missing; the default ``DataLoader`` collation batches both.
@@ -18,20 +22,26 @@ from mtlkit.data._bundle import DatasetBundle, MultiTaskTensorDataset
 from mtlkit.data._celeba import CelebASplit, celeba
 from mtlkit.data._gradnorm import gradnorm_toy
 from mtlkit.data._multidigits import multidigits
+from mtlkit.data._nyud import NYUDSplit, nyud
 from mtlkit.data._nyuv2 import NYUv2Split, nyuv2
+from mtlkit.data._pascal import PascalContextSplit, pascal_context
 from mtlkit.data._registry import available, load, options, register
 
 __all__ = [
     "CelebASplit",
     "DatasetBundle",
     "MultiTaskTensorDataset",
+    "NYUDSplit",
     "NYUv2Split",
+    "PascalContextSplit",
     "available",
     "celeba",
     "gradnorm_toy",
     "load",
     "multidigits",
+    "nyud",
     "nyuv2",
     "options",
+    "pascal_context",
     "register",
 ]

@@ -33,7 +33,7 @@ def available() -> list[str]:
     Example:
         >>> from mtlkit import data
         >>> data.available()
-        ['celeba', 'gradnorm_toy', 'multidigits', 'nyuv2']
+        ['celeba', 'gradnorm_toy', 'multidigits', 'nyud', 'nyuv2', 'pascal_context']
     """
     return sorted(_REGISTRY)
 

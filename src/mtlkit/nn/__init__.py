@@ -17,6 +17,7 @@ from mtlkit.nn._aspp import ASPP, DeepLabHead
 from mtlkit.nn._base import MultiTaskModel
 from mtlkit.nn._cascade import Cascade, concat_channels
 from mtlkit.nn._cross_stitch import CrossStitch, CrossStitchUnit, mixing_init
+from mtlkit.nn._distill import MultiModalDistillation, deep_supervision_loss
 from mtlkit.nn._experts import CGC, PLE, DSelectK, DSelectKGate, MMoE, SoftmaxGate, smooth_step
 from mtlkit.nn._fafs import FullyAdaptiveSharing, branch_affinity, task_affinity, widen
 from mtlkit.nn._hard import HardSharing
@@ -52,6 +53,7 @@ __all__ = [
     "HighResolutionModule",
     "MMoE",
     "MTINet",
+    "MultiModalDistillation",
     "MultiTaskModel",
     "NDDRLayer",
     "PADNet",
@@ -63,6 +65,7 @@ __all__ = [
     "attention_mask",
     "branch_affinity",
     "concat_channels",
+    "deep_supervision_loss",
     "hrnet_w18",
     "mixing_init",
     "resnet18",

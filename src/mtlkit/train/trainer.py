@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from mtlkit.balancers import Balancer
 from mtlkit.engine import cosine_from_gramian, task_jacobian
 from mtlkit.engine._dist import rank, world_size
+from mtlkit.nn._distill import deep_supervision_loss
 from mtlkit.optim import model_param_groups
 from mtlkit.train.checkpoint import load_checkpoint, save_checkpoint
 from mtlkit.train.logs import RunLog
@@ -251,6 +252,11 @@ class Trainer:
                 c0 = time.perf_counter()
                 cosine = parameter_cosine(losses, list(self.model.shared_parameters()))
                 t0 += time.perf_counter() - c0
+            # Deep supervision (PAD-Net, MTI-Net): the initial predictions' losses are added to
+            # the balanced update with the model's aux_weight; balancers see the K final losses.
+            aux = deep_supervision_loss(self.model, self.tasks, y, mask)
+            if aux is not None:
+                aux.backward(retain_graph=True)
             context = self._context(out, y, losses)
             step = self.balancer.backward(
                 losses, shared=self.model.shared_parameters(), features=self._features(),

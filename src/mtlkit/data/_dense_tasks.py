@@ -1,0 +1,94 @@
+"""The tasks of the dense-prediction survey that :class:`~mtlkit.tasks.Task` has no constructor
+for: edge detection and saliency (binary maps), and depth with RMSE."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from mtlkit.metrics import AbsErr, DepthRMSE, EdgeF, RelErr, SaliencyMaxF
+from mtlkit.metrics._utils import check_tensor, expand_mask
+from mtlkit.tasks import BCEWithLogitsLoss, DepthL1Loss, MetricSet, Task, masked_mean
+
+
+@dataclass(frozen=True)
+class BalancedBCELoss:
+    """Class-balanced binary cross-entropy on logits for sparse positives (edges):
+    ``-(w y log p + (1 - w)(1 - y) log(1 - p))``, mean over labelled pixels.
+
+    The edge loss of the dense-prediction survey (Vandenhende et al. 2021, arXiv:2004.13379)
+    with ``w = pos_weight = 0.95``, after the weighting of HED (Xie, Tu, ICCV 2015,
+    arXiv:1504.06375).
+
+    Example:
+        >>> import torch
+        >>> from mtlkit.data._dense_tasks import BalancedBCELoss
+        >>> pred = torch.zeros(1, 1, 1, 2, requires_grad=True)         # p = 0.5 everywhere
+        >>> loss = BalancedBCELoss(0.95)(pred, torch.tensor([[[[1.0, 0.0]]]]))
+        >>> round(loss.item(), 4)  # (0.95 log 2 + 0.05 log 2) / 2
+        0.3466
+    """
+
+    pos_weight: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not 0 < self.pos_weight < 1:
+            raise ValueError(f"pos_weight must be in (0, 1), got {self.pos_weight!r}")
+
+    def __call__(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        check_tensor(pred, "pred")
+        check_tensor(target, "target")
+        if pred.shape != target.shape:
+            raise ValueError(
+                f"pred has shape {tuple(pred.shape)} but target {tuple(target.shape)}; "
+                "they must match"
+            )
+        t = target.to(pred.dtype)
+        w = self.pos_weight
+        per_pixel = -(w * t * F.logsigmoid(pred) + (1 - w) * (1 - t) * F.logsigmoid(-pred))
+        return masked_mean(per_pixel, expand_mask(mask, target.shape))
+
+
+def edge_task(name: str = "edge", *, pos_weight: float = 0.95, tolerance: float = 0.0075,
+              thresholds: int = 99) -> Task:
+    """Edge detection as in the survey: :class:`BalancedBCELoss` on ``(N, 1, H, W)`` logits,
+    binary ``(N, 1, H, W)`` targets; metric ``odsF`` (:class:`~mtlkit.metrics.EdgeF`).
+
+    Example:
+        >>> from mtlkit.data._dense_tasks import edge_task
+        >>> edge_task().primary
+        'odsF'
+    """
+    if not math.isfinite(tolerance):
+        raise ValueError(f"tolerance must be finite, got {tolerance!r}")
+    metrics = MetricSet.of(("odsF", EdgeF, {"tolerance": tolerance, "thresholds": thresholds}))
+    return Task(name, BalancedBCELoss(pos_weight), metrics, "odsF", "multilabel", 1)
+
+
+def saliency_task(name: str = "sal", *, thresholds: int = 99) -> Task:
+    """Saliency as in the survey: binary cross-entropy on ``(N, 1, H, W)`` logits; metric
+    ``maxF`` (:class:`~mtlkit.metrics.SaliencyMaxF`).
+
+    Example:
+        >>> from mtlkit.data._dense_tasks import saliency_task
+        >>> saliency_task().num_outputs
+        1
+    """
+    metrics = MetricSet.of(("maxF", SaliencyMaxF, {"thresholds": thresholds}))
+    return Task(name, BCEWithLogitsLoss(), metrics, "maxF", "multilabel", 1)
+
+
+def depth_rmse_task(name: str = "depth") -> Task:
+    """Depth with L1 loss (valid pixels ``> 0``) and RMSE as the primary metric, as the survey
+    reports NYUD-v2 depth; ``abs_err`` and ``rel_err`` are kept beside it.
+
+    Example:
+        >>> from mtlkit.data._dense_tasks import depth_rmse_task
+        >>> sorted(depth_rmse_task().metrics())
+        ['abs_err', 'rel_err', 'rmse']
+    """
+    metrics = MetricSet.of(("rmse", DepthRMSE, {}), ("abs_err", AbsErr, {}), ("rel_err", RelErr, {}))
+    return Task(name, DepthL1Loss(), metrics, "rmse", "depth", 1)
