@@ -136,7 +136,9 @@ def test_gradnorm_toy_determinism_and_drawn_sigmas() -> None:
 
 # ---------------------------------------------------------------- registry
 def test_registry_names_and_errors() -> None:
-    assert data.available() == ["celeba", "gradnorm_toy", "multidigits", "nyuv2"]
+    assert data.available() == [
+        "celeba", "gradnorm_toy", "multidigits", "nyud", "nyuv2", "pascal_context"
+    ]
     with pytest.raises(
         ValueError, match="unknown dataset 'mnist'; available: celeba, gradnorm_toy"
     ):

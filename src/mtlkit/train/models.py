@@ -147,3 +147,8 @@ def default_model(input_shape: Sequence[int], tasks: Sequence[Task]) -> HardShar
         for t in tasks
     }
     return HardSharing(encoder, heads)
+
+
+# The dense-prediction survey's models (hard_sharing, pad_net, mti_net, mtan, cross_stitch, nddr)
+# register themselves on import.
+from mtlkit.train import _dense_models  # noqa: F401
