@@ -41,6 +41,7 @@ from mtlkit.nn import (
     PADNet,
     ResNet,
 )
+from mtlkit.nn._complexity import Complexity, count_macs, count_parameters
 from mtlkit.nn._distill import conv_head
 from mtlkit.nn._resnet import BasicBlock, Bottleneck
 from mtlkit.tasks import Task
@@ -194,3 +195,43 @@ def nddr(tasks: Sequence[Task], input_shape: Sequence[int], *, resnet: str = "re
 
 #: the model choices of the survey's protocol configs
 DENSE_MODELS = ("mti_net", "pad_net", "nddr", "mtan", "cross_stitch", "hard_sharing")
+
+
+def complexity_table(
+    input_shape: Sequence[int],
+    dataset: str = "pascal_context",
+    models: Sequence[str] = DENSE_MODELS,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Complexity]:
+    """Parameters and multiply-accumulates of each model for the survey tasks of ``dataset``
+    (``pascal_context`` or ``nyud``; no data is read) and one input of ``input_shape``.
+
+    Example:
+        >>> rows = complexity_table((3, 32, 32), "nyud", ["hard_sharing"],
+        ...                         {"hard_sharing": {"hrnet": {"width": 4, "modules": [1, 1, 1],
+        ...                                                     "blocks": 1, "stem_blocks": 1}}})
+        >>> rows[0].model, rows[0].parameters > 0, rows[0].macs > 0
+        ('hard_sharing', True, True)
+    """
+    from mtlkit.data._nyud import NYUD_TASKS, nyud_tasks
+    from mtlkit.data._pascal import PASCAL_TASKS, pascal_tasks
+    from mtlkit.train.models import build_model
+
+    tables = {"pascal_context": lambda: pascal_tasks(PASCAL_TASKS),
+              "nyud": lambda: nyud_tasks(NYUD_TASKS)}
+    if dataset not in tables:
+        raise ValueError(f"dataset must be one of {sorted(tables)}, got {dataset!r}")
+    tasks = tables[dataset]()
+    rows = []
+    for name in models:
+        model = build_model(name, tasks, input_shape, **dict((options or {}).get(name, {})))
+        rows.append(Complexity(name, count_parameters(model), count_macs(model, input_shape)))
+    return rows
+
+#: Printed under ``mtlkit models``: where to find the survey's own counts.
+SURVEY_NOTE = (
+    "FLOPs are multiply-accumulates of convolutions and linear layers. The survey "
+    "(Vandenhende et al., TPAMI 2021, arXiv:2004.13379) lists parameters and FLOPs of these "
+    "models beside its NYUD-v2 and PASCAL-Context results; its numbers are not reprinted "
+    "here because this build could not check them against the paper."
+)
