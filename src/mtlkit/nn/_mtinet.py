@@ -22,11 +22,11 @@ from mtlkit.nn._utils import module_list, pack_features
 
 class SqueezeExcitation(nn.Module):
     """Channel gating ``x * sigmoid(W2 relu(W1 avgpool(x)))`` (Hu, Shen, Sun, CVPR 2018,
-    arXiv:1709.01507), reduction ``r``."""
+    arXiv:1709.01507), ``channels // reduction`` hidden units (at least 4)."""
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
-        hidden = max(1, channels // reduction)
+        hidden = max(4, channels // reduction)
         self.fc = nn.Sequential(
             nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
         )
