@@ -65,7 +65,7 @@ def edge_task(name: str = "edge", *, pos_weight: float = 0.95, tolerance: float 
     if not math.isfinite(tolerance):
         raise ValueError(f"tolerance must be finite, got {tolerance!r}")
     metrics = MetricSet.of(("odsF", EdgeF, {"tolerance": tolerance, "thresholds": thresholds}))
-    return Task(name, BalancedBCELoss(pos_weight), metrics, "odsF", "multilabel", 1)
+    return Task(name, BalancedBCELoss(pos_weight), metrics, "odsF", "binary_map", 1)
 
 
 def saliency_task(name: str = "sal", *, thresholds: int = 99) -> Task:
@@ -78,7 +78,7 @@ def saliency_task(name: str = "sal", *, thresholds: int = 99) -> Task:
         1
     """
     metrics = MetricSet.of(("maxF", SaliencyMaxF, {"thresholds": thresholds}))
-    return Task(name, BCEWithLogitsLoss(), metrics, "maxF", "multilabel", 1)
+    return Task(name, BCEWithLogitsLoss(), metrics, "maxF", "binary_map", 1)
 
 
 def depth_rmse_task(name: str = "depth") -> Task:

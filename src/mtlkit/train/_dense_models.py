@@ -5,16 +5,20 @@ arXiv:2004.13379) compares encoder-focused models (a shared trunk, cross-stitch,
 NDDR-CNN) with decoder-focused ones (PAD-Net, MTI-Net) on NYUD-v2 and PASCAL-Context:
 
 ========================  ================================================================
-``hard_sharing``          HRNet-W18, one HRNet head per task (the survey's MTL baseline)
 ``pad_net``               :class:`~mtlkit.nn.PADNet` on HRNet-W18 (task features: 256)
 ``mti_net``               :class:`~mtlkit.nn.MTINet` on HRNet-W18
-``mtan``                  :class:`~mtlkit.nn.MTAN` on a dilated ResNet-50, DeepLab-v3 heads
-``cross_stitch``          :class:`~mtlkit.nn.CrossStitch`, one dilated ResNet-50 per task
 ``nddr``                  :class:`~mtlkit.nn.NDDR`, one dilated ResNet-50 per task
+``hard_sharing``          registered in :mod:`mtlkit.train.models`; ``backbone: hrnet_w18``
+                          gives the survey's HRNet-W18 baseline (:func:`hrnet_hard_sharing`)
+``mtan``                  registered in :mod:`mtlkit.train.models` (dilated ResNet, DeepLab-v3
+                          heads; ``backbone: resnet50`` for the MTAN-DeepLabv3 size)
+``cross_stitch``          registered in :mod:`mtlkit.train.models`; ``backbone: resnet18 |
+                          resnet50`` gives one dilated ResNet per task
+                          (:func:`resnet_cross_stitch`)
 ========================  ================================================================
 
 Every builder is ``builder(tasks, input_shape, **options)``; every output is at the input's
-resolution. Options: ``hrnet`` (a dict of :class:`~mtlkit.nn.HRNet` arguments, e.g.
+resolution. Options here: ``hrnet`` (a dict of :class:`~mtlkit.nn.HRNet` arguments, e.g.
 ``{"width": 18}``), ``pretrained`` (a local ImageNet state dict for the backbone),
 ``resnet`` (``"resnet50"`` or ``"resnet18"``), ``layers`` (ResNet stage depths, overriding
 ``resnet``'s), ``head_channels`` (DeepLab-v3 head width, 256), ``channels`` (PAD-Net's task
@@ -31,7 +35,6 @@ import torch
 from torch import nn
 
 from mtlkit.nn import (
-    MTAN,
     NDDR,
     CrossStitch,
     DeepLabHead,
@@ -99,12 +102,12 @@ def _deeplab(in_channels: int, out: int, size: tuple[int, int], channels: int) -
     )
 
 
-@register_model("hard_sharing")
-def hard_sharing(tasks: Sequence[Task], input_shape: Sequence[int], *,
-                 hrnet: Mapping[str, Any] | None = None,
-                 pretrained: str | Path | None = None) -> HardSharing:
+def hrnet_hard_sharing(tasks: Sequence[Task], input_shape: Sequence[int], *,
+                       hrnet: Mapping[str, Any] | None = None,
+                       pretrained: str | Path | None = None) -> HardSharing:
     """A shared HRNet-W18 and one HRNet head per task (1x1 conv-BN-ReLU, 1x1 conv on the 270
-    concatenated channels), upsampled to the input size."""
+    concatenated channels), upsampled to the input size: the survey's multi-task baseline
+    (``hard_sharing`` with ``backbone: hrnet_w18``)."""
     c, h, w = _image(input_shape, "hard_sharing")
     net = make_hrnet(c, hrnet, pretrained)
     encoder = nn.Sequential(net, _Concat())
@@ -141,19 +144,6 @@ def mti_net(tasks: Sequence[Task], input_shape: Sequence[int], *,
     return MTINet(net, net.channels, _outputs(tasks), aux_weight=aux_weight)
 
 
-@register_model("mtan")
-def mtan(tasks: Sequence[Task], input_shape: Sequence[int], *, resnet: str = "resnet50",
-         layers: Sequence[int] | None = None, pretrained: str | Path | None = None,
-         head_channels: int = 256) -> MTAN:
-    """MTAN on a dilated ResNet with DeepLab-v3 heads, attention reduction 4 (the official
-    MTAN-DeepLabv3 design)."""
-    c, h, w = _image(input_shape, "mtan")
-    trunk = make_resnet(c, resnet, layers, pretrained)
-    heads = {t: _deeplab(trunk.out_channels, n, (h, w), head_channels)
-             for t, n in _outputs(tasks).items()}
-    return MTAN(trunk, heads, reduction=4)
-
-
 def _resnet_column(c: int, size: tuple[int, int], resnet: str, layers: Sequence[int] | None,
                    pretrained: str | Path | None, head_channels: int, outputs: Mapping[str, int]):
     def column(task: str) -> list[nn.Module]:
@@ -168,17 +158,17 @@ def _resnet_column(c: int, size: tuple[int, int], resnet: str, layers: Sequence[
     return column, [ch for _, ch in probe.stage_channels]
 
 
-@register_model("cross_stitch")
-def cross_stitch(tasks: Sequence[Task], input_shape: Sequence[int], *,
-                 resnet: str = "resnet50", layers: Sequence[int] | None = None,
-                 pretrained: str | Path | None = None, head_channels: int = 256) -> CrossStitch:
+def resnet_cross_stitch(tasks: Sequence[Task], input_shape: Sequence[int], resnet: str,
+                        init: Sequence[float] = (0.9, 0.1), *, layers: Sequence[int] | None = None,
+                        head_channels: int = 256) -> CrossStitch:
     """One dilated ResNet per task with per-channel cross-stitch units after each of its four
-    stages, initialised ``(0.9, 0.1)`` as in the paper; DeepLab-v3 heads."""
+    stages, initialised ``(0.9, 0.1)`` as in the paper; DeepLab-v3 heads (``cross_stitch``
+    with ``backbone: resnet18 | resnet50``)."""
     c, h, w = _image(input_shape, "cross_stitch")
     outputs = _outputs(tasks)
-    column, chans = _resnet_column(c, (h, w), resnet, layers, pretrained, head_channels, outputs)
+    column, chans = _resnet_column(c, (h, w), resnet, layers, None, head_channels, outputs)
     return CrossStitch(list(outputs), column, stitch_after=(0, 1, 2, 3), channels=chans,
-                       init=(0.9, 0.1))
+                       init=(float(init[0]), float(init[1])))
 
 
 @register_model("nddr")
