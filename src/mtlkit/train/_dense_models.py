@@ -48,7 +48,7 @@ from mtlkit.nn._complexity import Complexity, count_macs, count_parameters
 from mtlkit.nn._distill import conv_head
 from mtlkit.nn._resnet import BasicBlock, Bottleneck
 from mtlkit.tasks import Task
-from mtlkit.train.models import Resize, register_model
+from mtlkit.train.models import Resize, _need, input_kind, register_model
 
 RESNETS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
 
@@ -57,7 +57,10 @@ def _outputs(tasks: Sequence[Task]) -> dict[str, int]:
     return {t.name: int(t.num_outputs) for t in tasks}
 
 
-def _image(input_shape: Sequence[int], model: str) -> tuple[int, int, int]:
+def _image(input_shape: Sequence[int], model: str, tasks: Sequence[Task] = ()) -> tuple[int, int, int]:
+    """``(C, H, W)``; with ``tasks``, a clear error unless every task is dense."""
+    if tasks:
+        _need(model, input_kind(tasks, input_shape), ("dense",))
     if len(input_shape) != 3:
         raise ValueError(f"model {model!r} needs image inputs (C, H, W), got {tuple(input_shape)}")
     c, h, w = (int(v) for v in input_shape)
@@ -128,7 +131,7 @@ def pad_net(tasks: Sequence[Task], input_shape: Sequence[int], *,
             hrnet: Mapping[str, Any] | None = None, pretrained: str | Path | None = None,
             channels: int = 256, aux_weight: float = 1.0) -> PADNet:
     """PAD-Net on HRNet-W18 (see :class:`~mtlkit.nn.PADNet`)."""
-    c, _, _ = _image(input_shape, "pad_net")
+    c, _, _ = _image(input_shape, "pad_net", tasks)
     net = make_hrnet(c, hrnet, pretrained)
     return PADNet(net, net.out_channels, _outputs(tasks), channels=channels,
                   aux_weight=aux_weight)
@@ -139,7 +142,7 @@ def mti_net(tasks: Sequence[Task], input_shape: Sequence[int], *,
             hrnet: Mapping[str, Any] | None = None, pretrained: str | Path | None = None,
             aux_weight: float = 1.0) -> MTINet:
     """MTI-Net on HRNet-W18 (see :class:`~mtlkit.nn.MTINet`)."""
-    c, _, _ = _image(input_shape, "mti_net")
+    c, _, _ = _image(input_shape, "mti_net", tasks)
     net = make_hrnet(c, hrnet, pretrained)
     return MTINet(net, net.channels, _outputs(tasks), aux_weight=aux_weight)
 
@@ -177,7 +180,7 @@ def nddr(tasks: Sequence[Task], input_shape: Sequence[int], *, resnet: str = "re
          head_channels: int = 256) -> NDDR:
     """One dilated ResNet per task with an NDDR layer after each of its four stages
     (initialised ``(0.9, 0.1)`` as in the paper); DeepLab-v3 heads."""
-    c, h, w = _image(input_shape, "nddr")
+    c, h, w = _image(input_shape, "nddr", tasks)
     outputs = _outputs(tasks)
     column, chans = _resnet_column(c, (h, w), resnet, layers, pretrained, head_channels, outputs)
     return NDDR(list(outputs), column, chans, fuse_after=(0, 1, 2, 3), init=(0.9, 0.1))
@@ -185,6 +188,12 @@ def nddr(tasks: Sequence[Task], input_shape: Sequence[int], *, resnet: str = "re
 
 #: the model choices of the survey's protocol configs
 DENSE_MODELS = ("mti_net", "pad_net", "nddr", "mtan", "cross_stitch", "hard_sharing")
+#: ``model_options`` giving the survey's backbones to the models registered elsewhere
+SURVEY_OPTIONS: dict[str, dict[str, Any]] = {
+    "hard_sharing": {"backbone": "hrnet_w18"},
+    "cross_stitch": {"backbone": "resnet50"},
+    "mtan": {"backbone": "resnet50", "head_channels": 256},
+}
 
 
 def complexity_table(
@@ -194,14 +203,15 @@ def complexity_table(
     options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Complexity]:
     """Parameters and multiply-accumulates of each model for the survey tasks of ``dataset``
-    (``pascal_context`` or ``nyud``; no data is read) and one input of ``input_shape``.
+    (``pascal_context`` or ``nyud``; no data is read) and one input of ``input_shape``, built
+    with ``options[model]`` (default :data:`SURVEY_OPTIONS`).
 
     Example:
-        >>> rows = complexity_table((3, 32, 32), "nyud", ["hard_sharing"],
-        ...                         {"hard_sharing": {"hrnet": {"width": 4, "modules": [1, 1, 1],
-        ...                                                     "blocks": 1, "stem_blocks": 1}}})
+        >>> rows = complexity_table((3, 32, 32), "nyud", ["mti_net"],
+        ...                         {"mti_net": {"hrnet": {"width": 4, "modules": [1, 1, 1],
+        ...                                                "blocks": 1, "stem_blocks": 1}}})
         >>> rows[0].model, rows[0].parameters > 0, rows[0].macs > 0
-        ('hard_sharing', True, True)
+        ('mti_net', True, True)
     """
     from mtlkit.data._nyud import NYUD_TASKS, nyud_tasks
     from mtlkit.data._pascal import PASCAL_TASKS, pascal_tasks
@@ -214,7 +224,8 @@ def complexity_table(
     tasks = tables[dataset]()
     rows = []
     for name in models:
-        model = build_model(name, tasks, input_shape, **dict((options or {}).get(name, {})))
+        chosen = SURVEY_OPTIONS if options is None else options
+        model = build_model(name, tasks, input_shape, **dict(chosen.get(name, {})))
         rows.append(Complexity(name, count_parameters(model), count_macs(model, input_shape)))
     return rows
 
