@@ -112,3 +112,40 @@ def test_depth_rmse_pools_valid_pixels_over_the_split() -> None:
     m.update(torch.tensor([[[1.0, 5.0]]]), torch.tensor([[[2.0, 2.0]]]))  # errors 1, 3
     m.update(torch.tensor([[[4.0, 7.0]]]), torch.tensor([[[2.0, 0.0]]]))  # error 2, missing
     assert m.compute() == pytest.approx(math.sqrt((1 + 9 + 4) / 3))
+
+
+def test_survey_delta_m_uses_one_primary_metric_per_task() -> None:
+    """semseg mIoU 0.40 -> 0.42 (+5%), normals mean angle 20 -> 21 (worse: -5%), edge odsF
+    0.70 -> 0.77 (+10%), sal maxF 0.80 -> 0.80 (0): (5 - 5 + 10 + 0) / 4 = 2.5; the
+    non-primary normals/median_angle is left out."""
+    from mtlkit.data._dense_tasks import edge_task, saliency_task, survey_delta_m
+    from mtlkit.tasks import Task
+
+    tasks = [Task.segmentation("semseg", 21, ignore_index=255), Task.normals("normals"),
+             edge_task(), saliency_task()]
+    base = {"semseg/miou": 0.40, "normals/mean_angle": 20.0, "edge/odsF": 0.70,
+            "sal/maxF": 0.80, "normals/median_angle": 10.0}
+    mtl = {"semseg/miou": 0.42, "normals/mean_angle": 21.0, "edge/odsF": 0.77,
+           "sal/maxF": 0.80, "normals/median_angle": 1.0}
+    assert survey_delta_m(mtl, base, tasks) == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="no value for"):
+        survey_delta_m({}, base, tasks)
+
+
+def test_balanced_edge_loss_weights_positives_by_0_95() -> None:
+    """Logit 0 (p = 1/2) on one edge and one non-edge pixel: (0.95 + 0.05) log 2 / 2; a
+    confident logit 2 on the edge pixel costs 0.95 log(1 + e^-2)."""
+    from mtlkit.data._dense_tasks import BalancedBCELoss
+    from mtlkit.tasks import prior_loss
+
+    loss = BalancedBCELoss()
+    target = torch.tensor([[[[1.0, 0.0]]]])
+    assert loss(torch.zeros(1, 1, 1, 2), target).item() == pytest.approx(math.log(2) / 2)
+    pred = torch.tensor([[[[2.0, -40.0]]]])
+    assert loss(pred, target).item() == pytest.approx(0.95 * math.log1p(math.exp(-2)) / 2)
+    from mtlkit.data._dense_tasks import edge_task
+
+    # prior loss of a binary map: entropy of the positive rate (1/4 here)
+    y = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]])
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert prior_loss(edge_task(), y) == pytest.approx(h)

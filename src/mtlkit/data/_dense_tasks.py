@@ -4,12 +4,13 @@ for: edge detection and saliency (binary maps), and depth with RMSE."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtlkit.metrics import AbsErr, DepthRMSE, EdgeF, RelErr, SaliencyMaxF
+from mtlkit.metrics import AbsErr, DepthRMSE, EdgeF, RelErr, SaliencyMaxF, delta_m
 from mtlkit.metrics._utils import check_tensor, expand_mask
 from mtlkit.tasks import BCEWithLogitsLoss, DepthL1Loss, MetricSet, Task, masked_mean
 
@@ -92,3 +93,29 @@ def depth_rmse_task(name: str = "depth") -> Task:
     """
     metrics = MetricSet.of(("rmse", DepthRMSE, {}), ("abs_err", AbsErr, {}), ("rel_err", RelErr, {}))
     return Task(name, DepthL1Loss(), metrics, "rmse", "depth", 1)
+
+
+def survey_delta_m(metrics: Mapping[str, float], baseline: Mapping[str, float],
+                   tasks: Sequence[Task]) -> float:
+    """Δm% as the dense-prediction survey defines it (Vandenhende et al. 2021,
+    arXiv:2004.13379, after Maninis et al. 2019): the mean over tasks of the sign-corrected
+    relative change of each task's one reported metric (its ``primary``: mIoU, RMSE, mean
+    angle, odsF, maxF), against the single-task baselines.
+
+    ``mtlkit compare`` averages over every metric a task has; this keeps one per task.
+
+    Example:
+        >>> from mtlkit.data._dense_tasks import depth_rmse_task, edge_task, survey_delta_m
+        >>> tasks = [depth_rmse_task("depth"), edge_task("edge")]
+        >>> m = {"depth/rmse": 0.54, "depth/abs_err": 9.0, "edge/odsF": 0.77}
+        >>> b = {"depth/rmse": 0.60, "depth/abs_err": 1.0, "edge/odsF": 0.70}
+        >>> round(survey_delta_m(m, b, tasks), 6)  # (+10% + 10%) / 2; abs_err is not used
+        10.0
+    """
+    keys = [f"{t.name}/{t.primary}" for t in tasks]
+    missing = [k for k in keys if k not in metrics or k not in baseline]
+    if missing:
+        raise ValueError(f"survey_delta_m: no value for {missing}")
+    higher = {f"{t.name}/{t.primary}": bool(t.metrics()[t.primary].higher_is_better)
+              for t in tasks}
+    return delta_m({k: metrics[k] for k in keys}, {k: baseline[k] for k in keys}, higher)
