@@ -369,6 +369,9 @@ class Trainer:
             # the balanced update with the model's aux_weight; balancers see the K final losses.
             aux = deep_supervision_loss(self.model, self.tasks, y, mask)
             if aux is not None:
+                if self.ranks > 1:  # a second backward of one DDP forward would desync ranks
+                    raise ValueError("deep supervision (PAD-Net, MTI-Net) is not supported "
+                                     "under torchrun yet; train in one process")
                 aux.backward(retain_graph=True)
             context = self._context(out, y, losses)
             try:
