@@ -77,7 +77,9 @@ def test_each_final_loss_reaches_its_own_distillation_and_every_task_feature_blo
         loss = out[t].square().mean()
         for u in TASKS:
             assert _reached(loss, model.distill[u]) == (u == t), (t, u)
-            assert _reached(loss, model.refine[u]), (t, u)  # every task's features reach t
+            blocks = list(model.refine[u]) if name == "mti_net" else [model.refine[u]]
+            for s, block in enumerate(blocks):  # every task's features, at every scale
+                assert _reached(loss, block), (t, u, s)
         if name == "mti_net":
             for fpm in model.propagate:  # feature propagation is shared by all tasks
                 assert _reached(loss, fpm), t
