@@ -70,8 +70,8 @@ def edge_task(name: str = "edge", *, pos_weight: float = 0.95, tolerance: float 
 
 
 def saliency_task(name: str = "sal", *, thresholds: int = 99) -> Task:
-    """Saliency as in the survey: binary cross-entropy on ``(N, 1, H, W)`` logits; metric
-    ``maxF`` (:class:`~mtlkit.metrics.SaliencyMaxF`).
+    """Saliency: binary cross-entropy on ``(N, 1, H, W)`` logits (a plain BCE: the survey's
+    exact saliency loss is not reproduced); metric ``maxF`` (:class:`~mtlkit.metrics.SaliencyMaxF`).
 
     Example:
         >>> from mtlkit.data._dense_tasks import saliency_task

@@ -234,7 +234,12 @@ def _normals_classes(root: Path) -> list[int] | None:
 
 
 def pascal_tasks(tasks: Sequence[str]) -> tuple[Task, ...]:
-    """The survey's PASCAL-Context tasks, in the order asked."""
+    """The survey's PASCAL-Context tasks, in the order asked.
+
+    .. note:: ``normals`` trains with mtlkit's ``1 - cos`` loss; the survey's code uses an L1
+       loss on normalised vectors. Edges use :class:`~mtlkit.data._dense_tasks.BalancedBCELoss`
+       (positive weight 0.95, as the survey's code).
+    """
     table = {
         "semseg": lambda: Task.segmentation("semseg", 21, ignore_index=IGNORE),
         "human_parts": lambda: Task.segmentation("human_parts", 7, ignore_index=IGNORE),

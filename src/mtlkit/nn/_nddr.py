@@ -81,9 +81,9 @@ class NDDR(MultiTaskModel):
             last, as the paper places one after every block group).
         init: ``(alpha, beta)`` of :class:`NDDRLayer` (paper: 0.9, 0.1).
 
-    .. note:: The paper trains the NDDR layers with a learning rate 100 times the network's
-       (on the pretrained columns); put :meth:`nddr_parameters` in their own optimiser group
-       for that. With more than two tasks, ``beta`` is split evenly over the other tasks.
+    .. note:: The paper trains the NDDR layers faster than the pretrained columns; put
+       :meth:`nddr_parameters` in their own optimiser group for a separate learning rate. With
+       more than two tasks, ``beta`` is split evenly over the other tasks.
 
     Example:
         >>> import torch

@@ -46,8 +46,8 @@ class PADNet(MultiTaskModel):
             with :meth:`HRNet.concat <mtlkit.nn.HRNet.concat>`).
         backbone_channels: channels of the (concatenated) backbone output.
         tasks: task name -> output channels.
-        channels: width of the task features ``F_t`` (256 as in the survey's PAD-Net on
-            HRNet, Vandenhende et al. 2021, arXiv:2004.13379).
+        channels: width of the task features ``F_t`` (256; the paper's width on its ResNet-50
+            backbone differs, and the survey's width was not checked for this build).
         aux_weight: weight of the deep-supervision losses (1 as in the paper).
 
     .. note:: The paper's backbone is a ResNet-50 with four intermediate tasks (depth,
