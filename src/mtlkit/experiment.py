@@ -39,7 +39,9 @@ Fields (defaults in brackets):
   ``milestones`` [[]], ``gamma`` [0.1], ``warmup_epochs`` [0], ``min_lr`` [0]
   (:class:`mtlkit.train.optimizers.Schedule`).
 - ``epochs`` [8], ``max_steps`` [none: whole epochs], ``batch_size`` [128], ``grad_clip``
-  [none: max gradient norm], ``eval_every`` [1 epoch; the last epoch is always evaluated].
+  [none: max gradient norm], ``eval_every`` [1 epoch; the last epoch is always evaluated],
+  ``cosine_every`` [25 steps; 0: never]: how often the task gradients' pairwise cosines are
+  logged (K extra backward passes for methods that do not compute them anyway).
 - ``methods`` [ten methods, see ``DEFAULT_METHODS``], ``hparams`` [{}]: ``{method: {name:
   value}}``. ``seeds`` [1]: a count (seeds 0..n-1) or a list of seeds.
 - ``device`` [cpu]; ``out`` [reports/compare for compare, runs/<method> for train];
@@ -129,6 +131,7 @@ class Experiment:
     task_lr: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = None
     eval_every: int = 1
+    cosine_every: int = 25
     device: str = "cpu"
     out: str | None = None
     keep_checkpoint: str | None = None
@@ -209,6 +212,8 @@ class Experiment:
         for name in ("epochs", "batch_size", "eval_every"):
             if not _int(getattr(self, name), 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not _int(self.cosine_every, 0):
+            raise ValueError(f"cosine_every must be an integer >= 0, got {self.cosine_every!r}")
         for name in ("max_steps", "max_samples"):
             v = getattr(self, name)
             if v is not None and not _int(v, 1):
@@ -254,7 +259,8 @@ class Experiment:
             optimizer=opt.name, momentum=opt.momentum, nesterov=opt.nesterov,
             betas=(float(opt.betas[0]), float(opt.betas[1])),
             scheduler=copy.deepcopy(self.scheduler), grad_clip=self.grad_clip,
-            eval_every=self.eval_every, keep=self.keep_checkpoint or keep, seed=seed,
+            eval_every=self.eval_every, cosine_every=self.cosine_every,
+            keep=self.keep_checkpoint or keep, seed=seed,
             device=self.device, progress=False,
         )
 
@@ -413,10 +419,11 @@ def _loader() -> type:
 
 def parse_yaml(text: str, source: str = "config") -> Any:
     """Parse YAML with numbers read as people write them (``1e-3`` is a float)."""
+    loader = _loader()  # a clear error where PyYAML is not installed
     import yaml
 
     try:
-        return yaml.load(text, Loader=_loader())
+        return yaml.load(text, Loader=loader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

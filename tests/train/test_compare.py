@@ -239,16 +239,3 @@ def test_a_fresh_run_into_a_used_folder_starts_fresh_logs(tmp_path, capsys) -> N
     first = (tmp_path / "o" / "steps.jsonl").read_text()
     assert cli.main(base) == 0
     assert (tmp_path / "o" / "steps.jsonl").read_text() == first
-
-
-def test_the_shipped_configs_are_valid():
-    """Every YAML file in configs/ loads, validates, and builds its methods on its dataset."""
-    from mtlkit.data import load
-    from mtlkit.train.compare import check_methods, compare_config_from_dict
-
-    paths = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
-    assert paths
-    for path in paths:
-        cfg = compare_config_from_dict(yaml.safe_load(path.read_text()))
-        cfg.validate()
-        check_methods(cfg, cfg.methods, load(cfg.dataset).task_names)
