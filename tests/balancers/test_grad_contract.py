@@ -1,4 +1,4 @@
-"""Gradient balancers beyond the generic contract of test_contract.py: forced answers on
+"""Gradient balancers beyond the generic contract of test_balancer_contract.py: forced answers on
 degenerate inputs, backward-pass counts per strategy, state that matters on resume,
 validation, the features mode, diagnostics."""
 
@@ -56,7 +56,7 @@ def make(key: str, tasks=TASKS, **override):
 @pytest.mark.parametrize("k", [2, 3])
 def test_forced_answers_on_degenerate_inputs(k):
     """Where the answer is forced by the method (the generic properties, finite weights, zero
-    and identical gradients, scales, run on every method in test_contract.py): Nash-MTL says
+    and identical gradients, scales, run on every method in test_balancer_contract.py): Nash-MTL says
     that opposite gradients have no bargaining solution and makes no update; MGDA makes none
     at a Pareto-stationary point (0 in the hull), up to float32 rounding."""
     cases = degenerate_jacobians(k)

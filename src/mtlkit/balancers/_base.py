@@ -41,7 +41,7 @@ hyperparameters and passes the rest on::
 ``create("my_method", tasks, alpha=1, grad_on="features")`` then accepts every engine option and
 rejects any other keyword, listing the accepted ones. A class whose hook is missing cannot be
 registered or built. ``docs/contract.md`` has a complete example; every registered method is
-covered by the contract and property tests (``tests/balancers/test_contract.py``) unless that
+covered by the contract and property tests (``tests/balancers/test_balancer_contract.py``) unless that
 file lists it as an exception, with the reason.
 
 Gramian hooks receive the Gram matrix in float64 (the engine computes it at a safe scale, so it
