@@ -4,6 +4,7 @@
     mtlkit train [--method NAME] [same options]
     mtlkit report DIR
     mtlkit bench speed [...]
+    mtlkit models [--input-size 3x512x512] [--tasks pascal_context|nyud]
     mtlkit list
     mtlkit --version
 
@@ -115,6 +116,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(speed.run(args))
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from mtlkit.nn._complexity import format_complexity, parse_size
+    from mtlkit.train._dense_models import DENSE_MODELS, SURVEY_NOTE, complexity_table
+
+    size = parse_size(args.input_size)
+    names = _split(args.models) if args.models else list(DENSE_MODELS)
+    print(format_complexity(complexity_table(size, args.tasks, names), size))
+    print(f"\n{SURVEY_NOTE}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from mtlkit import data
     from mtlkit.train.models import available_models
@@ -218,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     speed.add_arguments(speed_parser)
     speed_parser.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("models", help="parameters and FLOPs of the dense-prediction models")
+    p.add_argument("--input-size", dest="input_size", default="3x512x512", help="CxHxW")
+    p.add_argument("--tasks", default="pascal_context", help="pascal_context or nyud task set")
+    p.add_argument("--models", help="comma-separated registered models (default: all six)")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("list", help="list balancers, datasets and models")
     p.set_defaults(func=cmd_list)

@@ -56,7 +56,9 @@ __all__ = [
     "prior_loss",
 ]
 
-TaskKind = Literal["classification", "regression", "multilabel", "segmentation", "depth", "normals"]
+TaskKind = Literal[
+    "classification", "regression", "multilabel", "segmentation", "depth", "normals", "binary_map"
+]
 KINDS: tuple[str, ...] = get_args(TaskKind)
 
 
@@ -274,7 +276,7 @@ class Task:
             metric name (called once per evaluation).
         primary: the metric used for model selection (a key of ``metrics()``).
         kind: one of ``classification``, ``regression``, ``multilabel``, ``segmentation``,
-            ``depth``, ``normals``.
+            ``depth``, ``normals``, ``binary_map`` (a binary label per pixel: edges, saliency).
         num_outputs: outputs (channels) the task's head must produce.
 
     Use the constructors :meth:`classification`, :meth:`regression`, :meth:`multilabel`,
@@ -550,6 +552,11 @@ def prior_loss(task: Task, targets: Tensor, mask: Tensor | None = None) -> float
         pos = torch.where(valid, y, torch.zeros_like(y)).sum(0)
         rate = pos / n.clamp_min(1)
         return float((n * _binary_entropy(rate)).sum() / n.sum())
+    if kind == "binary_map":  # a binary label per pixel: entropy of the positive rate
+        valid = expand_mask(mask, targets.shape)
+        y = targets.double()[valid] if valid is not None else targets.double().flatten()
+        _need(y, task)
+        return float(_binary_entropy(y.mean()))
     if kind == "depth":
         _, t, valid = depth_inputs(targets, targets, mask)
         d = t[valid].double()

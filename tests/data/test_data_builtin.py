@@ -137,8 +137,8 @@ def test_gradnorm_toy_determinism_and_drawn_sigmas() -> None:
 # ---------------------------------------------------------------- registry
 def test_registry_names_and_errors() -> None:
     assert data.available() == ["celeba", "census", "cityscapes", "gradnorm_toy", "multidigits",
-                                "multimnist", "nyuv2", "office31", "office_home", "qm9",
-                                "tabular"]
+                                "multimnist", "nyud", "nyuv2", "office31", "office_home",
+                                "pascal_context", "qm9", "tabular"]
     with pytest.raises(
         ValueError, match="unknown dataset 'mnist'; available: celeba, census, cityscapes"
     ):

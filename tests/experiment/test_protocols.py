@@ -56,8 +56,10 @@ BENCHMARKS = {"census-mmoe.yaml", "cityscapes-libmtl.yaml", "cityscapes-segnet-m
 
 
 def test_every_config_file_is_covered_here():
+    # the dense-prediction survey's configs are trained in tests/train/test_dense_protocols.py
+    dense = {"nyud-survey.yaml", "pascal-survey.yaml"}
     assert {p.name for p in CONFIGS.glob("*.yaml")} == (set(PROTOCOLS) | {"famo-next-batch.yaml"}
-                                                        | BENCHMARKS)
+                                                        | BENCHMARKS | dense)
 
 
 # config -> (fixture writer or None, what makes exactly two optimiser steps on that fixture)

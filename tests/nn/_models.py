@@ -21,6 +21,7 @@ from mtlkit.nn import (
     CGC,
     MRN,
     MTAN,
+    NDDR,
     PLE,
     Cascade,
     CrossStitch,
@@ -28,8 +29,11 @@ from mtlkit.nn import (
     DSelectK,
     FullyAdaptiveSharing,
     HardSharing,
+    HRNet,
     MMoE,
+    MTINet,
     MultiTaskModel,
+    PADNet,
     SegNetMTAN,
     Sluice,
     resnet18,
@@ -109,6 +113,22 @@ def _build() -> dict[str, tuple[MultiTaskModel, Tensor]]:
             detach=False,
         ),
         vec,
+    )
+    tiny_hrnet = {"width": 4, "modules": (1, 1, 1), "blocks": 1, "stem_blocks": 1}
+    net = HRNet(**tiny_hrnet)
+    models["pad_net"] = (
+        PADNet(net, net.out_channels, {"seg": 3, "edge": 1}, channels=4),
+        img,
+    )
+    net = HRNet(**tiny_hrnet)
+    models["mti_net"] = (MTINet(net, net.channels, {"seg": 3, "edge": 1}), img)
+    models["nddr"] = (
+        NDDR(
+            ["a", "b", "c"],
+            lambda t: [_conv(3, 4), _conv(4, 4), nn.Conv2d(4, 2 if t == "a" else 1, 1)],
+            channels=(4, 4),
+        ),
+        img[:, :, :8, :8],
     )
     models["cross_stitch"] = (
         CrossStitch(

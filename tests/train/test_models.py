@@ -65,8 +65,12 @@ SERVES = {
     "mmoe": ("flat",), "cgc": ("flat",), "ple": ("flat",), "dselect_k": ("flat",),
     "celeba_cnn": ("image",),
     "mrn": (),  # MRN's tensor prior needs equal output sizes: tested on its own below
+    "pad_net": ("dense",), "mti_net": ("dense",), "nddr": ("dense",),
 }
-SMALL = {"segnet_mtan": {"filters": (4, 8, 8, 16, 16)}}
+TINY_HRNET = {"width": 4, "modules": (1, 1, 1), "blocks": 1, "stem_blocks": 1}
+SMALL = {"segnet_mtan": {"filters": (4, 8, 8, 16, 16)},
+         "pad_net": {"hrnet": TINY_HRNET, "channels": 4}, "mti_net": {"hrnet": TINY_HRNET},
+         "nddr": {"resnet": "resnet18", "layers": (1, 1, 1, 1), "head_channels": 8}}
 
 
 def test_every_registered_model_is_listed_here():

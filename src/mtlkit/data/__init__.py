@@ -16,6 +16,10 @@ test datasets, the tasks, the input shape); ``available()`` lists the names:
 - ``multimnist`` (built from the MNIST idx files): left and right digit.
 - ``census`` (UCI census-income files): the MMoE paper's binary task pairs.
 - ``tabular`` (any CSV / Parquet file): named features, one task per label column.
+- ``nyud`` (from disk, the dense-prediction survey's layout): 40-class segmentation, depth,
+  normals, edges.
+- ``pascal_context`` (from disk, the survey's layout): segmentation, human parts, saliency,
+  normals, edges.
 
 Items are ``(x, {task: target})``, or ``(x, {task: target}, {task: mask})`` when labels are
 missing; the default ``DataLoader`` collation batches both.
@@ -29,8 +33,10 @@ from mtlkit.data._gradnorm import gradnorm_toy
 from mtlkit.data._multi_input import MultiInputDataset
 from mtlkit.data._multidigits import multidigits
 from mtlkit.data._multimnist import multimnist
+from mtlkit.data._nyud import NYUDSplit, nyud
 from mtlkit.data._nyuv2 import NYUv2Split, nyuv2
 from mtlkit.data._office import ImageListDataset, office31, office_home
+from mtlkit.data._pascal import PascalContextSplit, pascal_context
 from mtlkit.data._qm9 import qm9
 from mtlkit.data._registry import available, load, options, register
 from mtlkit.data._tabular import TabularEncoder, TabularTask, read_table, tabular
@@ -42,7 +48,9 @@ __all__ = [
     "ImageListDataset",
     "MultiInputDataset",
     "MultiTaskTensorDataset",
+    "NYUDSplit",
     "NYUv2Split",
+    "PascalContextSplit",
     "TabularEncoder",
     "TabularTask",
     "available",
@@ -53,10 +61,12 @@ __all__ = [
     "load",
     "multidigits",
     "multimnist",
+    "nyud",
     "nyuv2",
     "office31",
     "office_home",
     "options",
+    "pascal_context",
     "qm9",
     "read_table",
     "register",

@@ -18,6 +18,8 @@ Metrics (key, direction, state):
 - :class:`NormalAngleMean` (``mean_angle``, lower): angle sum and count.
 - :class:`NormalAngleMedian` (``median_angle``, lower): kept angles (exact) or a histogram.
 - :class:`NormalWithin` (``within_<t>``, higher): hits and count.
+- :class:`EdgeF` (``odsF``, higher) and :class:`SaliencyMaxF` (``maxF``, higher): per-threshold
+  counts; :class:`DepthRMSE` (``rmse``, lower): squared error sum and count.
 
 :func:`delta_m` gives Δm% against single-task baselines.
 """
@@ -26,6 +28,7 @@ from mtlkit.metrics._base import Metric
 from mtlkit.metrics._classification import AUC, F1, Accuracy, binary_auc
 from mtlkit.metrics._delta import delta_m
 from mtlkit.metrics._depth import AbsErr, RelErr
+from mtlkit.metrics._edges import DepthRMSE, EdgeF, SaliencyMaxF
 from mtlkit.metrics._normals import NormalAngleMean, NormalAngleMedian, NormalWithin, normal_angles
 from mtlkit.metrics._regression import MAE, RMSE
 from mtlkit.metrics._segmentation import MeanIoU, PixelAccuracy
@@ -37,6 +40,8 @@ __all__ = [
     "RMSE",
     "AbsErr",
     "Accuracy",
+    "DepthRMSE",
+    "EdgeF",
     "MeanIoU",
     "Metric",
     "NormalAngleMean",
@@ -44,6 +49,7 @@ __all__ = [
     "NormalWithin",
     "PixelAccuracy",
     "RelErr",
+    "SaliencyMaxF",
     "binary_auc",
     "delta_m",
     "normal_angles",

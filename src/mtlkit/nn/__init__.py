@@ -17,12 +17,17 @@ from mtlkit.nn._aspp import ASPP, DeepLabHead
 from mtlkit.nn._base import MultiTaskModel
 from mtlkit.nn._cascade import Cascade, concat_channels
 from mtlkit.nn._cross_stitch import CrossStitch, CrossStitchUnit, mixing_init
+from mtlkit.nn._distill import MultiModalDistillation, deep_supervision_loss
 from mtlkit.nn._experts import CGC, PLE, DSelectK, DSelectKGate, MMoE, SoftmaxGate, smooth_step
 from mtlkit.nn._fafs import FullyAdaptiveSharing, branch_affinity, task_affinity, widen
 from mtlkit.nn._hard import HardSharing
+from mtlkit.nn._hrnet import HighResolutionModule, HRNet, hrnet_w18
 from mtlkit.nn._mpnn import MPNN
 from mtlkit.nn._mrn import MRN
 from mtlkit.nn._mtan import MTAN, AttentionTransition, SegNetMTAN, attention_mask
+from mtlkit.nn._mtinet import MTINet
+from mtlkit.nn._nddr import NDDR, NDDRLayer
+from mtlkit.nn._padnet import PADNet
 from mtlkit.nn._recsys import AITM, ESMM, Embedded, TabularEmbedding, binary_log_probs
 from mtlkit.nn._resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from mtlkit.nn._segnet import SegNet
@@ -36,6 +41,7 @@ __all__ = [
     "MPNN",
     "MRN",
     "MTAN",
+    "NDDR",
     "PLE",
     "AttentionTransition",
     "BasicBlock",
@@ -48,9 +54,15 @@ __all__ = [
     "DeepLabHead",
     "Embedded",
     "FullyAdaptiveSharing",
+    "HRNet",
     "HardSharing",
+    "HighResolutionModule",
     "MMoE",
+    "MTINet",
+    "MultiModalDistillation",
     "MultiTaskModel",
+    "NDDRLayer",
+    "PADNet",
     "ResNet",
     "SegNet",
     "SegNetMTAN",
@@ -61,6 +73,8 @@ __all__ = [
     "binary_log_probs",
     "branch_affinity",
     "concat_channels",
+    "deep_supervision_loss",
+    "hrnet_w18",
     "mixing_init",
     "resnet18",
     "resnet50",

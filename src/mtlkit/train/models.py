@@ -45,7 +45,7 @@ from mtlkit.nn import (
 )
 from mtlkit.tasks import Task
 
-DENSE_KINDS = ("segmentation", "depth", "normals")
+DENSE_KINDS = ("segmentation", "depth", "normals", "binary_map")
 
 #: ``builder(tasks, input_shape, **options) -> nn.Module`` returning ``{task: output}``.
 ModelBuilder = Callable[..., nn.Module]
@@ -236,7 +236,8 @@ def hard_sharing(tasks: Sequence[Task], input_shape: Sequence[int], *, backbone:
     ``backbone``: ``auto`` (the default model: an MLP trunk for flat inputs, a small CNN for
     images, a dilated ResNet-18 with DeepLab-v3 heads for dense tasks), ``mlp``, ``conv``,
     ``resnet18`` or ``resnet50`` (dilated, output stride 8, for dense tasks; pooled MLP heads
-    otherwise). ``rates``, ``head_channels``, ``dropout``: the dense heads' ASPP.
+    otherwise), or ``hrnet_w18`` (dense tasks: the dense-prediction survey's HRNet-W18 with
+    HRNet heads). ``rates``, ``head_channels``, ``dropout``: the dense heads' ASPP.
 
     Example:
         >>> import torch
@@ -245,6 +246,11 @@ def hard_sharing(tasks: Sequence[Task], input_shape: Sequence[int], *, backbone:
         (2, 1)
     """
     kind = input_kind(tasks, input_shape)
+    if backbone == "hrnet_w18":  # the dense-prediction survey's baseline (HRNet heads)
+        from mtlkit.train._dense_models import hrnet_hard_sharing
+
+        _need("hard_sharing with backbone hrnet_w18", kind, ("dense",))
+        return hrnet_hard_sharing(tasks, input_shape)
     if backbone == "auto":
         if kind == "dense":
             backbone = "resnet18"
@@ -329,11 +335,21 @@ def mtan(tasks: Sequence[Task], input_shape: Sequence[int], *, backbone: str = "
 
 @register_model("cross_stitch")
 def cross_stitch(tasks: Sequence[Task], input_shape: Sequence[int], *, width: int = 64,
-                 init: Sequence[float] = (0.9, 0.1)) -> nn.Module:
+                 init: Sequence[float] = (0.9, 0.1), backbone: str = "conv") -> nn.Module:
     """:class:`~mtlkit.nn.CrossStitch` (Misra et al., CVPR 2016, arXiv:1604.03539): one column
     per task, two stitched stages of ``width`` units (fully connected for flat inputs, 3x3
-    convolutions for images) then the task's output stage; ``init`` as in the paper."""
+    convolutions for images) then the task's output stage; ``init`` as in the paper. For
+    dense tasks ``backbone`` ``resnet18`` or ``resnet50`` instead gives one dilated ResNet per
+    task, stitched after each of its four stages, with DeepLab-v3 heads (the dense-prediction
+    survey's cross-stitch, :func:`mtlkit.train._dense_models.resnet_cross_stitch`)."""
     kind = input_kind(tasks, input_shape)
+    if backbone in ("resnet18", "resnet50"):  # one dilated ResNet per task (the survey's)
+        from mtlkit.train._dense_models import resnet_cross_stitch
+
+        _need(f"cross_stitch with backbone {backbone}", kind, ("dense",))
+        return resnet_cross_stitch(tasks, input_shape, backbone, init)
+    if backbone != "conv":
+        raise ValueError(f"backbone must be conv, resnet18 or resnet50, got {backbone!r}")
     outs = {t.name: task_outputs(t) for t in tasks}
 
     def column(task: str) -> list[nn.Module]:
@@ -421,4 +437,9 @@ def celeba_cnn(tasks: Sequence[Task], input_shape: Sequence[int]) -> nn.Module:
 
 
 # The benchmark protocols' models register themselves (kept in their own module).
-from mtlkit.train import protocol_models  # noqa: F401
+# The dense-prediction survey's decoder-focused models and NDDR-CNN (pad_net, mti_net, nddr)
+# register themselves on import.
+from mtlkit.train import (
+    _dense_models,  # noqa: F401
+    protocol_models,  # noqa: F401
+)

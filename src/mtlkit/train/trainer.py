@@ -52,6 +52,7 @@ from mtlkit.balancers import Balancer
 from mtlkit.data._multi_input import MultiInputDataset
 from mtlkit.engine import cosine_from_gramian, task_jacobian
 from mtlkit.engine._dist import all_mean, rank, world_size
+from mtlkit.nn._distill import deep_supervision_loss
 from mtlkit.optim import model_param_groups
 from mtlkit.train.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from mtlkit.train.logs import RunLog
@@ -434,6 +435,16 @@ class Trainer:
                 c0 = time.perf_counter()
                 cosine = parameter_cosine(losses, list(self.model.shared_parameters()))
                 t0 += time.perf_counter() - c0
+            # Deep supervision (PAD-Net, MTI-Net): the initial predictions' losses are added to
+            # the balanced update with the model's aux_weight; balancers see the K final losses.
+            aux = deep_supervision_loss(self.model, self.tasks, y, mask)
+            if aux is not None:
+                if self.ranks > 1:  # a second backward of one DDP forward would desync ranks
+                    raise ValueError("deep supervision (PAD-Net, MTI-Net) is not supported "
+                                     "under torchrun yet; train in one process")
+                # under fp16 the scaler's scale, like the balanced losses (it unscales both)
+                scaled = aux if self.scaler is None else self.scaler.scale(aux)
+                scaled.backward(retain_graph=True)
             context = self._context(out, y, mask)
             features = self._features()  # before a second forward pass replaces them
             if extra_batches is not None:
