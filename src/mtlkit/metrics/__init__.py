@@ -19,12 +19,13 @@ Metrics (key, direction, state):
 - :class:`NormalAngleMedian` (``median_angle``, lower): kept angles (exact) or a histogram.
 - :class:`NormalWithin` (``within_<t>``, higher): hits and count.
 
-:func:`delta_m` gives Δm% against single-task baselines.
+:func:`delta_m` (Δm%, over every metric) and :func:`delta_p` (Δp, over tasks) give the gain
+against single-task baselines; :func:`mean_rank` ranks methods with ties averaged.
 """
 
 from mtlkit.metrics._base import Metric
 from mtlkit.metrics._classification import AUC, F1, Accuracy, binary_auc
-from mtlkit.metrics._delta import delta_m
+from mtlkit.metrics._delta import delta_m, delta_p, mean_rank
 from mtlkit.metrics._depth import AbsErr, RelErr
 from mtlkit.metrics._normals import NormalAngleMean, NormalAngleMedian, NormalWithin, normal_angles
 from mtlkit.metrics._regression import MAE, RMSE
@@ -46,5 +47,7 @@ __all__ = [
     "RelErr",
     "binary_auc",
     "delta_m",
+    "delta_p",
+    "mean_rank",
     "normal_angles",
 ]
