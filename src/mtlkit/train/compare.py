@@ -138,10 +138,23 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print, *,
     results = summarise(runs, tasks, methods, cfg.baselines)
     results["config"] = asdict(cfg)
     results["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    results["versions"] = versions()
     if rank() == 0:  # under torchrun, one writer
         (out / "results.json").write_text(json.dumps(results, indent=2))
         write_results_csv(results, out / "results.csv")
     return results
+
+
+def versions() -> dict[str, str]:
+    """The versions a result was obtained with (mtlkit, PyTorch, Python, NumPy)."""
+    import platform
+
+    import numpy
+
+    import mtlkit
+
+    return {"mtlkit": mtlkit.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "numpy": numpy.__version__}
 
 
 def train_one(cfg: CompareConfig, *, seed: int = 0, resume: bool = False) -> RunResult:
@@ -295,7 +308,7 @@ DEFINITIONS = (
     "Δm% is the mean over every metric of the sign-corrected relative gain over the single-task "
     "baseline, in percent (Maninis et al. 2019; Vandenhende et al. 2021; as reported by MTAN, "
     "Nash-MTL and FAMO). Δp is the mean over tasks of each task's mean relative gain over its "
-    "metrics, in percent (LibMTL; DB-MTL); with one metric per task the two are equal. "
+    "metrics, in percent (LibMTL; DB-MTL); when every task has as many metrics as the others, the two are equal. "
     "Positive is better for both. Mean rank averages each method's rank (1 = best) over the "
     "metrics, on the seed means; tied methods share the average of their ranks. "
     "`time × ew` is the median training step time divided by the plain sum's."
