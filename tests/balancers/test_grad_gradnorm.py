@@ -70,11 +70,11 @@ def test_weights_stay_positive_and_sum_to_k():
 def test_last_shared_layer_selection():
     lin1, norm, lin2 = torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 4)
     shared = [*lin1.parameters(), *lin2.parameters(), *norm.parameters()]
-    default = GradNorm(["a"])._select_last_shared(shared)
+    default = GradNorm(["a"]).select_layer(shared)
     assert [id(t) for t in default] == [id(t) for t in [lin2.weight, lin2.bias, *norm.parameters()]]
-    assert GradNorm(["a"], last_shared=1)._select_last_shared(shared) == [norm.bias]
+    assert GradNorm(["a"], last_shared=1).select_layer(shared) == [norm.bias]
     with pytest.raises(ValueError, match="last_shared=9 but shared has only 6"):
-        GradNorm(["a"], last_shared=9)._select_last_shared(shared)
+        GradNorm(["a"], last_shared=9).select_layer(shared)
     with pytest.raises(ValueError, match="last_shared must be a positive integer"):
         GradNorm(["a"], last_shared=0)
     with pytest.raises(ValueError, match="alpha must be finite and >= 0"):

@@ -72,7 +72,7 @@ def test_strategies_agree_with_autograd(strategy, chunk, use_features):
         for k in range(len(losses)):
             torch.testing.assert_close(block[k], rows[k][i], rtol=1e-5, atol=1e-7)
     flat = torch.stack([torch.cat([g.flatten() for g in row]) for row in rows])
-    torch.testing.assert_close(tg.gramian, flat @ flat.T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tg.gramian, (flat @ flat.T).double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(tg.block_gramians.sum(0), tg.gramian)
     torch.testing.assert_close(tg.jacobian_matrix(), flat, rtol=1e-5, atol=1e-7)
     # heads: exactly their own task's gradient

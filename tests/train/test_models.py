@@ -49,3 +49,60 @@ def test_model_registry_builds_by_name_and_by_module_path():
         build_model("nope", tasks, (5,))
     with pytest.raises(ValueError, match="cannot import 'missing'"):
         build_model("mtlkit.train.models:missing", tasks, (5,))
+
+
+# every registered model, on each kind of input it serves: the outputs have the task's shape,
+# the shared / task partition covers every parameter once, and one backward reaches them all
+KINDS = {
+    "flat": ([Task.classification("a", 3), Task.regression("b", dim=2)], (6,)),
+    "image": ([Task.classification("a", 3), Task.regression("b", dim=2)], (1, 12, 12)),
+    "dense": ([Task.segmentation("seg", 5), Task.depth("depth")], (3, 32, 32)),
+}
+SERVES = {
+    "default": ("flat", "image", "dense"), "hard_sharing": ("flat", "image", "dense"),
+    "cross_stitch": ("flat", "image", "dense"), "mtan": ("image", "dense"),
+    "segnet_mtan": ("dense",), "resnet18_deeplab": ("dense",), "resnet50_deeplab": ("dense",),
+    "mmoe": ("flat",), "cgc": ("flat",), "ple": ("flat",), "dselect_k": ("flat",),
+    "mrn": (),  # MRN's tensor prior needs equal output sizes: tested on its own below
+}
+SMALL = {"segnet_mtan": {"filters": (4, 8, 8, 16, 16)}}
+
+
+def test_every_registered_model_is_listed_here():
+    from mtlkit.train.models import available_models
+
+    assert set(available_models()) == set(SERVES)
+
+
+@pytest.mark.parametrize(("name", "kind"), [(n, k) for n, ks in SERVES.items() for k in KINDS
+                                            if k in ks or n != "mrn"])
+def test_registered_model_builds_and_trains_or_names_what_it_serves(name, kind):
+    from mtlkit.train.models import build_model
+
+    tasks, shape = KINDS[kind]
+    if kind not in SERVES[name]:
+        with pytest.raises(ValueError, match=rf"model '{name}' serves .* inputs, not {kind}"):
+            build_model(name, tasks, shape, **SMALL.get(name, {}))
+        return
+    torch.manual_seed(0)
+    model = build_model(name, tasks, shape, **SMALL.get(name, {}))
+    x = torch.randn(2, *shape)
+    out = model(x)
+    want = {"a": (2, 3), "b": (2, 2), "seg": (2, 5, 32, 32), "depth": (2, 1, 32, 32)}
+    assert {t: tuple(y.shape) for t, y in out.items()} == {t.name: want[t.name] for t in tasks}
+    owned = [p for t in tasks for p in model.task_parameters(t.name)]
+    shared = list(model.shared_parameters())
+    assert len({id(p) for p in owned + shared}) == len(owned) + len(shared) \
+        == len(list(model.parameters()))
+    sum(y.float().square().mean() for y in out.values()).backward()
+    assert all(p.grad is not None for p in shared)
+
+
+def test_mrn_on_tasks_of_equal_output_size():
+    from mtlkit.train.models import build_model
+
+    tasks = [Task.regression("a"), Task.regression("b")]
+    out = build_model("mrn", tasks, (6,))(torch.randn(4, 6))
+    assert {t: tuple(y.shape) for t, y in out.items()} == {"a": (4, 1), "b": (4, 1)}
+    with pytest.raises(ValueError, match="multiples of 32"):
+        build_model("segnet_mtan", KINDS["dense"][0], (3, 24, 24))

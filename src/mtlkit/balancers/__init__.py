@@ -6,7 +6,16 @@
 True
 """
 
-from mtlkit.balancers._base import Balancer, BalanceStep, GradientBalancer
+from mtlkit.balancers._base import (
+    Balancer,
+    BalanceStep,
+    BlockGramianWeighting,
+    GradientBalancer,
+    GramianWeighting,
+    JacobianAggregator,
+    LastLayerWeighting,
+    LossWeighting,
+)
 from mtlkit.balancers._dynamic import (
     DynamicTaskPrioritization,
     DynamicWeightAverage,
@@ -25,7 +34,7 @@ from mtlkit.balancers._gramian import (
     UPGrad,
 )
 from mtlkit.balancers._mgda import MGDA
-from mtlkit.balancers._registry import available, create, get, register
+from mtlkit.balancers._registry import available, create, get, hyperparameters, register
 from mtlkit.balancers._scaling import (
     EqualWeighting,
     FixedWeighting,
@@ -47,6 +56,7 @@ __all__ = [
     "BalanceStep",
     "Balancer",
     "BargainingWarning",
+    "BlockGramianWeighting",
     "CAGrad",
     "DynamicTaskPrioritization",
     "DynamicWeightAverage",
@@ -58,8 +68,12 @@ __all__ = [
     "GradNormScaling",
     "GradVac",
     "GradientBalancer",
+    "GramianWeighting",
     "InitialLossWeighting",
+    "JacobianAggregator",
+    "LastLayerWeighting",
     "LossBalancedTaskWeighting",
+    "LossWeighting",
     "NashMTL",
     "PCGrad",
     "PriorLossWeighting",
@@ -70,6 +84,7 @@ __all__ = [
     "available",
     "create",
     "get",
+    "hyperparameters",
     "prior_loss",
     "register",
 ]

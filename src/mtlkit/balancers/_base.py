@@ -1,43 +1,83 @@
-"""The balancer contract: validation, dispatch to the gradient engine, and the result of a step.
+"""The balancer contract: a method is one small class with one hook.
 
-Every balancer is an :class:`torch.nn.Module` whose state (loss histories, learned parameters,
+A balancer is an :class:`torch.nn.Module` whose state (loss histories, learned parameters,
 inner optimiser moments) is registered as buffers or parameters, so ``state_dict()`` /
-``load_state_dict()`` round-trip exactly and a resumed run follows the same trajectory.
+``load_state_dict()`` round-trip exactly and a resumed run follows the same trajectory. The
+state also records the task names: loading state saved for other tasks (or another order) is an
+error, never a silent mapping by position.
 
-Subclasses implement one small hook, chosen by the class attribute ``requires``:
+A method subclasses one of five bases and implements its one hook; what the engine computes
+follows from the base (the read-only ``requires`` is derived from it, for the trainer and the
+benchmarks):
 
-* ``"losses"``  -> :meth:`Balancer._loss_weights`: weights from the detached losses; the update is
-  one backward pass of ``sum_k w_k L_k`` (methods with learned weights override
-  :meth:`Balancer._objective` instead).
-* ``"last_shared"`` -> :meth:`Balancer._last_shared_objective`: like ``"losses"`` (one backward
-  pass of the returned objective), with the per-task gradients of the last shared layer given
-  to the hook (GradNorm). The layer is chosen by :meth:`Balancer._select_last_shared`.
-* ``"gramian"`` -> :meth:`Balancer._gramian_weights`: weights from the K x K Gram matrix of the
-  per-task gradients; the engine writes ``sum_k w_k g_k`` without another backward pass.
-* ``"block_gramian"`` -> :meth:`Balancer._block_weights`: one weight vector per block of shared
-  parameters (one block per shared tensor), from each block's own Gram matrix (GradVac's
-  per-layer granularity); block b receives ``sum_k W[b, k] g_k^(b)``.
-* ``"jacobian"`` -> :meth:`Balancer._aggregate`: the combined shared gradient from the full
-  K x P Jacobian (for methods that are not a linear combination, e.g. GradDrop).
+==========================  ===================================================  ===============
+base                        hook (all inputs detached)                           ``requires``
+==========================  ===================================================  ===============
+:class:`LossWeighting`      ``loss_weights(values, context) -> (K,)``; learned   ``losses``
+                            weights override ``objective(losses, values,
+                            context) -> (total, weights)`` instead
+:class:`LastLayerWeighting` ``layer_objective(losses, values, layer_grads,       ``last_shared``
+                            context) -> (total, weights)``
+:class:`GramianWeighting`   ``gramian_weights(gramian (K, K), losses) -> (K,)``  ``gramian``
+:class:`BlockGramianWeighting` ``block_weights(gramians (B, K, K), losses)       ``block_gramian``
+                            -> (B, K)``
+:class:`JacobianAggregator` ``aggregate(jacobian (K, P), losses) -> (vector      ``jacobian``
+                            (P,), weights (K,))``
+==========================  ===================================================  ===============
 
-Gradient methods may transform the losses before differentiating them
-(:meth:`Balancer._transform_losses`, e.g. the log-loss of DB-MTL); effective weights are then
-reported with respect to the gradients of the original losses.
+The four gradient bases derive from :class:`GradientBalancer`, the only place of the engine
+options (``grad_on``, ``strategy``, ``chunk_size``, ``check_finite``); a method takes its own
+hyperparameters and passes the rest on::
 
-Task-specific parameters (heads, i.e. every parameter reached from the losses that is not in
-``shared``) always receive the plain gradient of their own task's loss, whatever the method.
+    @register("my_method")
+    class MyMethod(GramianWeighting):
+        def __init__(self, tasks, *, alpha: float = 0.5, **options):
+            super().__init__(tasks, **options)
+            self.alpha = positive("alpha", alpha)
+
+        def gramian_weights(self, gramian, losses):
+            ...
+
+``create("my_method", tasks, alpha=1, grad_on="features")`` then accepts every engine option and
+rejects any other keyword, listing the accepted ones. A class whose hook is missing cannot be
+registered or built. ``docs/contract.md`` has a complete example; every registered method is
+covered by the contract and property tests (``tests/balancers/test_contract.py``) unless that
+file lists it as an exception, with the reason.
+
+Gramian hooks receive the Gram matrix in float64 (the engine computes it at a safe scale, so it
+is finite for every finite gradient, however large or small); ``losses`` are the loss values
+(the means over the ranks under ``torch.distributed``). Gradient methods may also transform the
+losses before differentiating them (:meth:`GradientBalancer.transform_losses`, e.g. DB-MTL's
+log-loss); effective weights are then reported with respect to the gradients of the original
+losses.
+
+**What the task-specific parameters (heads) receive**, exactly:
+
+* loss weightings (:class:`LossWeighting`, :class:`LastLayerWeighting`): the one backward pass
+  of ``sum_k w_k L_k`` gives the parameters of task k's head ``w_k * grad L_k`` (the weighted
+  gradient, as in the papers and LibMTL);
+* gradient methods (the four :class:`GradientBalancer` bases): the plain gradient of their own
+  task's loss, ``grad L_k``, whatever the weights of the shared update (for a method with
+  :meth:`~GradientBalancer.transform_losses`, of the transformed loss: e.g. ``grad L_k / L_k``
+  for DB-MTL, ``e^{s_k} grad L_k`` for IMTL-L).
+
+A parameter listed in ``shared`` receives the combined update; listing one twice is an error.
+
+**One step** (:meth:`Balancer.backward`) runs in phases: validate every input (no state changes
+before this is done, so a rejected step leaves the balancer as it was); compute (the engine's
+gradients, the hook's weights); write the update into ``.grad``; commit (advance the step
+counter). Hooks update their own running state while computing.
 
 Under ``torch.distributed`` the hooks see the whole batch: the loss values they get are the
-means over the ranks (:meth:`Balancer._loss_values`), the engine averages the per-task
-gradients, and the balancer's own parameters' gradients are averaged after the backward pass,
-so every rank computes the same weights (``tests/engine/test_dist.py``: two ranks with half a
-batch each equal one process with the whole batch).
+means over the ranks, the engine averages the per-task gradients, and the balancer's own
+parameters' gradients are averaged after the backward pass, so every rank computes the same
+weights (``tests/engine/test_dist.py``). In one process no collective is called.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -54,7 +94,7 @@ from mtlkit.engine import (
     task_gradients,
     task_jacobian,
 )
-from mtlkit.engine._dist import all_mean, all_mean_list
+from mtlkit.engine._dist import all_mean, all_mean_list, world_size
 
 Requirement = Literal["losses", "last_shared", "gramian", "block_gramian", "jacobian"]
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
@@ -72,7 +112,8 @@ class BalanceStep:
         loss: the detached scalar ``sum_k w_k L_k`` whose gradient the shared parameters received
             (for learned balancers, plus their regulariser).
         weight_tensor: effective weight of each task's gradient in the shared update, shape (K,).
-        gramian: the K x K Gram matrix of the task gradients, for gradient methods; else None.
+        gramian: the K x K Gram matrix of the task gradients (float64), for gradient methods;
+            else None.
     """
 
     tasks: tuple[str, ...]
@@ -96,16 +137,29 @@ class BalanceStep:
         return cosine_from_gramian(self.gramian)
 
 
+def _encode_tasks(tasks: Sequence[str]) -> Tensor:
+    """The task names as bytes (NUL-separated UTF-8) in a uint8 tensor: state, so that loading
+    state saved for other tasks can be refused."""
+    return torch.tensor(list("\0".join(tasks).encode()), dtype=torch.uint8)
+
+
+def _decode_tasks(encoded: Tensor) -> list[str]:
+    return bytes(encoded.cpu().tolist()).decode().split("\0")
+
+
 class Balancer(nn.Module):
-    """Base class of every balancer. See the module docstring for the contract.
+    """Base class of every balancer: tasks, validation, the step counter and the phases of
+    :meth:`backward`. Methods subclass one of the five family bases (see the module docstring),
+    never this class directly.
 
     Args:
         tasks: the task names, in a fixed order (used for weights, state and reports).
-        check_finite: raise on a non-finite loss (costs one host synchronisation per step).
+        check_finite: raise on a non-finite loss, before any state changes (one host read of
+            the K loss values; on CPU a plain read, on an accelerator one synchronisation).
     """
 
-    #: What the balancer needs from the engine; the trainer and CLI read this, never a name.
-    requires: ClassVar[Requirement] = "losses"
+    #: What the engine computes for this family; derived from the base class, not set by methods.
+    requires: ClassVar[Requirement]
     #: Keyword context a step accepts (e.g. ``kpi`` for DTP); anything else is an error.
     context_keys: ClassVar[tuple[str, ...]] = ()
     #: Whether :meth:`after_step` must be called with the post-step losses (FAMO; an instance
@@ -113,25 +167,60 @@ class Balancer(nn.Module):
     needs_after_step: bool = False
     #: Registry name, set by :func:`mtlkit.balancers.register`.
     name: ClassVar[str] = ""
+    #: Where per-task gradients are taken; "parameters" for methods that take none (the trainer
+    #: reads it to decide whether the model must expose its features).
+    grad_on: GradOn = "parameters"
+    #: The hook a method of this family implements (checked when a method is built).
+    _hooks: ClassVar[tuple[str, ...]] = ()
 
     step: Tensor
+    task_names: Tensor
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "requires" in cls.__dict__ and cls.__module__ != __name__:
+            raise TypeError(
+                f"{cls.__name__} sets requires: it is derived from the base class (subclass "
+                "LossWeighting, GramianWeighting, BlockGramianWeighting, JacobianAggregator or "
+                "LastLayerWeighting instead)"
+            )
+
+    @classmethod
+    def missing_hook(cls) -> str | None:
+        """The hook this class still has to implement (one of ``_hooks`` overridden below its
+        family base), or None when it is complete."""
+        if not cls._hooks:
+            return (f"{cls.__name__} must subclass LossWeighting, GramianWeighting, "
+                    "BlockGramianWeighting, JacobianAggregator or LastLayerWeighting")
+        family = next(b for b in cls.__mro__ if b.__dict__.get("_hooks"))
+        for klass in cls.__mro__:
+            if klass is family:
+                break
+            if any(h in klass.__dict__ for h in cls._hooks):
+                return None
+        return f"{cls.__name__} must implement {' or '.join(cls._hooks)}()"
 
     def __init__(self, tasks: Sequence[str], *, check_finite: bool = True) -> None:
         super().__init__()
+        missing = type(self).missing_hook()
+        if missing:
+            raise TypeError(missing)
         if isinstance(tasks, str) or not isinstance(tasks, Sequence):
             raise TypeError(f"tasks must be a sequence of task names, got {tasks!r}")
         tasks = tuple(tasks)
         if not tasks:
             raise ValueError("tasks must name at least one task")
         for t in tasks:
-            if not isinstance(t, str) or not t:
+            if not isinstance(t, str) or not t or "\0" in t:
                 raise ValueError(f"task names must be non-empty strings, got {t!r}")
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"task names must be unique, got {list(tasks)}")
         self.tasks: tuple[str, ...] = tasks
-        self.check_finite = check_finite
+        self.check_finite = bool(check_finite)
         # Number of completed steps (int64 scalar). Counter-based randomness derives from it.
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        # The task names, saved with the state and checked when it is loaded.
+        self.register_buffer("task_names", _encode_tasks(tasks))
 
     @property
     def num_tasks(self) -> int:
@@ -146,12 +235,24 @@ class Balancer(nn.Module):
         return self.requires in ("gramian", "block_gramian", "jacobian")
 
     def _apply(self, fn: Any, recurse: bool = True) -> Balancer:
-        # The step counter stays on the host whatever the device of the other state: it seeds
-        # counter-based randomness (``_rng``), and reading a CUDA counter would sync each step.
-        step = self.step
+        # The step counter and the task names stay on the host whatever the device of the
+        # other state: the counter seeds counter-based randomness (``_rng``), and reading a
+        # CUDA counter would sync each step.
+        kept = {k: self._buffers[k] for k in ("step", "task_names")}
         super()._apply(fn, recurse)
-        self._buffers["step"] = step
+        self._buffers.update(kept)
         return self
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        saved = state_dict.get(prefix + "task_names")
+        if saved is not None and not torch.equal(saved.cpu(), self.task_names):
+            raise ValueError(
+                f"{type(self).__name__}: the state was saved for tasks {_decode_tasks(saved)}, "
+                f"but this balancer has tasks {list(self.tasks)} (per-task state would be "
+                "mapped to the wrong tasks)"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ public API
     def backward(
@@ -166,30 +267,24 @@ class Balancer(nn.Module):
 
         Args:
             losses: task name -> scalar loss (or a sequence in task order).
-            shared: the shared parameters; required by gradient-based balancers.
+            shared: the shared parameters; required by the gradient-based families.
             features: the last shared representation (for ``grad_on="features"``).
             **context: per-step inputs some methods need (see ``context_keys``).
 
         Returns:
             A :class:`BalanceStep` with the effective task weights.
 
-        Parameters reached from the losses but not listed in ``shared`` receive the sum of the
-        task gradients that reach them: for a head, exactly its own task's gradient.
-
         The step is validated completely before any state changes, so a rejected step leaves the
-        balancer exactly as it was.
+        balancer exactly as it was. What the heads receive depends on the family (module
+        docstring).
         """
         items = self._loss_list(losses)
-        self._check_context(context)
+        if context or self.context_keys:
+            self._check_context(context)
         stacked = torch.stack(items)
         values = self._loss_values(stacked)
-        if self.requires == "losses":
-            out = self._backward_losses(stacked, values, context)
-        elif self.requires == "last_shared":
-            out = self._backward_last_shared(stacked, values, items, shared, context)
-        else:
-            out = self._backward_gradients(values, items, shared, features, context)
-        self.step += 1
+        out = self._balance(items, stacked, values, shared, features, context)
+        self._commit()
         return out
 
     def after_step(self, losses: Losses) -> None:
@@ -200,150 +295,21 @@ class Balancer(nn.Module):
     def new_epoch(self) -> None:
         """Mark an epoch boundary (used by per-epoch methods such as DWA and LBTW)."""
 
-    # ------------------------------------------------------------------ hooks
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    # ------------------------------------------------------------------ phases
+    def _balance(self, items: list[Tensor], stacked: Tensor, values: Tensor,
+                 shared: Iterable[Tensor] | None, features: Tensor | None,
+                 context: Mapping[str, Any]) -> BalanceStep:
+        """Compute the update and write it into ``.grad`` (implemented by each family)."""
         raise NotImplementedError
 
-    def _objective(
-        self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
-    ) -> tuple[Tensor, Tensor]:
-        """(scalar to backpropagate, effective weights). Default: ``sum_k w_k L_k`` with the
-        weights of :meth:`_loss_weights` from the loss values, treated as constants.
-
-        ``losses`` are this process's (differentiable); ``values`` the whole batch's, detached
-        (the mean over the ranks under ``torch.distributed``): weights must come from them."""
-        with torch.no_grad():
-            weights = self._loss_weights(values, context).to(losses.dtype)
-        return (weights * losses).sum(), weights
-
-    def _last_shared_objective(
-        self, losses: Tensor, values: Tensor, grads: list[Tensor], context: Mapping[str, Any]
-    ) -> tuple[Tensor, Tensor]:
-        """(scalar to backpropagate, effective weights), given the loss values (as in
-        :meth:`_objective`) and the per-task gradients of the last shared layer (blocks of
-        shape (K, *shape), detached)."""
-        raise NotImplementedError
-
-    def _select_last_shared(self, shared: list[Tensor]) -> list[Tensor]:
-        """The tensors of ``shared`` that form the last shared layer (``"last_shared"``)."""
-        raise NotImplementedError
-
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def _block_weights(self, gramians: Tensor, losses: Tensor) -> Tensor:
-        """Per-block weights (B, K) from the per-block Gram matrices (B, K, K)."""
-        raise NotImplementedError
-
-    def _transform_losses(
-        self, losses: list[Tensor], values: Tensor
-    ) -> tuple[list[Tensor], Tensor]:
-        """(losses to differentiate, detached d transformed / d loss per task, shape (K,)).
-
-        Gradient methods differentiate the transformed losses; the second tensor converts
-        their weights into effective weights on the original task gradients. Each transformed
-        loss must depend on its own task's loss only (so that a backward pass from it does not
-        traverse the other tasks' heads), and a nonlinear transform must take its slope from
-        ``values`` (the whole batch's losses), so that the ranks' gradients average to the
-        whole batch's. Default: identity.
-        """
-        return losses, torch.ones(len(losses), device=losses[0].device)
-
-    def _aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
-        """Return (combined shared gradient of shape (P,), effective weights (K,))."""
-        raise NotImplementedError
+    def _commit(self) -> None:
+        """The step is done: advance the counter."""
+        self.step += 1
 
     def _after_step(self, losses: Tensor) -> None:
         pass
 
-    #: For gradient methods: where per-task gradients are taken (set by subclasses' __init__).
-    grad_on: GradOn = "parameters"
-    strategy: Strategy = "auto"
-    chunk_size: int | None = None
-
-    # ------------------------------------------------------------------ internals
-    def _backward_losses(
-        self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
-    ) -> BalanceStep:
-        total, weights = self._objective(losses, values, context)
-        total.backward()
-        # The model's gradients are DDP's to average; the balancer's own (learned weights)
-        # are not part of the model.
-        own = [p for p in self.parameters() if p.grad is not None]
-        for p, g in zip(own, all_mean_list([p.grad for p in own])):
-            p.grad = g
-        return BalanceStep(self.tasks, all_mean(total.detach()), weights.detach())
-
-    def _shared_list(self, shared: Iterable[Tensor] | None) -> list[Tensor]:
-        if shared is None:
-            raise ValueError(
-                f"{type(self).__name__} uses per-task gradients: pass shared=<the shared "
-                "parameters> to backward()"
-            )
-        out = [p for p in shared if p.requires_grad]
-        if not out:
-            raise ValueError("shared contains no parameter that requires grad")
-        return out
-
-    def _backward_last_shared(
-        self,
-        losses: Tensor,
-        values: Tensor,
-        items: list[Tensor],
-        shared: Iterable[Tensor] | None,
-        context: Mapping[str, Any],
-    ) -> BalanceStep:
-        layer = self._select_last_shared(self._shared_list(shared))
-        # One vectorised backward from the K losses down to the last shared layer only (heads
-        # and that layer); the graph is kept for the single full backward below.
-        grads = [g.detach() for g in task_jacobian(items, layer)]
-        total, weights = self._last_shared_objective(losses, values, grads, context)
-        total.backward()
-        return BalanceStep(self.tasks, all_mean(total.detach()), weights.detach())
-
-    def _backward_gradients(
-        self,
-        values: Tensor,
-        items: list[Tensor],
-        shared: Iterable[Tensor] | None,
-        features: Tensor | None,
-        context: Mapping[str, Any],
-    ) -> BalanceStep:
-        shared = self._shared_list(shared)
-        if self.grad_on == "features" and features is None:
-            raise ValueError(
-                f"{type(self).__name__}(grad_on='features') needs features=<the last shared "
-                "representation> in backward()"
-            )
-        # The engine gets the task losses themselves, not views of the stacked tensor: a
-        # backward pass from one of them must not traverse every task's head.
-        transformed, factor = self._transform_losses(items, values)
-        grads: TaskGradients = task_gradients(
-            transformed,
-            shared,
-            features,
-            grad_on=self.grad_on,
-            strategy=self.strategy,
-            chunk_size=self.chunk_size,
-            need_jacobian=self.requires == "jacobian",
-        )
-        detached = values
-        with torch.no_grad():
-            if self.requires == "jacobian":
-                combined, weights = self._aggregate(grads.jacobian_matrix(), detached)
-                grads.apply_vector(combined)
-            elif self.requires == "block_gramian":
-                blocks = grads.block_gramians
-                per_block = self._block_weights(blocks, detached).to(blocks.dtype)
-                grads.apply_block_weights(per_block)
-                weights = _blend_block_weights(per_block, blocks)
-            else:
-                weights = self._gramian_weights(grads.gramian, detached).to(grads.gramian.dtype)
-                grads.apply_weights(weights)
-            factor = factor.to(device=weights.device, dtype=weights.dtype)
-            weights = (weights.detach() * factor).to(values.dtype)
-        return BalanceStep(self.tasks, (weights * detached).sum(), weights, grads.gramian)
-
+    # ------------------------------------------------------------------ validation
     def _check_losses(self, losses: Losses, need_grad: bool = True) -> Tensor:
         """Validate the losses; their values in task order (see :meth:`_loss_values`)."""
         return self._loss_values(torch.stack(self._loss_list(losses, need_grad)))
@@ -351,51 +317,65 @@ class Balancer(nn.Module):
     def _loss_list(self, losses: Losses, need_grad: bool = True) -> list[Tensor]:
         """Validate the losses; return them in task order as 0-d tensors."""
         if isinstance(losses, Mapping):
-            unknown = [k for k in losses if k not in self.tasks]
-            missing = [t for t in self.tasks if t not in losses]
-            if unknown:
-                raise KeyError(f"unknown task(s) {unknown}; this balancer has tasks {list(self.tasks)}")
-            if missing:
+            if len(losses) != len(self.tasks) or any(t not in losses for t in self.tasks):
+                unknown = [k for k in losses if k not in self.tasks]
+                missing = [t for t in self.tasks if t not in losses]
+                if unknown:
+                    raise KeyError(
+                        f"unknown task(s) {unknown}; this balancer has tasks {list(self.tasks)}")
                 raise KeyError(f"missing loss for task(s) {missing}")
-            items = [(t, losses[t]) for t in self.tasks]
+            items = [losses[t] for t in self.tasks]
         elif isinstance(losses, Sequence) and not isinstance(losses, (str, Tensor)):
             if len(losses) != self.num_tasks:
                 raise ValueError(
                     f"got {len(losses)} losses for {self.num_tasks} tasks {list(self.tasks)}"
                 )
-            items = list(zip(self.tasks, losses))
+            items = list(losses)
         else:
             raise TypeError(
                 f"losses must be a mapping task -> scalar tensor or a sequence, got {type(losses)}"
             )
-        for task, loss in items:
+        out = []
+        for task, loss in zip(self.tasks, items):
             if not isinstance(loss, Tensor):
                 raise TypeError(f"loss of task {task!r} is a {type(loss).__name__}, not a Tensor")
-            if loss.numel() != 1:
-                raise ValueError(
-                    f"loss of task {task!r} must be a scalar, got shape {tuple(loss.shape)} "
-                    "(reduce it, e.g. with .mean())"
-                )
+            if loss.dim():
+                if loss.numel() != 1:
+                    raise ValueError(
+                        f"loss of task {task!r} must be a scalar, got shape {tuple(loss.shape)} "
+                        "(reduce it, e.g. with .mean())"
+                    )
+                # A 0-d loss is used as it is: a reshape adds one view node per task to the
+                # graph (measured at K=40: ~0.5 ms a step).
+                loss = loss.reshape(())
             if need_grad and not loss.requires_grad:
                 raise ValueError(
                     f"loss of task {task!r} does not require grad: it is not connected to any "
                     "trainable parameter (was it computed under torch.no_grad() or detached?)"
                 )
-        # A 0-d loss is used as it is: a reshape would add one view node per task to the
-        # graph, and a backward pass through K of them (measured at K=40: ~0.5 ms a step).
-        return [loss if loss.dim() == 0 else loss.reshape(()) for _, loss in items]
+            out.append(loss)
+        return out
 
     def _loss_values(self, stacked: Tensor) -> Tensor:
         """The whole batch's loss values, detached: the mean over the ranks under
         ``torch.distributed`` (so every rank computes the same weights), checked for finiteness
         (after the mean, so that every rank raises together)."""
-        values = all_mean(stacked.detach())
+        values = stacked.detach()
+        if world_size() > 1:
+            values = all_mean(values)
         if self.check_finite:
-            finite = torch.isfinite(values)
-            if not bool(finite.all()):  # one host sync, opt out with check_finite=False
-                bad = [t for t, ok in zip(self.tasks, finite.tolist()) if not ok]
-                raise FloatingPointError(f"non-finite loss for task(s) {bad}: {values.tolist()}")
+            self._check_finite(values)
         return values
+
+    def _check_finite(self, values: Tensor) -> None:
+        # On the host the K values are read directly (a list read costs less than one torch
+        # operation); on an accelerator one reduction and one synchronisation.
+        if values.device.type != "cpu" and bool(torch.isfinite(values).all()):
+            return
+        host = values.tolist()
+        if not all(map(math.isfinite, host)):
+            bad = [t for t, v in zip(self.tasks, host) if not math.isfinite(v)]
+            raise FloatingPointError(f"non-finite loss for task(s) {bad}: {host}")
 
     def _check_context(self, context: Mapping[str, Any]) -> None:
         unknown = [k for k in context if k not in self.context_keys]
@@ -410,6 +390,25 @@ class Balancer(nn.Module):
     def _validate_context(self, context: Mapping[str, Any]) -> None:
         """Raise on bad context before any state changes (override where context is used)."""
 
+    def _shared_list(self, shared: Iterable[Tensor] | None) -> list[Tensor]:
+        if shared is None:
+            raise ValueError(
+                f"{type(self).__name__} uses per-task gradients: pass shared=<the shared "
+                "parameters> to backward()"
+            )
+        out = [p for p in shared if p.requires_grad]
+        if not out:
+            raise ValueError("shared contains no parameter that requires grad")
+        if len({id(p) for p in out}) != len(out):
+            seen: set[int] = set()
+            dup = next(i for i, p in enumerate(out) if id(p) in seen or seen.add(id(p)))
+            raise ValueError(
+                f"shared lists a parameter twice (position {dup}, shape "
+                f"{tuple(out[dup].shape)}): its update would be counted twice"
+            )
+        return out
+
+    # ------------------------------------------------------------------ helpers for methods
     def _task_values(self, values: Mapping[str, float] | float, what: str) -> Tensor:
         """A per-task hyperparameter given as one number or a task -> number mapping."""
         if isinstance(values, Mapping):
@@ -441,9 +440,101 @@ class Balancer(nn.Module):
         return self.name or type(self).__name__
 
 
+# ---------------------------------------------------------------------- loss weightings
+class LossWeighting(Balancer):
+    """Weights from the loss values; the update is one backward pass of ``sum_k w_k L_k``, like
+    a plain sum. The heads receive ``w_k grad L_k``.
+
+    Hook: :meth:`loss_weights` (weights treated as constants), or, for weights that are learned
+    from this same backward pass (uncertainty weighting), :meth:`objective`.
+    """
+
+    requires: ClassVar[Requirement] = "losses"
+    _hooks = ("loss_weights", "objective")
+
+    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
+        """The K weights from the detached loss values (the whole batch's: the means over the
+        ranks under ``torch.distributed``) and the step's context."""
+        raise NotImplementedError
+
+    def objective(self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
+                  ) -> tuple[Tensor, Tensor]:
+        """(scalar to backpropagate, effective weights (K,)). Default: ``sum_k w_k L_k`` with the
+        weights of :meth:`loss_weights`, treated as constants.
+
+        ``losses`` are this process's (stacked, differentiable); ``values`` the whole batch's,
+        detached: weights must come from them. An override may make the weights differentiable
+        in the balancer's own parameters (they then learn from the same backward pass; their
+        gradients are averaged over the ranks afterwards)."""
+        with torch.no_grad():
+            weights = self.loss_weights(values, context)
+            if weights.dtype != losses.dtype:
+                weights = weights.to(losses.dtype)
+        return losses @ weights, weights
+
+    def _balance(self, items: list[Tensor], stacked: Tensor, values: Tensor,
+                 shared: Iterable[Tensor] | None, features: Tensor | None,
+                 context: Mapping[str, Any]) -> BalanceStep:
+        total, weights = self.objective(stacked, values, context)
+        return self._backward_total(total, weights)
+
+    def _backward_total(self, total: Tensor, weights: Tensor) -> BalanceStep:
+        total.backward()
+        total = total.detach()
+        if world_size() > 1:
+            # The model's gradients are DDP's to average; the balancer's own (learned weights)
+            # are not part of the model.
+            own = [p for p in self.parameters() if p.grad is not None]
+            for p, g in zip(own, all_mean_list([p.grad for p in own])):
+                p.grad = g
+            total = all_mean(total)
+        return BalanceStep(self.tasks, total, weights.detach())
+
+
+class LastLayerWeighting(LossWeighting):
+    """Weights from the loss values and the per-task gradients of the last shared layer (e.g.
+    GradNorm); the update is then one backward pass of the returned objective, as for
+    :class:`LossWeighting` (heads receive ``w_k grad L_k``). ``shared`` must be passed.
+
+    Hook: :meth:`layer_objective`; :meth:`select_layer` chooses the layer (default: the
+    trailing tensors of ``shared`` from its last tensor with two or more dimensions).
+    """
+
+    requires: ClassVar[Requirement] = "last_shared"
+    _hooks = ("layer_objective",)
+
+    def layer_objective(self, losses: Tensor, values: Tensor, layer_grads: list[Tensor],
+                        context: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """(scalar to backpropagate, effective weights), given the loss values (as in
+        :meth:`LossWeighting.objective`) and the per-task gradients of the layer (blocks of
+        shape (K, *shape), detached)."""
+        raise NotImplementedError
+
+    def select_layer(self, shared: list[Tensor]) -> list[Tensor]:
+        """The tensors of ``shared`` that form the last shared layer: from the last tensor with
+        two or more dimensions (a weight matrix or kernel) to the end (its bias, a following
+        norm layer's affine parameters); all of ``shared`` when none has two dimensions."""
+        matrices = [i for i, p in enumerate(shared) if p.dim() >= 2]
+        return shared[matrices[-1]:] if matrices else shared
+
+    def _balance(self, items: list[Tensor], stacked: Tensor, values: Tensor,
+                 shared: Iterable[Tensor] | None, features: Tensor | None,
+                 context: Mapping[str, Any]) -> BalanceStep:
+        layer = self.select_layer(self._shared_list(shared))
+        # One vectorised backward from the K losses down to the layer only (heads and that
+        # layer); the graph is kept for the single full backward pass that follows.
+        grads = [g.detach() for g in task_jacobian(items, layer)]
+        total, weights = self.layer_objective(stacked, values, grads, context)
+        return self._backward_total(total, weights)
+
+
+# ---------------------------------------------------------------------- gradient methods
 class GradientBalancer(Balancer):
-    """Base of the balancers that combine per-task gradients (``requires`` is ``"gramian"`` or
-    ``"jacobian"``).
+    """Base of the methods that combine per-task gradients: the one place of the engine options.
+
+    Subclass one of :class:`GramianWeighting`, :class:`BlockGramianWeighting` or
+    :class:`JacobianAggregator`. The heads receive the plain gradient of their own task's loss;
+    the shared parameters receive the combination.
 
     Args:
         tasks: task names.
@@ -454,8 +545,6 @@ class GradientBalancer(Balancer):
         chunk_size: at most this many tasks per batched backward (bounds memory).
         check_finite: raise on a non-finite loss.
     """
-
-    requires: ClassVar[Requirement] = "gramian"
 
     def __init__(
         self,
@@ -471,14 +560,116 @@ class GradientBalancer(Balancer):
             raise ValueError(f"grad_on must be one of {GRAD_ON}, got {grad_on!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1
+        ):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-        self.grad_on = grad_on
-        self.strategy = strategy
-        self.chunk_size = chunk_size
+        self.grad_on: GradOn = grad_on
+        self.strategy: Strategy = strategy
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+
+    def transform_losses(self, losses: list[Tensor], values: Tensor
+                         ) -> tuple[list[Tensor], Tensor]:
+        """(losses to differentiate, detached d transformed / d loss per task, shape (K,)).
+
+        Gradient methods differentiate the transformed losses; the second tensor converts
+        their weights into effective weights on the original task gradients. Each transformed
+        loss must depend on its own task's loss only (so that a backward pass from it does not
+        traverse the other tasks' heads), and a nonlinear transform must take its slope from
+        ``values`` (the whole batch's losses), so that the ranks' gradients average to the
+        whole batch's. Default: identity.
+        """
+        return losses, torch.ones(len(losses), device=values.device, dtype=values.dtype)
+
+    def _combine(self, grads: TaskGradients, values: Tensor
+                 ) -> tuple[Tensor, Callable[[], None]]:
+        """(effective weights on the differentiated losses' gradients, the write of the
+        update into ``.grad``), implemented by each family: compute first, then write."""
+        raise NotImplementedError
+
+    def _balance(self, items: list[Tensor], stacked: Tensor, values: Tensor,
+                 shared: Iterable[Tensor] | None, features: Tensor | None,
+                 context: Mapping[str, Any]) -> BalanceStep:
+        shared_list = self._shared_list(shared)
+        if self.grad_on == "features" and features is None:
+            raise ValueError(
+                f"{type(self).__name__}(grad_on='features') needs features=<the last shared "
+                "representation> in backward()"
+            )
+        self.block_shapes = tuple(p.shape for p in shared_list)
+        # The engine gets the task losses themselves, not views of the stacked tensor: a
+        # backward pass from one of them must not traverse every task's head.
+        transformed, factor = self.transform_losses(items, values)
+        grads = task_gradients(
+            transformed, shared_list, features, grad_on=self.grad_on, strategy=self.strategy,
+            chunk_size=self.chunk_size, need_jacobian=self.requires == "jacobian",
+        )
+        with torch.no_grad():
+            weights, write = self._combine(grads, values)
+            write()
+            weights = (weights.to(values.dtype) * factor.to(values.dtype)).detach()
+        return BalanceStep(self.tasks, weights @ values, weights, grads.gramian)
 
     def extra_repr(self) -> str:
         return f"grad_on={self.grad_on!r}, strategy={self.strategy!r}"
+
+
+class GramianWeighting(GradientBalancer):
+    """K weights from the K x K Gram matrix ``G = J J^T`` of the task gradients (float64);
+    the engine writes ``sum_k w_k g_k`` with no further backward pass. Hook:
+    :meth:`gramian_weights`."""
+
+    requires: ClassVar[Requirement] = "gramian"
+    _hooks = ("gramian_weights",)
+
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        """The weights (K,) from the Gram matrix (K, K, float64) and the loss values."""
+        raise NotImplementedError
+
+    def _combine(self, grads: TaskGradients, values: Tensor
+                 ) -> tuple[Tensor, Callable[[], None]]:
+        weights = self.gramian_weights(grads.gramian, values)
+        return weights, lambda: grads.apply_weights(weights)
+
+
+class BlockGramianWeighting(GradientBalancer):
+    """One weight vector per block of shared parameters (one block per shared tensor, or the
+    single features block), from each block's own Gram matrix (GradVac's per-layer
+    granularity); block b receives ``sum_k W[b, k] g_k^(b)``. Hook: :meth:`block_weights`;
+    ``self.block_shapes`` holds the shapes of this step's shared tensors while it runs."""
+
+    requires: ClassVar[Requirement] = "block_gramian"
+    _hooks = ("block_weights",)
+    block_shapes: tuple[torch.Size, ...] = ()
+
+    def block_weights(self, gramians: Tensor, losses: Tensor) -> Tensor:
+        """Per-block weights (B, K) from the per-block Gram matrices (B, K, K, float64)."""
+        raise NotImplementedError
+
+    def _combine(self, grads: TaskGradients, values: Tensor
+                 ) -> tuple[Tensor, Callable[[], None]]:
+        blocks = grads.block_gramians
+        per_block = self.block_weights(blocks, values)
+        return _blend_block_weights(per_block.to(blocks.dtype), blocks), \
+            lambda: grads.apply_block_weights(per_block)
+
+
+class JacobianAggregator(GradientBalancer):
+    """The combined shared gradient from the full K x P Jacobian, for methods that are not a
+    linear combination of whole task gradients (e.g. GradDrop) or that keep per-coordinate
+    state (DB-MTL). Hook: :meth:`aggregate`."""
+
+    requires: ClassVar[Requirement] = "jacobian"
+    _hooks = ("aggregate",)
+
+    def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+        """(combined shared gradient (P,), effective weights (K,)) from the Jacobian (K, P)."""
+        raise NotImplementedError
+
+    def _combine(self, grads: TaskGradients, values: Tensor
+                 ) -> tuple[Tensor, Callable[[], None]]:
+        vector, weights = self.aggregate(grads.jacobian_matrix(), values)
+        return weights, lambda: grads.apply_vector(vector)
 
 
 def _blend_block_weights(per_block: Tensor, gramians: Tensor) -> Tensor:

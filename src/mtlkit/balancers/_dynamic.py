@@ -8,14 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import Balancer, positive
+from mtlkit.balancers._base import LossWeighting, positive
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._scaling import LOSS_FLOOR
 from mtlkit.engine._dist import all_mean
 
 
 @register("dwa")
-class DynamicWeightAverage(Balancer):
+class DynamicWeightAverage(LossWeighting):
     r"""Dynamic Weight Average: weight each task by how slowly its loss is falling.
 
     Proposed in Liu, Johns & Davison, *End-to-End Multi-Task Learning with Attention*
@@ -51,10 +51,9 @@ class DynamicWeightAverage(Balancer):
         tasks: Sequence[str],
         temperature: float = 2.0,
         per_batch: bool = False,
-        *,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         self.temperature = positive("temperature", temperature)
         self.per_batch = bool(per_batch)
         k = self.num_tasks
@@ -63,7 +62,7 @@ class DynamicWeightAverage(Balancer):
         self.register_buffer("history", torch.ones(2, k, dtype=torch.float64))
         self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
         ratio = self.history[1] / self.history[0].clamp_min(LOSS_FLOOR)
         weights = self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
         warm = self.epochs_seen >= 2
@@ -91,7 +90,7 @@ class DynamicWeightAverage(Balancer):
 
 
 @register("dtp")
-class DynamicTaskPrioritization(Balancer):
+class DynamicTaskPrioritization(LossWeighting):
     r"""Dynamic Task Prioritization: focus on the tasks whose key performance indicator is low.
 
     Proposed in Guo, Haque, Huang, Yeung & Fei-Fei, *Dynamic Task Prioritization for Multitask
@@ -125,10 +124,9 @@ class DynamicTaskPrioritization(Balancer):
         tasks: Sequence[str],
         gamma: float | Mapping[str, float] = 1.0,
         alpha: float = 0.1,
-        *,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         gammas = self._task_values(gamma, "gamma")
         for t, g in zip(self.tasks, gammas.tolist()):
             positive(f"gamma[{t!r}]", g, allow_zero=True)
@@ -151,7 +149,7 @@ class DynamicTaskPrioritization(Balancer):
             if not 0 < v <= 1:
                 raise ValueError(f"kpi of task {t!r} must be in (0, 1], got {v}")
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
         kpi = torch.tensor([float(context["kpi"][t]) for t in self.tasks], dtype=torch.float64)
         kpi = all_mean(kpi.to(self.kpi_avg.device))  # the ranks' KPIs, as one batch's
         blended = self.alpha * kpi + (1 - self.alpha) * self.kpi_avg
@@ -165,7 +163,7 @@ class DynamicTaskPrioritization(Balancer):
 
 
 @register("lbtw")
-class LossBalancedTaskWeighting(Balancer):
+class LossBalancedTaskWeighting(LossWeighting):
     r"""Loss-Balanced Task Weighting: down-weight tasks that have already learned a lot.
 
     Proposed in Liu, Liang & Gitter, *Loss-Balanced Task Weighting to Reduce Negative Transfer
@@ -188,13 +186,13 @@ class LossBalancedTaskWeighting(Balancer):
     epoch_initial: Tensor
     need_initial: Tensor
 
-    def __init__(self, tasks: Sequence[str], alpha: float = 0.5, *, check_finite: bool = True) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+    def __init__(self, tasks: Sequence[str], alpha: float = 0.5, **options: Any) -> None:
+        super().__init__(tasks, **options)
         self.alpha = positive("alpha", alpha, allow_zero=True)
         self.register_buffer("epoch_initial", torch.ones(self.num_tasks, dtype=torch.float64))
         self.register_buffer("need_initial", torch.ones((), dtype=torch.bool))
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
         self.epoch_initial.copy_(torch.where(self.need_initial, losses.double(), self.epoch_initial))
         self.need_initial.fill_(False)
         ratio = losses.double() / self.epoch_initial.clamp_min(LOSS_FLOOR)
@@ -208,7 +206,7 @@ class LossBalancedTaskWeighting(Balancer):
 
 
 @register("rlw")
-class RandomLossWeighting(Balancer):
+class RandomLossWeighting(LossWeighting):
     r"""Random Loss Weighting: fresh random weights every step.
 
     Proposed in Lin, Ye, Xu, Shi & Zhang, *Reasonable Effectiveness of Random Weighting: A Litmus
@@ -223,11 +221,11 @@ class RandomLossWeighting(Balancer):
         seed: seed of the weight sequence.
     """
 
-    def __init__(self, tasks: Sequence[str], seed: int = 0, *, check_finite: bool = True) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+    def __init__(self, tasks: Sequence[str], seed: int = 0, **options: Any) -> None:
+        super().__init__(tasks, **options)
         self.seed = int(seed)
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
         z = torch.randn(self.num_tasks, generator=self._rng(), dtype=torch.float64)
         return torch.softmax(z, dim=0).to(losses)
 

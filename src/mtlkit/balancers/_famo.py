@@ -8,7 +8,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import Balancer, positive
+from mtlkit.balancers._base import LossWeighting, positive
+from mtlkit.balancers._functional import InnerAdam
 from mtlkit.balancers._registry import register
 
 EPS = 1e-8  # keeps log(L - b) finite when a loss reaches its lower bound
@@ -16,7 +17,7 @@ UPDATES = ("same_batch", "next_batch")
 
 
 @register("famo")
-class FAMO(Balancer):
+class FAMO(LossWeighting):
     r"""Fast Adaptive Multitask Optimization: balance the *rates* at which the losses fall, in
     O(1) extra space and time per step.
 
@@ -54,15 +55,13 @@ class FAMO(Balancer):
         update: ``"same_batch"`` or ``"next_batch"`` (see above).
 
     State:
-        ``logits`` (K,); ``adam_m``, ``adam_v`` (K,) Adam moments; ``adam_t`` () Adam step;
+        ``logits`` (K,); ``adam.m``, ``adam.v`` (K,) Adam moments, ``adam.t`` () its step
+        (:class:`~mtlkit.balancers._functional.InnerAdam`);
         ``prev_losses`` (K,) losses of the last ``backward``; ``pending`` () whether an
         ``after_step`` is due.
     """
 
     logits: Tensor
-    adam_m: Tensor
-    adam_v: Tensor
-    adam_t: Tensor
     prev_losses: Tensor
     pending: Tensor
     min_losses: Tensor
@@ -74,30 +73,26 @@ class FAMO(Balancer):
         gamma: float = 0.01,
         min_losses: float | Mapping[str, float] = 0.0,
         update: Literal["same_batch", "next_batch"] = "same_batch",
-        *,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         if update not in UPDATES:
             raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
         self.update = update
         self.needs_after_step = update == "same_batch"
         self.lr = positive("lr", lr)
         self.gamma = positive("gamma", gamma, allow_zero=True)
-        self.betas = (0.9, 0.999)
         k = self.num_tasks
         self.register_buffer("min_losses", self._task_values(min_losses, "min_losses"))
         self.register_buffer("logits", torch.zeros(k))
-        self.register_buffer("adam_m", torch.zeros(k))
-        self.register_buffer("adam_v", torch.zeros(k))
-        self.register_buffer("adam_t", torch.zeros((), dtype=torch.long))
+        self.adam = InnerAdam(k, lr=self.lr, weight_decay=self.gamma)
         self.register_buffer("prev_losses", torch.zeros(k))
         self.register_buffer("pending", torch.zeros((), dtype=torch.bool))
 
     def _gap(self, losses: Tensor) -> Tensor:
         return (losses.float() - self.min_losses).clamp_min(0) + EPS
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
         gap = self._gap(losses)
         if not self.needs_after_step and bool(self.pending):
             self._move_logits(gap)  # next_batch: these losses are L(t+1)
@@ -116,15 +111,8 @@ class FAMO(Balancer):
         whose gap to the bounds is ``gap`` (few, in-place operations: this runs every step)."""
         delta = torch.log(self._gap(self.prev_losses) / gap)
         z = torch.softmax(self.logits, dim=0)
-        grad = z * (delta - z @ delta)  # softmax Jacobian (symmetric) times delta
-        grad.add_(self.logits, alpha=self.gamma)  # Adam's L2 weight decay, as torch.optim.Adam
-        b1, b2 = self.betas
-        self.adam_t += 1
-        t = self.adam_t.float()
-        self.adam_m.mul_(b1).add_(grad, alpha=1 - b1)
-        self.adam_v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (self.adam_v / (1 - b2**t)).sqrt_().add_(1e-8)
-        self.logits.sub_((self.adam_m / (1 - b1**t)).div_(denom).mul_(self.lr))
+        # softmax Jacobian (symmetric) times delta; Adam's L2 weight decay as torch.optim.Adam
+        self.adam.step(self.logits, z * (delta - z @ delta))
         self.pending.fill_(False)
 
     def extra_repr(self) -> str:

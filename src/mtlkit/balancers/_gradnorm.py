@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import Balancer, GradientBalancer, Requirement, positive
+from mtlkit.balancers._base import GramianWeighting, LastLayerWeighting, positive
+from mtlkit.balancers._functional import InnerAdam, safe_row_norms
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._scaling import LOSS_FLOOR
 
@@ -17,7 +18,7 @@ MIN_WEIGHT = 1e-3
 
 
 @register("gradnorm")
-class GradNorm(Balancer):
+class GradNorm(LastLayerWeighting):
     r"""GradNorm: learn loss weights that bring every task's gradient norm at the last shared
     layer to a common value, scaled by how slowly the task is training.
 
@@ -63,7 +64,7 @@ class GradNorm(Balancer):
 
     State:
         ``task_weights`` (K,) the weights :math:`w_k`; ``initial_losses`` (K,)
-        :math:`L_k(0)`; ``adam_m``, ``adam_v`` (K,) Adam moments.
+        :math:`L_k(0)`; ``adam`` the weights' :class:`~mtlkit.balancers._functional.InnerAdam`.
 
     Example:
         >>> import torch
@@ -78,11 +79,8 @@ class GradNorm(Balancer):
         [1.1, 0.9]
     """
 
-    requires: ClassVar[Requirement] = "last_shared"
     task_weights: Tensor
     initial_losses: Tensor
-    adam_m: Tensor
-    adam_v: Tensor
 
     def __init__(
         self,
@@ -90,10 +88,9 @@ class GradNorm(Balancer):
         alpha: float = 1.5,
         lr: float = 0.025,
         last_shared: int | None = None,
-        *,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         self.alpha = positive("alpha", alpha, allow_zero=True)
         self.lr = positive("lr", lr)
         if last_shared is not None and (
@@ -101,14 +98,12 @@ class GradNorm(Balancer):
         ):
             raise ValueError(f"last_shared must be a positive integer or None, got {last_shared!r}")
         self.last_shared = None if last_shared is None else int(last_shared)
-        self.betas = (0.9, 0.999)
         k = self.num_tasks
         self.register_buffer("task_weights", torch.ones(k))
         self.register_buffer("initial_losses", torch.ones(k))
-        self.register_buffer("adam_m", torch.zeros(k))
-        self.register_buffer("adam_v", torch.zeros(k))
+        self.adam = InnerAdam(k, lr=self.lr)
 
-    def _select_last_shared(self, shared: list[Tensor]) -> list[Tensor]:
+    def select_layer(self, shared: list[Tensor]) -> list[Tensor]:
         if self.last_shared is not None:
             if self.last_shared > len(shared):
                 raise ValueError(
@@ -116,17 +111,15 @@ class GradNorm(Balancer):
                     f"{len(shared)} tensors"
                 )
             return shared[-self.last_shared :]
-        matrices = [i for i, p in enumerate(shared) if p.dim() >= 2]
-        return shared[matrices[-1] :] if matrices else shared
+        return super().select_layer(shared)
 
-    def _last_shared_objective(
+    def layer_objective(
         self, losses: Tensor, values: Tensor, grads: list[Tensor], context: Mapping[str, Any]
     ) -> tuple[Tensor, Tensor]:
         k = self.num_tasks
         weights = self.task_weights.to(losses.dtype).clone()
         with torch.no_grad():
-            norms = torch.stack([g.reshape(k, -1).float().pow(2).sum(1) for g in grads]).sum(0)
-            norms = norms.sqrt()
+            norms = safe_row_norms(torch.cat([g.reshape(k, -1).float() for g in grads], dim=1))
             values = values.float().clamp_min(LOSS_FLOOR)
             first = self.step == 0
             self.initial_losses.copy_(torch.where(first, values, self.initial_losses))
@@ -134,24 +127,18 @@ class GradNorm(Balancer):
             inverse_rate = ratio / ratio.mean().clamp_min(LOSS_FLOOR)
             current = self.task_weights * norms
             target = current.mean() * inverse_rate.pow(self.alpha)
-            grad = torch.sign(current - target) * norms
-            b1, b2 = self.betas
-            t = (self.step + 1).float()
-            self.adam_m.mul_(b1).add_((1 - b1) * grad)
-            self.adam_v.mul_(b2).add_((1 - b2) * grad * grad)
-            m_hat = self.adam_m / (1 - b1**t)
-            v_hat = self.adam_v / (1 - b2**t)
-            updated = (self.task_weights - self.lr * m_hat / (v_hat.sqrt() + 1e-8))
+            updated = self.task_weights.clone()
+            self.adam.step(updated, torch.sign(current - target) * norms)
             updated = updated.clamp_min(MIN_WEIGHT)
             self.task_weights.copy_(updated * (k / updated.sum()))
-        return (weights.detach() * losses).sum(), weights.detach()
+        return losses @ weights.detach(), weights.detach()
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, lr={self.lr}, last_shared={self.last_shared}"
 
 
 @register("grad_norm_scaling")
-class GradNormScaling(GradientBalancer):
+class GradNormScaling(GramianWeighting):
     r"""Gradient-norm scaling, :math:`w_k = 1 / \mathrm{stop\_grad}(\|g_k\|)`: every task
     contributes a unit vector, :math:`d = \sum_k g_k / \|g_k\|`.
 
@@ -180,7 +167,7 @@ class GradNormScaling(GradientBalancer):
         tensor([0.6000, 1.8000])
     """
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         norms = gramian.double().diagonal().clamp_min(0).sqrt()
         inv = 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny)
         return torch.where(norms > 0, inv, 0.0).to(gramian.dtype)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from mtlkit.balancers._base import GradientBalancer, Requirement, positive
+from mtlkit.balancers._base import GramianWeighting, JacobianAggregator, positive
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._solvers import (
     BargainingFailure,
@@ -20,14 +20,6 @@ from mtlkit.balancers._solvers import (
     nash_bargaining,
     to_host,
 )
-from mtlkit.engine import GradOn, Strategy
-
-
-def _gradient_kwargs(
-    grad_on: GradOn, strategy: Strategy, chunk_size: int | None, check_finite: bool
-) -> dict[str, Any]:
-    return {"grad_on": grad_on, "strategy": strategy, "chunk_size": chunk_size,
-            "check_finite": check_finite}
 
 
 def _rank_tolerance(gramian: Tensor, eigenvalues: Tensor) -> Tensor:
@@ -37,7 +29,7 @@ def _rank_tolerance(gramian: Tensor, eigenvalues: Tensor) -> Tensor:
 
 
 @register("cagrad")
-class CAGrad(GradientBalancer):
+class CAGrad(GramianWeighting):
     r"""Conflict-averse gradient descent: the direction within a ball around the average
     gradient that maximises the worst task's improvement.
 
@@ -87,19 +79,15 @@ class CAGrad(GradientBalancer):
         tasks: Sequence[str],
         c: float = 0.4,
         rescale: int = 1,
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, **_gradient_kwargs(grad_on, strategy, chunk_size, check_finite))
+        super().__init__(tasks, **options)
         self.c = positive("c", c, allow_zero=True)
         if rescale not in (0, 1, 2):
             raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
         self.rescale = int(rescale)
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         k = gramian.shape[0]
         w, lam = cagrad_dual(to_host(gramian), self.c)
         weights = 1.0 / k + lam * w
@@ -114,7 +102,7 @@ class CAGrad(GradientBalancer):
 
 
 @register("imtl")
-class IMTL(GradientBalancer):
+class IMTL(GramianWeighting):
     r"""Impartial multi-task learning: the update has the same projection on every task's unit
     gradient (IMTL-G), optionally with learned loss scales (IMTL-L).
 
@@ -160,29 +148,25 @@ class IMTL(GradientBalancer):
         self,
         tasks: Sequence[str],
         loss_scale: bool = False,
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, **_gradient_kwargs(grad_on, strategy, chunk_size, check_finite))
+        super().__init__(tasks, **options)
         self.loss_scale = bool(loss_scale)
         self.log_scales: nn.Parameter | None = (
             nn.Parameter(torch.zeros(self.num_tasks)) if self.loss_scale else None
         )
 
-    def _transform_losses(
+    def transform_losses(
         self, losses: list[Tensor], values: Tensor
     ) -> tuple[list[Tensor], Tensor]:
         if self.log_scales is None:
-            return super()._transform_losses(losses, values)
+            return super().transform_losses(losses, values)
         s = self.log_scales.to(losses[0].dtype)
         # one exp per task, so that the tasks' graphs share no operation
         out = [torch.exp(s[k]) * loss - s[k] for k, loss in enumerate(losses)]
         return out, torch.exp(s.detach())
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         g = gramian.double()
         trace = g.diagonal().sum()
         g = g / torch.where(trace > 0, trace, 1.0)
@@ -202,7 +186,7 @@ class BargainingWarning(UserWarning):
 
 
 @register("nash_mtl")
-class NashMTL(GradientBalancer):
+class NashMTL(GramianWeighting):
     r"""Nash-MTL: the update is the Nash bargaining solution between the tasks.
 
     Proposed in Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik & Fetaya, *Multi-Task
@@ -252,19 +236,15 @@ class NashMTL(GradientBalancer):
         tasks: Sequence[str],
         max_norm: float = 1.0,
         on_failure: Literal["warn", "raise"] = "warn",
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, **_gradient_kwargs(grad_on, strategy, chunk_size, check_finite))
+        super().__init__(tasks, **options)
         self.max_norm = positive("max_norm", max_norm, allow_zero=True)
         if on_failure not in ("warn", "raise"):
             raise ValueError(f"on_failure must be 'warn' or 'raise', got {on_failure!r}")
         self.on_failure = on_failure
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         g = to_host(gramian)
         k = g.shape[0]
         alpha = torch.zeros(k, dtype=torch.float64)
@@ -293,7 +273,7 @@ class NashMTL(GradientBalancer):
 
 
 @register("aligned_mtl")
-class AlignedMTL(GradientBalancer):
+class AlignedMTL(GramianWeighting):
     r"""Aligned-MTL: make the task gradients orthogonal and of equal norm before combining
     them (the condition number of the aligned gradient matrix is 1).
 
@@ -335,13 +315,9 @@ class AlignedMTL(GradientBalancer):
         self,
         tasks: Sequence[str],
         scale_mode: Literal["min", "median", "rmse"] = "min",
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, **_gradient_kwargs(grad_on, strategy, chunk_size, check_finite))
+        super().__init__(tasks, **options)
         if scale_mode not in ("min", "median", "rmse"):
             raise ValueError(f"scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}")
         self.scale_mode = scale_mode
@@ -364,7 +340,7 @@ class AlignedMTL(GradientBalancer):
         b = sigma.sqrt() * (vec * inv_sqrt) @ vec.T
         return torch.where(any_kept, b, torch.eye(k, dtype=g.dtype, device=g.device))
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         k = gramian.shape[0]
         pref = torch.full((k,), 1.0 / k, dtype=torch.float64, device=gramian.device)
         return (self.balance_transformation(gramian) @ pref).to(gramian.dtype)
@@ -374,7 +350,7 @@ class AlignedMTL(GradientBalancer):
 
 
 @register("upgrad")
-class UPGrad(GradientBalancer):
+class UPGrad(GramianWeighting):
     r"""Unconflicting projection of gradients: project each (weighted) task gradient onto the
     dual cone of all task gradients and add the projections.
 
@@ -417,16 +393,12 @@ class UPGrad(GradientBalancer):
         self,
         tasks: Sequence[str],
         reg_eps: float = 1e-4,
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, **_gradient_kwargs(grad_on, strategy, chunk_size, check_finite))
+        super().__init__(tasks, **options)
         self.reg_eps = positive("reg_eps", reg_eps, allow_zero=True)
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         g = to_host(gramian)
         k = g.shape[0]
         trace = float(g.diagonal().sum())
@@ -444,7 +416,7 @@ class UPGrad(GradientBalancer):
 
 
 @register("db_mtl")
-class DBMTL(GradientBalancer):
+class DBMTL(JacobianAggregator):
     r"""Dual-balancing multi-task learning: balance loss scales with a log transform and
     gradient magnitudes by rescaling every task's (averaged) gradient to the largest norm.
 
@@ -489,7 +461,6 @@ class DBMTL(GradientBalancer):
         tensor([2., 2.])
     """
 
-    requires: ClassVar[Requirement] = "jacobian"
     grad_ema: Tensor
 
     def __init__(
@@ -498,13 +469,9 @@ class DBMTL(GradientBalancer):
         beta: float = 0.9,
         beta_sigma: float = 0.0,
         eps: float = 1e-8,
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, **_gradient_kwargs(grad_on, strategy, chunk_size, check_finite))
+        super().__init__(tasks, **options)
         beta = float(beta)
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
@@ -513,7 +480,7 @@ class DBMTL(GradientBalancer):
         self.eps = positive("eps", eps)
         self.register_buffer("grad_ema", torch.zeros(self.num_tasks, 0))
 
-    def _transform_losses(
+    def transform_losses(
         self, losses: list[Tensor], values: Tensor
     ) -> tuple[list[Tensor], Tensor]:
         if self.check_finite:
@@ -526,7 +493,7 @@ class DBMTL(GradientBalancer):
         slope = 1.0 / (values + self.eps)
         return [loss * slope[k] for k, loss in enumerate(losses)], slope
 
-    def _aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+    def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         k, p = jacobian.shape
         if self.grad_ema.shape[1] != p:
             if self.grad_ema.shape[1] != 0:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import GradientBalancer
+from mtlkit.balancers._base import GramianWeighting
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._solvers import frank_wolfe_min_norm, min_norm_simplex, to_host
-from mtlkit.engine import GradOn, Strategy
 
 Normalization = Literal["none", "l2", "loss", "loss+"]
 NORMALIZATIONS: tuple[str, ...] = ("none", "l2", "loss", "loss+")
@@ -33,7 +32,7 @@ def two_task_min_norm(gramian: Tensor) -> Tensor:
 
 
 @register("mgda")
-class MGDA(GradientBalancer):
+class MGDA(GramianWeighting):
     r"""Multiple-gradient descent: the update is the minimum-norm point of the convex hull of the
     task gradients, a direction that decreases every task's loss (or 0 at a Pareto-stationary
     point).
@@ -93,16 +92,9 @@ class MGDA(GradientBalancer):
         tasks: Sequence[str],
         normalization: Normalization = "none",
         solver: Solver = "exact",
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            tasks, grad_on=grad_on, strategy=strategy, chunk_size=chunk_size,
-            check_finite=check_finite,
-        )
+        super().__init__(tasks, **options)
         if normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
@@ -122,7 +114,7 @@ class MGDA(GradientBalancer):
             return losses.to(gramian.dtype).abs() * norms
         return torch.ones_like(norms)
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         k = gramian.shape[0]
         if k == 1:
             return torch.ones(1, dtype=gramian.dtype, device=gramian.device)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import Balancer, positive
+from mtlkit.balancers._base import LossWeighting, positive
 from mtlkit.balancers._registry import register
 
 #: Smallest loss a reciprocal weight divides by (keeps 1/L finite when a loss is exactly 0).
@@ -16,7 +16,7 @@ LOSS_FLOOR = 1e-12
 
 
 @register("ew")
-class EqualWeighting(Balancer):
+class EqualWeighting(LossWeighting):
     """Equal weighting: the plain sum of the task losses, ``w_k = 1``.
 
     The baseline every method is compared with.
@@ -31,12 +31,12 @@ class EqualWeighting(Balancer):
         tensor(5.)
     """
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
         return torch.ones_like(losses)
 
 
 @register("fixed")
-class FixedWeighting(Balancer):
+class FixedWeighting(LossWeighting):
     """Fixed user weights, ``w_k`` given per task (e.g. from a grid search).
 
     Args:
@@ -54,9 +54,9 @@ class FixedWeighting(Balancer):
     weight_values: Tensor
 
     def __init__(
-        self, tasks: Sequence[str], weights: Mapping[str, float], *, check_finite: bool = True
+        self, tasks: Sequence[str], weights: Mapping[str, float], **options: Any
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         if not isinstance(weights, Mapping):
             raise TypeError("weights must be a mapping task -> weight")
         values = self._task_values(weights, "weights")
@@ -64,7 +64,7 @@ class FixedWeighting(Balancer):
             positive(f"weights[{t!r}]", v, allow_zero=True)
         self.register_buffer("weight_values", values)
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
         return self.weight_values.to(losses)
 
     def extra_repr(self) -> str:
@@ -72,7 +72,7 @@ class FixedWeighting(Balancer):
 
 
 @register("initial_loss")
-class InitialLossWeighting(Balancer):
+class InitialLossWeighting(LossWeighting):
     """Initial-loss weighting, ``w_k = 1 / L_k(0)``: every task starts at unit scale.
 
     ``L_k(0)`` is the mean loss over the first ``num_batches`` steps (while they run, the mean
@@ -105,10 +105,9 @@ class InitialLossWeighting(Balancer):
         tasks: Sequence[str],
         num_batches: int = 1,
         initial: Mapping[str, float] | None = None,
-        *,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         if int(num_batches) != num_batches or num_batches < 1:
             raise ValueError(f"num_batches must be an integer >= 1, got {num_batches}")
         self.num_batches = int(num_batches)
@@ -121,7 +120,7 @@ class InitialLossWeighting(Balancer):
             self.initial_sum.copy_(values * self.num_batches)
             self.initial_count.fill_(self.num_batches)
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
         # Branch-free so it never reads the counter on the host: add while still estimating.
         estimating = (self.initial_count < self.num_batches).to(losses.dtype)
         self.initial_sum += estimating * losses.float()
@@ -134,7 +133,7 @@ class InitialLossWeighting(Balancer):
 
 
 @register("prior_loss")
-class PriorLossWeighting(Balancer):
+class PriorLossWeighting(LossWeighting):
     """Prior-loss weighting, ``w_k = 1 / L_k^prior``.
 
     ``L_k^prior`` is the loss of a predictor that knows only the label distribution: the entropy
@@ -160,9 +159,9 @@ class PriorLossWeighting(Balancer):
     priors: Tensor
 
     def __init__(
-        self, tasks: Sequence[str], priors: Mapping[str, float], *, check_finite: bool = True
+        self, tasks: Sequence[str], priors: Mapping[str, float], **options: Any
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         if not isinstance(priors, Mapping):
             raise TypeError("priors must be a mapping task -> prior loss")
         values = self._task_values(priors, "priors")
@@ -181,7 +180,7 @@ class PriorLossWeighting(Balancer):
         """Build the weighting from training labels with :func:`prior_loss` per task."""
         return cls(tasks, {t: prior_loss(labels[t], kinds[t]) for t in tasks}, **kwargs)
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
         return (1.0 / self.priors).to(losses)
 
     def extra_repr(self) -> str:
@@ -189,7 +188,7 @@ class PriorLossWeighting(Balancer):
 
 
 @register("geometric")
-class GeometricWeighting(Balancer):
+class GeometricWeighting(LossWeighting):
     """Geometric loss strategy (GLS), ``w_k = 1 / stop_grad(L_k)``.
 
     The update is the gradient of ``sum_k log L_k``, i.e. of the geometric mean of the losses up
@@ -208,7 +207,7 @@ class GeometricWeighting(Balancer):
         {'a': 0.25, 'b': 2.0}
     """
 
-    def _loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
         return 1.0 / losses.clamp_min(LOSS_FLOOR)
 
 

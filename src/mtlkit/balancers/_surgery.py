@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import GradientBalancer, Requirement
+from mtlkit.balancers._base import BlockGramianWeighting, GramianWeighting, JacobianAggregator
 from mtlkit.balancers._registry import register
-from mtlkit.engine import GradOn, Strategy
 
 
 def _random_orders(gen: torch.Generator, shape: tuple[int, ...], k: int) -> Tensor:
@@ -36,7 +35,7 @@ def _check_seed(seed: int) -> int:
 
 
 @register("pcgrad")
-class PCGrad(GradientBalancer):
+class PCGrad(GramianWeighting):
     r"""Projecting conflicting gradients: remove from each task gradient its component along
     every other task gradient it conflicts with, in random order.
 
@@ -79,19 +78,12 @@ class PCGrad(GradientBalancer):
         self,
         tasks: Sequence[str],
         seed: int = 0,
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            tasks, grad_on=grad_on, strategy=strategy, chunk_size=chunk_size,
-            check_finite=check_finite,
-        )
+        super().__init__(tasks, **options)
         self.seed = _check_seed(seed)
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         k = gramian.shape[0]
         g = gramian.double()
         if k == 1:
@@ -116,7 +108,7 @@ class PCGrad(GradientBalancer):
 
 
 @register("graddrop")
-class GradDrop(GradientBalancer):
+class GradDrop(JacobianAggregator):
     r"""Gradient sign dropout: at every coordinate, keep only the task gradients of one sign,
     chosen at random in proportion to how consistent the signs are.
 
@@ -160,7 +152,6 @@ class GradDrop(GradientBalancer):
         tensor([ 4.,  3., -3.])
     """
 
-    requires: ClassVar[Requirement] = "jacobian"
     leak: Tensor
 
     def __init__(
@@ -168,16 +159,9 @@ class GradDrop(GradientBalancer):
         tasks: Sequence[str],
         leak: float | Mapping[str, float] = 0.0,
         seed: int = 0,
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            tasks, grad_on=grad_on, strategy=strategy, chunk_size=chunk_size,
-            check_finite=check_finite,
-        )
+        super().__init__(tasks, **options)
         values = self._task_values(leak, "leak")
         for t, v in zip(self.tasks, values.tolist()):
             if not 0.0 <= v <= 1.0:
@@ -189,7 +173,7 @@ class GradDrop(GradientBalancer):
         """The U(0, 1) draws of the current step (exposed for tests)."""
         return torch.rand(shape, generator=self._rng(device=device), device=device, dtype=dtype)
 
-    def _aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+    def aggregate(self, jacobian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
         j = jacobian
         total = j.sum(0)
         magnitude = j.abs().sum(0)
@@ -209,7 +193,7 @@ class GradDrop(GradientBalancer):
 
 
 @register("gradvac")
-class GradVac(GradientBalancer):
+class GradVac(BlockGramianWeighting):
     r"""Gradient Vaccine: raise the cosine similarity of each pair of task gradients to an
     adaptive target, a moving average of the similarities seen so far.
 
@@ -271,7 +255,6 @@ class GradVac(GradientBalancer):
         -0.3536
     """
 
-    requires: ClassVar[Requirement] = "block_gramian"
     targets: Tensor
 
     def __init__(
@@ -280,16 +263,9 @@ class GradVac(GradientBalancer):
         beta: float = 0.01,
         group: Literal["layer", "tensor", "whole"] | Sequence[int] = "layer",
         seed: int = 0,
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            tasks, grad_on=grad_on, strategy=strategy, chunk_size=chunk_size,
-            check_finite=check_finite,
-        )
+        super().__init__(tasks, **options)
         beta = float(beta)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -306,25 +282,18 @@ class GradVac(GradientBalancer):
                 raise ValueError(f"group sizes must be positive integers, got {group!r}")
             group = tuple(int(n) for n in sizes)
         self.group: str | tuple[int, ...] = group
-        # dimensions of this step's shared tensors (read by _group_ids); not state
-        self._dims: tuple[int, ...] = ()
         self.seed = _check_seed(seed)
         k = self.num_tasks
         self.register_buffer("targets", torch.zeros(0, k, k, dtype=torch.float64))
-
-    def _shared_list(self, shared: Iterable[Tensor] | None) -> list[Tensor]:
-        out = super()._shared_list(shared)
-        self._dims = tuple(p.dim() for p in out)  # read by _group_ids in this step
-        return out
 
     def _group_ids(self, n_blocks: int) -> list[int]:
         """The group of every block (shared tensor, or the single features block)."""
         if self.grad_on == "features" or self.group == "whole":
             return [0] * n_blocks
-        if self.group == "tensor" or (self.group == "layer" and len(self._dims) != n_blocks):
+        if self.group == "tensor" or (self.group == "layer" and len(self.block_shapes) != n_blocks):
             return list(range(n_blocks))
         if self.group == "layer":
-            dims = self._dims
+            dims = [len(shape) for shape in self.block_shapes]
             ids, current = [], 0
             for i, d in enumerate(dims):
                 if d >= 2 and i > 0 and any(x >= 2 for x in dims[:i]):
@@ -340,7 +309,7 @@ class GradVac(GradientBalancer):
             )
         return [i for i, n in enumerate(sizes) for _ in range(n)]
 
-    def _block_weights(self, gramians: Tensor, losses: Tensor) -> Tensor:
+    def block_weights(self, gramians: Tensor, losses: Tensor) -> Tensor:
         n_blocks, k = gramians.shape[0], gramians.shape[1]
         host_ids = self._group_ids(n_blocks)  # built on the host from shapes: no sync
         b = host_ids[-1] + 1

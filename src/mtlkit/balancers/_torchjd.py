@@ -7,9 +7,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mtlkit.balancers._base import GradientBalancer
+from mtlkit.balancers._base import GramianWeighting
 from mtlkit.balancers._registry import register
-from mtlkit.engine import GradOn, Strategy
 
 INSTALL_HINT = "pip install mtlkit[torchjd]"
 
@@ -25,7 +24,7 @@ def _torchjd_aggregation() -> Any:
 
 
 @register("torchjd")
-class TorchJDWeighting(GradientBalancer):
+class TorchJDWeighting(GramianWeighting):
     r"""Any TorchJD :class:`~torchjd.aggregation.Weighting` of the Gram matrix, as a balancer.
 
     TorchJD (Quinton & Rey, *Jacobian Descent for Multi-Objective Optimization*, 2024,
@@ -65,16 +64,9 @@ class TorchJDWeighting(GradientBalancer):
         tasks: Sequence[str],
         weighting: Any = "UPGradWeighting",
         options: Mapping[str, Any] | None = None,
-        *,
-        grad_on: GradOn = "parameters",
-        strategy: Strategy = "auto",
-        chunk_size: int | None = None,
-        check_finite: bool = True,
+        **engine_options: Any,
     ) -> None:
-        super().__init__(
-            tasks, grad_on=grad_on, strategy=strategy, chunk_size=chunk_size,
-            check_finite=check_finite,
-        )
+        super().__init__(tasks, **engine_options)
         aggregation = _torchjd_aggregation()
         if isinstance(weighting, str):
             cls = getattr(aggregation, weighting, None)
@@ -93,7 +85,7 @@ class TorchJDWeighting(GradientBalancer):
             )
         self.weighting: nn.Module = weighting
 
-    def _gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+    def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         weights: Tensor = self.weighting(gramian)
         if weights.shape != (gramian.shape[0],):
             raise ValueError(

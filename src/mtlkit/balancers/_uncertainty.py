@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mtlkit.balancers._base import Balancer
+from mtlkit.balancers._base import LossWeighting
 from mtlkit.balancers._registry import register
 
 Kind = Literal["regression", "classification"]
@@ -16,7 +16,7 @@ KINDS = ("regression", "classification")
 
 
 @register("uw")
-class UncertaintyWeighting(Balancer):
+class UncertaintyWeighting(LossWeighting):
     r"""Homoscedastic uncertainty weighting with a learned log-variance per task.
 
     Proposed in Kendall, Gal & Cipolla, *Multi-Task Learning Using Uncertainty to Weigh Losses for
@@ -63,10 +63,9 @@ class UncertaintyWeighting(Balancer):
         tasks: Sequence[str],
         kinds: Kind | Mapping[str, Kind] = "regression",
         init_log_var: float = 0.0,
-        *,
-        check_finite: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(tasks, check_finite=check_finite)
+        super().__init__(tasks, **options)
         per_task = kinds if isinstance(kinds, Mapping) else dict.fromkeys(self.tasks, kinds)
         unknown = [k for k in per_task if k not in self.tasks]
         missing = [t for t in self.tasks if t not in per_task]
@@ -82,7 +81,7 @@ class UncertaintyWeighting(Balancer):
         scale = [0.5 if self.kinds[t] == "regression" else 1.0 for t in self.tasks]
         self.register_buffer("scale", torch.tensor(scale), persistent=False)
 
-    def _objective(
+    def objective(
         self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
     ) -> tuple[Tensor, Tensor]:
         # Differentiable in the log-variances: they learn from this same backward pass (linear

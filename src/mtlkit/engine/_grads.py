@@ -77,10 +77,12 @@ class TaskGradients:
     """Per-task gradients of one step, and how to write a combination of them.
 
     Attributes:
-        gramian: K x K Gram matrix of the task gradients (in the chosen space).
+        gramian: K x K Gram matrix of the task gradients (in the chosen space), float64,
+            computed at a safe scale (finite for every finite gradient).
         blocks: per-task gradient blocks, each (K, *shape) (one per shared parameter, or the
             single feature tensor in features mode).
-        block_gramians: (B, K, K), the Gram matrix of each block; they sum to ``gramian``.
+        block_gramians: (B, K, K, float64), the Gram matrix of each block; they sum to
+            ``gramian``.
     """
 
     gramian: Tensor
@@ -173,6 +175,8 @@ def task_gradients(
         device = shared[0].device if len(shared) else torch.device("cpu")
         strategy, chunk_size = auto_strategy(k, device.type, chunk_size)
     shared_ids = {id(p) for p in shared}
+    if len(shared_ids) != len(shared):
+        raise ValueError("shared lists a parameter twice: its update would be counted twice")
     if features is not None and id(features) in shared_ids:
         raise ValueError("features must be the shared representation, not a shared parameter")
     heads, own_heads, bypass, overlap = _task_leaves(losses, shared_ids, features)
@@ -372,9 +376,17 @@ def _scalar(loss: Tensor) -> Tensor:
 
 
 def _gram(flat: Tensor) -> Tensor:
-    # Accumulate in float32 at least: bf16 Gram matrices lose the small conflicts that matter.
+    """``flat @ flat.T`` in float64, computed at a safe scale: the rows are divided by their
+    largest magnitude before the product (in the gradients' precision, at least float32) and
+    the result is rescaled in float64. A float32 Gram matrix overflows for gradients from about
+    1e19 and underflows below 1e-23; this one is finite and exact to float32 rounding for every
+    finite gradient (no host synchronisation: the scale stays on the device)."""
+    # At least float32: bf16 Gram matrices lose the small conflicts that matter.
     f = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    return f @ f.T
+    top = f.abs().amax() if f.numel() else f.new_zeros(())
+    scale = torch.where(top > 0, top, 1.0)
+    unit = f / scale
+    return (unit @ unit.T).double() * scale.double() ** 2
 
 
 def _accumulate_mean(grads: list[tuple[Tensor, Tensor]]) -> None:

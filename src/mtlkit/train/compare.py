@@ -11,132 +11,64 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from mtlkit import balancers
-from mtlkit.data import DatasetBundle, load
+from mtlkit.data import DatasetBundle
 from mtlkit.engine._dist import rank
+from mtlkit.experiment import Experiment
 from mtlkit.metrics import delta_m, delta_p, mean_rank
 from mtlkit.tasks import Task
-from mtlkit.train.models import build_model
-from mtlkit.train.trainer import CHECKPOINT, RunResult, TrainConfig, Trainer
+from mtlkit.train.trainer import CHECKPOINT, RESULT, RunResult, Trainer, check_same_settings
 
-#: A representative default set: plain sum, four loss weightings, four gradient methods.
-DEFAULT_METHODS = ("ew", "uw", "dwa", "rlw", "famo", "mgda", "pcgrad", "cagrad", "imtl", "nash_mtl")
+#: The step-time ratio of every method is measured against the plain sum.
 REFERENCE = "ew"
 
-
-@dataclass
-class CompareConfig:
-    """A comparison. Load one from YAML with :func:`compare_config_from_dict`."""
-
-    dataset: str = "multidigits"
-    root: str | None = None
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
-    seeds: int = 1
-    epochs: int = 8
-    max_steps: int | None = None
-    batch_size: int = 128
-    lr: float = 1e-3
-    task_lr: dict[str, float] = field(default_factory=dict)
-    dataset_options: dict[str, Any] = field(default_factory=dict)
-    out: str = "reports/compare"
-    device: str = "cpu"
-    #: stop a run after this many epochs without a better validation score (None: never)
-    patience: int | None = None
-    #: published single-task values ``{task/metric: value}``, used instead of training them
-    baselines: dict[str, float] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        if not isinstance(self.methods, list) or not self.methods:
-            raise ValueError("methods must be a non-empty list of balancer names")
-        known = balancers.available()
-        for m in self.methods:
-            if m not in known:
-                raise ValueError(f"methods: unknown method {m!r}; available: {', '.join(known)}")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods must not repeat a name, got {self.methods}")
-        for m, hp in self.hparams.items():
-            if m not in self.methods:
-                raise ValueError(f"hparams.{m}: {m!r} is not one of the methods {self.methods}")
-            if not isinstance(hp, dict):
-                # a bad value in a config file, like every other field's: ValueError
-                raise ValueError(f"hparams.{m} must be a mapping of hyperparameters")  # noqa: TRY004
-        if not isinstance(self.seeds, int) or self.seeds < 1:
-            raise ValueError(f"seeds must be an integer >= 1, got {self.seeds!r}")
-        self.train_config(0).validate(list(self.task_lr))  # field checks; task names later
-        if not isinstance(self.baselines, dict):
-            raise ValueError("baselines must be a mapping of task/metric: value")  # noqa: TRY004
-        for k, v in self.baselines.items():
-            if "/" not in str(k):
-                raise ValueError(f"baselines.{k}: keys are task/metric, e.g. seg/miou")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"baselines.{k} must be a finite number, got {v!r}")
+#: The config of a comparison is an :class:`~mtlkit.experiment.Experiment` (kept under its
+#: old names for code that imported them from here).
+CompareConfig = Experiment
+compare_config_from_dict = Experiment.from_dict
 
 
-    def train_config(self, seed: int) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, max_steps=self.max_steps,
-                           batch_size=self.batch_size, lr=self.lr,
-                           task_lr=dict(self.task_lr), seed=seed, device=self.device,
-                           patience=self.patience, progress=False)
-
-
-def compare_config_from_dict(data: Mapping[str, Any]) -> CompareConfig:
-    """Build a :class:`CompareConfig` from parsed YAML/JSON; unknown fields are an error."""
-    if not isinstance(data, Mapping):
-        raise ValueError("the config must be a mapping of field: value")  # noqa: TRY004
-    names = {f.name for f in fields(CompareConfig)}
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}; fields are {sorted(names)}")
-    cfg = CompareConfig(**dict(data))
-    cfg.validate()
-    return cfg
-
-
-def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print, *,
+def run_compare(cfg: Experiment, log: Callable[[str], None] = print, *,
                 resume: bool = False) -> dict[str, Any]:
     """Train the baselines and every method for every seed; write and return ``results.json``.
 
-    With ``resume``, each run continues from the checkpoint it left in ``cfg.out`` (a finished
-    run is not trained again), so an interrupted comparison picks up where it stopped.
+    With ``resume``, a finished run (its ``result.json`` is there) is not trained again and
+    an interrupted one continues from its checkpoint, so an interrupted comparison picks up
+    where it stopped; either must have been made with the same settings (else an error names
+    the fields that differ).
     """
     cfg.validate()
     methods = list(cfg.methods)
     if REFERENCE not in methods:
         methods.insert(0, REFERENCE)  # the step-time ratio is measured against the plain sum
-    bundle = load(cfg.dataset, root=cfg.root, **cfg.dataset_options)
+    bundle = cfg.load_data()
     tasks = list(bundle.tasks)
     names = [t.name for t in tasks]
     check_methods(cfg, methods, names)
     check_baselines(cfg.baselines, tasks)
-    out = Path(cfg.out)
+    out = Path(cfg.out or "reports/compare")
     out.mkdir(parents=True, exist_ok=True)
 
     given_tasks = {k.split("/", 1)[0] for k in cfg.baselines}
     runs: dict[str, list[dict[str, Any]]] = {}
-    for seed in range(cfg.seeds):
+    for seed in cfg.seed_list():
         for task in (t for t in tasks if t.name not in given_tasks):  # the others are given
             key = f"single:{task.name}"
             log(f"[seed {seed}] single-task baseline {task.name}")
-            where = run_dir(out, key, seed)
-            res = _train(bundle, [task], "ew", {}, cfg, seed, where, _can_resume(where, resume))
-            runs.setdefault(key, []).append(res.to_json())
+            res = _run(cfg, bundle, [task], "ew", seed, run_dir(out, key, seed), resume)
+            runs.setdefault(key, []).append(res)
         for m in methods:
             log(f"[seed {seed}] {m}")
-            where = run_dir(out, m, seed)
-            res = _train(bundle, tasks, m, cfg.hparams.get(m, {}), cfg, seed, where,
-                         _can_resume(where, resume))
-            runs.setdefault(m, []).append(res.to_json())
+            res = _run(cfg, bundle, tasks, m, seed, run_dir(out, m, seed), resume)
+            runs.setdefault(m, []).append(res)
 
     results = summarise(runs, tasks, methods, cfg.baselines)
-    results["config"] = asdict(cfg)
+    results["config"] = cfg.to_dict()
     results["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results["versions"] = versions()
     if rank() == 0:  # under torchrun, one writer
@@ -157,17 +89,21 @@ def versions() -> dict[str, str]:
             "python": platform.python_version(), "numpy": numpy.__version__}
 
 
-def train_one(cfg: CompareConfig, *, seed: int = 0, resume: bool = False) -> RunResult:
+def train_one(cfg: Experiment, *, seed: int = 0, resume: bool = False) -> RunResult:
     """Train ``cfg.methods[0]`` alone into ``cfg.out`` (``mtlkit train``), or resume it."""
     cfg.validate()
-    bundle = load(cfg.dataset, root=cfg.root, **cfg.dataset_options)
+    bundle = cfg.load_data()
     method = cfg.methods[0]
     check_methods(cfg, [method], bundle.task_names)
-    return _train(bundle, list(bundle.tasks), method, cfg.hparams.get(method, {}), cfg, seed,
-                  Path(cfg.out), resume=resume)
+    trainer = _trainer(cfg, bundle, list(bundle.tasks), method, seed,
+                       Path(cfg.out or f"runs/{method}"), keep="last")
+    if resume and not (trainer.out_dir / CHECKPOINT).is_file():  # type: ignore[operator]
+        raise FileNotFoundError(f"--resume: no checkpoint at {trainer.out_dir / CHECKPOINT} "
+                                f"(a finished run keeps one only with keep_checkpoint: last)")
+    return trainer.fit(bundle.train, bundle.val, bundle.test, resume=resume)
 
 
-def check_methods(cfg: CompareConfig, methods: Sequence[str], tasks: Sequence[str]) -> None:
+def check_methods(cfg: Experiment, methods: Sequence[str], tasks: Sequence[str]) -> None:
     """Fail before any training: per-task learning rates name real tasks, and every method
     builds with its hyperparameters on these tasks (errors are prefixed with the field)."""
     unknown = [t for t in cfg.task_lr if t not in tasks]
@@ -190,20 +126,34 @@ def check_baselines(given: Mapping[str, float], tasks: Sequence[Task]) -> None:
         raise ValueError(f"baselines: unknown metric(s) {unknown}; metrics are {keys}")
 
 
-def _train(bundle: DatasetBundle, tasks: Sequence[Task], method: str, hparams: dict[str, Any],
-           cfg: CompareConfig, seed: int, out_dir: Path, resume: bool = False) -> RunResult:
+def _trainer(cfg: Experiment, bundle: DatasetBundle, tasks: Sequence[Task], method: str,
+             seed: int, out_dir: Path, keep: str) -> Trainer:
     torch.manual_seed(seed)
-    model: nn.Module = build_model(
-        bundle.model, tasks, bundle.input_shape, **bundle.model_options
-    )
+    model = cfg.build_model(bundle, tasks)
+    hparams = cfg.hparams.get(method, {})
     balancer = balancers.create(method, tasks=[t.name for t in tasks], **hparams)
-    trainer = Trainer(model, tasks, balancer, cfg.train_config(seed), out_dir)
-    return trainer.fit(bundle.train, bundle.val, bundle.test, resume=resume)
+    name, options = cfg.model_spec(bundle)
+    return Trainer(model, tasks, balancer, cfg.train_config(seed, keep=keep), out_dir,
+                   settings=cfg.run_settings(method, name, options))
 
 
-def _can_resume(where: Path, resume: bool) -> bool:
-    """A run of an interrupted comparison resumes if it left a checkpoint, else starts."""
-    return resume and (where / CHECKPOINT).is_file()
+def _run(cfg: Experiment, bundle: DatasetBundle, tasks: Sequence[Task], method: str, seed: int,
+         out_dir: Path, resume: bool) -> dict[str, Any]:
+    """One run of a comparison, as JSON: reused when finished, resumed when interrupted."""
+    trainer = _trainer(cfg, bundle, tasks, method, seed, out_dir, keep="none")
+    done = out_dir / RESULT
+    if resume and done.is_file():
+        try:
+            saved = json.loads(done.read_text())
+            settings, result = saved["settings"], saved["result"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{done}: not a finished run's record (delete it to retrain the "
+                             f"run)") from None
+        check_same_settings(settings, trainer.settings, done)
+        if saved.get("budget") == {"epochs": cfg.epochs, "max_steps": cfg.max_steps}:
+            return dict(result)  # else: a longer budget continues from the checkpoint if any
+    can_resume = resume and (out_dir / CHECKPOINT).is_file()
+    return trainer.fit(bundle.train, bundle.val, bundle.test, resume=can_resume).to_json()
 
 
 def run_dir(out: Path, key: str, seed: int) -> Path:

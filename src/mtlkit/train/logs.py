@@ -29,11 +29,33 @@ def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, *, drop_partial_tail: bool = False) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log (none if the file is absent).
+
+    A line that is not a JSON object (a log cut short by a full disk, or edited by hand) is a
+    ``ValueError`` naming the file and the line. With ``drop_partial_tail`` an unfinished last
+    line (no newline: the process was killed while writing it) is dropped instead, which is
+    what resuming from a checkpoint wants: that record came after the checkpoint anyway.
+    """
     if not path.is_file():
         return []
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = path.read_text()
+    lines = text.split("\n")
+    if drop_partial_tail and not text.endswith("\n"):
+        lines = lines[:-1]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {number}: truncated or invalid log record "  # noqa: TRY004
+                             f"({line[:40]!r}); delete the line or the run folder")
+        records.append(record)
+    return records
 
 
 def write_csv(records: list[dict[str, Any]], path: Path) -> None:
@@ -76,7 +98,9 @@ class RunLog:
         if self.out_dir is None:
             return
         for name, key, last in ((STEPS, "step", step), (EPOCHS, "epoch", epoch)):
-            kept = [r for r in read_jsonl(self.out_dir / name) if r[key] <= last]
+            fresh = step == 0 and epoch == 0  # a fresh run: nothing of the old log stays
+            records = [] if fresh else read_jsonl(self.out_dir / name, drop_partial_tail=True)
+            kept = [r for r in records if r[key] <= last]
             with (self.out_dir / name).open("w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
 

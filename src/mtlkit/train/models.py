@@ -1,4 +1,14 @@
-"""Default models for ``mtlkit compare`` and ``mtlkit train``: hard sharing, sized to the data.
+"""The model registry of ``mtlkit compare`` / ``train``, and the default model, sized to the data.
+
+``build_model(name, tasks, input_shape, **options)`` builds a registered model
+(:func:`available_models`: ``default``, ``hard_sharing``, ``resnet18_deeplab``,
+``resnet50_deeplab``, ``segnet_mtan``, ``mtan``, ``cross_stitch``, ``mmoe``, ``cgc``, ``ple``,
+``dselect_k``, ``mrn``) or a user's ``package.module:function`` called the same way.
+:class:`~mtlkit.nn.Sluice`, :class:`~mtlkit.nn.Cascade` and
+:class:`~mtlkit.nn.FullyAdaptiveSharing` need a layout only their user can give (subspaces, a
+task graph, branch groups): build them in a function of yours and name it by module path.
+
+The default model (``default``, the datasets' choice unless a protocol names another):
 
 * Dense tasks (segmentation, depth, normals; e.g. NYUv2): a dilated ResNet-18 encoder (output
   stride 8) and one DeepLab-v3 head per task, upsampled to the image size: the layout of the
@@ -18,7 +28,21 @@ from typing import Any, TypeVar
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mtlkit.nn import DeepLabHead, HardSharing, resnet18
+from mtlkit.nn import (
+    CGC,
+    MRN,
+    MTAN,
+    PLE,
+    CrossStitch,
+    DeepLabHead,
+    DSelectK,
+    HardSharing,
+    MMoE,
+    ResNet,
+    SegNetMTAN,
+    resnet18,
+    resnet50,
+)
 from mtlkit.tasks import Task
 
 DENSE_KINDS = ("segmentation", "depth", "normals")
@@ -147,3 +171,225 @@ def default_model(input_shape: Sequence[int], tasks: Sequence[Task]) -> HardShar
         for t in tasks
     }
     return HardSharing(encoder, heads)
+
+
+# ---------------------------------------------------------------------- the registered models
+# Every builder is ``builder(tasks, input_shape, **options)``. Inputs come in three kinds: flat
+# vectors (D,), images (C, H, W) with per-sample tasks (classification, regression,
+# multi-label), and images with dense tasks (segmentation, depth, normals; the prediction has
+# the image's size). A builder that cannot serve a kind says so and names the ones that can.
+
+def input_kind(tasks: Sequence[Task], input_shape: Sequence[int]) -> str:
+    """``flat``, ``image`` or ``dense`` (see above); ValueError for a mix or another shape."""
+    dense = [t.kind in DENSE_KINDS for t in tasks]
+    if len(input_shape) == 1:
+        if any(dense):
+            raise ValueError(f"dense tasks need image inputs (C, H, W), got {tuple(input_shape)}")
+        return "flat"
+    if len(input_shape) == 3:
+        if all(dense):
+            return "dense"
+        if not any(dense):
+            return "image"
+        raise ValueError(f"tasks mix dense and per-sample outputs "
+                         f"{[(t.name, t.kind) for t in tasks]}; no registered model serves both")
+    raise ValueError(f"no registered model for inputs of shape {tuple(input_shape)}")
+
+
+def _need(name: str, kind: str, allowed: Sequence[str]) -> None:
+    if kind not in allowed:
+        raise ValueError(f"model {name!r} serves {' or '.join(allowed)} inputs, not {kind} "
+                         f"(hard_sharing serves all three)")
+
+
+def _mlp_head(width: int, task: Task) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, task_outputs(task)))
+
+
+def _pooled_head(channels: int, task: Task) -> nn.Module:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), _mlp_head(channels, task))
+
+
+def _dense_head(channels: int, task: Task, size: tuple[int, int], rates: Sequence[int],
+                head_channels: int, dropout: float) -> nn.Module:
+    return nn.Sequential(
+        DeepLabHead(channels, task_outputs(task), rates=tuple(rates), channels=head_channels,
+                    dropout=dropout),
+        Resize(size),
+    )
+
+
+def _resnet(backbone: str, in_channels: int, dilated: bool) -> ResNet:
+    if backbone == "resnet18":
+        return resnet18(in_channels=in_channels, dilated=dilated)
+    if backbone == "resnet50":
+        return resnet50(in_channels=in_channels, dilated=dilated)
+    raise ValueError(f"backbone must be resnet18 or resnet50, got {backbone!r}")
+
+
+@register_model("hard_sharing")
+def hard_sharing(tasks: Sequence[Task], input_shape: Sequence[int], *, backbone: str = "auto",
+                 rates: Sequence[int] = (6, 12, 18), head_channels: int = 128,
+                 dropout: float = 0.1) -> nn.Module:
+    """Hard parameter sharing: one encoder, one head per task (Caruana, ICML 1993).
+
+    ``backbone``: ``auto`` (the default model: an MLP trunk for flat inputs, a small CNN for
+    images, a dilated ResNet-18 with DeepLab-v3 heads for dense tasks), ``mlp``, ``conv``,
+    ``resnet18`` or ``resnet50`` (dilated, output stride 8, for dense tasks; pooled MLP heads
+    otherwise). ``rates``, ``head_channels``, ``dropout``: the dense heads' ASPP.
+
+    Example:
+        >>> import torch
+        >>> m = build_model("hard_sharing", [Task.regression("y")], (3, 8, 8), backbone="resnet18")
+        >>> tuple(m(torch.zeros(2, 3, 8, 8))["y"].shape)
+        (2, 1)
+    """
+    kind = input_kind(tasks, input_shape)
+    if backbone == "auto":
+        if kind == "dense":
+            backbone = "resnet18"
+        else:
+            return default_model(input_shape, tasks)
+    if backbone in ("mlp", "conv"):
+        want = "flat" if backbone == "mlp" else "image"
+        if kind != want:
+            raise ValueError(f"model_options.backbone {backbone!r} serves {want} inputs, "
+                             f"not {kind}")
+        return default_model(input_shape, tasks)
+    if kind == "flat":
+        raise ValueError(f"model_options.backbone {backbone!r} needs image inputs, got flat")
+    encoder = _resnet(backbone, input_shape[0], dilated=kind == "dense")
+    c = encoder.out_channels
+    if kind == "dense":
+        size = (int(input_shape[1]), int(input_shape[2]))
+        heads = {t.name: _dense_head(c, t, size, rates, head_channels, dropout) for t in tasks}
+    else:
+        heads = {t.name: _pooled_head(c, t) for t in tasks}
+    return HardSharing(encoder, heads)
+
+
+@register_model("resnet50_deeplab")
+def resnet50_deeplab(tasks: Sequence[Task], input_shape: Sequence[int], *,
+                     rates: Sequence[int] = (12, 24, 36), head_channels: int = 256,
+                     dropout: float = 0.5) -> nn.Module:
+    """Dilated ResNet-50 (output stride 8) shared, one DeepLab-v3 (ASPP) head per task: the
+    NYUv2 / Cityscapes model of LibMTL (Lin & Zhang, JMLR 2023, arXiv:2203.14338), after
+    MTAN-DeepLabv3 (Liu et al., CVPR 2019, arXiv:1803.10704). Dense tasks only.
+
+    .. note:: LibMTL starts the encoder from ImageNet weights; mtlkit has none (no
+       torchvision), so the encoder starts from random weights unless you load some.
+    """
+    _need("resnet50_deeplab", input_kind(tasks, input_shape), ("dense",))
+    return hard_sharing(tasks, input_shape, backbone="resnet50", rates=rates,
+                        head_channels=head_channels, dropout=dropout)
+
+
+@register_model("resnet18_deeplab")
+def resnet18_deeplab(tasks: Sequence[Task], input_shape: Sequence[int], *,
+                     rates: Sequence[int] = (6, 12, 18), head_channels: int = 128,
+                     dropout: float = 0.1) -> nn.Module:
+    """:func:`resnet50_deeplab` with a dilated ResNet-18 and smaller heads (the default dense
+    model, usable on a CPU). Dense tasks only."""
+    _need("resnet18_deeplab", input_kind(tasks, input_shape), ("dense",))
+    return hard_sharing(tasks, input_shape, backbone="resnet18", rates=rates,
+                        head_channels=head_channels, dropout=dropout)
+
+
+@register_model("segnet_mtan")
+def segnet_mtan(tasks: Sequence[Task], input_shape: Sequence[int], *,
+                filters: Sequence[int] = (64, 128, 256, 512, 512)) -> nn.Module:
+    """:class:`~mtlkit.nn.SegNetMTAN`, the NYUv2 model of MTAN (Liu, Johns, Davison, CVPR 2019,
+    arXiv:1803.10704), also used by Nash-MTL and FAMO. Dense tasks only."""
+    _need("segnet_mtan", input_kind(tasks, input_shape), ("dense",))
+    if input_shape[1] % 32 or input_shape[2] % 32:
+        raise ValueError(f"segnet_mtan pools five times: image height and width must be "
+                         f"multiples of 32, got {tuple(input_shape[1:])}")
+    return SegNetMTAN({t.name: task_outputs(t) for t in tasks}, in_channels=input_shape[0],
+                      filters=tuple(filters))
+
+
+@register_model("mtan")
+def mtan(tasks: Sequence[Task], input_shape: Sequence[int], *, backbone: str = "resnet18",
+         reduction: int = 4, rates: Sequence[int] = (6, 12, 18), head_channels: int = 128,
+         dropout: float = 0.1) -> nn.Module:
+    """:class:`~mtlkit.nn.MTAN` on a ResNet trunk (``resnet18`` or ``resnet50``; dilated for
+    dense tasks, with DeepLab-v3 heads; pooled MLP heads for per-sample image tasks), as
+    MTAN-DeepLabv3 (Liu et al., CVPR 2019, arXiv:1803.10704; ``reduction`` 4 as there)."""
+    kind = input_kind(tasks, input_shape)
+    _need("mtan", kind, ("image", "dense"))
+    trunk = _resnet(backbone, input_shape[0], dilated=kind == "dense")
+    c = trunk.stage_channels[-1][1]
+    if kind == "dense":
+        size = (int(input_shape[1]), int(input_shape[2]))
+        heads = {t.name: _dense_head(c, t, size, rates, head_channels, dropout) for t in tasks}
+    else:
+        heads = {t.name: _pooled_head(c, t) for t in tasks}
+    return MTAN(trunk, heads, reduction=reduction)
+
+
+@register_model("cross_stitch")
+def cross_stitch(tasks: Sequence[Task], input_shape: Sequence[int], *, width: int = 64,
+                 init: Sequence[float] = (0.9, 0.1)) -> nn.Module:
+    """:class:`~mtlkit.nn.CrossStitch` (Misra et al., CVPR 2016, arXiv:1604.03539): one column
+    per task, two stitched stages of ``width`` units (fully connected for flat inputs, 3x3
+    convolutions for images) then the task's output stage; ``init`` as in the paper."""
+    kind = input_kind(tasks, input_shape)
+    outs = {t.name: task_outputs(t) for t in tasks}
+
+    def column(task: str) -> list[nn.Module]:
+        if kind == "flat":
+            return [nn.Sequential(nn.Linear(input_shape[0], width), nn.ReLU()),
+                    nn.Sequential(nn.Linear(width, width), nn.ReLU()),
+                    nn.Linear(width, outs[task])]
+        c = input_shape[0]
+        conv = [nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()),
+                nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width),
+                              nn.ReLU())]
+        if kind == "dense":
+            return [*conv, nn.Conv2d(width, outs[task], 1)]
+        return [*conv, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                     nn.Linear(width, outs[task]))]
+
+    return CrossStitch([t.name for t in tasks], column,
+                       init=(float(init[0]), float(init[1])))
+
+
+def _experts(name: str, cls: type, tasks: Sequence[Task], input_shape: Sequence[int],
+             **options: Any) -> nn.Module:
+    _need(name, input_kind(tasks, input_shape), ("flat",))
+    return cls(int(input_shape[0]), {t.name: task_outputs(t) for t in tasks}, **options)
+
+
+@register_model("mmoe")
+def mmoe(tasks: Sequence[Task], input_shape: Sequence[int], **options: Any) -> nn.Module:
+    """:class:`~mtlkit.nn.MMoE` (Ma et al., KDD 2018) on flat inputs; options as the class."""
+    return _experts("mmoe", MMoE, tasks, input_shape, **options)
+
+
+@register_model("cgc")
+def cgc(tasks: Sequence[Task], input_shape: Sequence[int], **options: Any) -> nn.Module:
+    """:class:`~mtlkit.nn.CGC` (Tang et al., RecSys 2020) on flat inputs."""
+    return _experts("cgc", CGC, tasks, input_shape, **options)
+
+
+@register_model("ple")
+def ple(tasks: Sequence[Task], input_shape: Sequence[int], **options: Any) -> nn.Module:
+    """:class:`~mtlkit.nn.PLE` (Tang et al., RecSys 2020) on flat inputs."""
+    return _experts("ple", PLE, tasks, input_shape, **options)
+
+
+@register_model("dselect_k")
+def dselect_k(tasks: Sequence[Task], input_shape: Sequence[int], **options: Any) -> nn.Module:
+    """:class:`~mtlkit.nn.DSelectK` (Hazimeh et al., NeurIPS 2021) on flat inputs."""
+    return _experts("dselect_k", DSelectK, tasks, input_shape, **options)
+
+
+@register_model("mrn")
+def mrn(tasks: Sequence[Task], input_shape: Sequence[int], **options: Any) -> nn.Module:
+    """:class:`~mtlkit.nn.MRN` (Long et al., NeurIPS 2017) on the default model's encoder
+    (MLP trunk for flat inputs, small CNN for images); options as the class."""
+    kind = input_kind(tasks, input_shape)
+    _need("mrn", kind, ("flat", "image"))
+    encoder = default_model(input_shape, tasks).encoder
+    width = 100 if kind == "flat" else 128
+    return MRN(encoder, width, {t.name: task_outputs(t) for t in tasks}, **options)

@@ -15,8 +15,17 @@ process with batch B: tested), evaluation runs on every rank, and rank 0 alone w
 checkpoints. Batch norm statistics are per rank, as in plain DDP.
 
 Model selection uses the validation split only (never test): the selected epoch maximises the
-mean over tasks of the primary validation metric's relative improvement over epoch 1
-(sign-corrected for lower-is-better metrics), or is the last epoch with ``select="last"``.
+mean over tasks of the primary validation metric's relative improvement over the first evaluated
+epoch (sign-corrected for lower-is-better metrics), or is the last epoch with ``select="last"``.
+Evaluation runs every ``eval_every`` epochs and always after the last one.
+
+Checkpoints: ``checkpoint.pt`` is written after every epoch, so an interrupted run can resume.
+When the run finishes, ``result.json`` records its result and settings, and ``keep`` says which
+checkpoint stays: ``last`` (``checkpoint.pt``), ``best`` (``best.pt``, the selected epoch's;
+``checkpoint.pt`` is removed) or ``none``. A checkpoint stores the run's settings (optimiser,
+schedule, batch size, method, model, ...): resuming with other settings is an error naming them.
+A loss that becomes non-finite stops the run with an error naming the task and the step; the
+last good checkpoint stays on disk.
 """
 
 from __future__ import annotations
@@ -41,13 +50,40 @@ from mtlkit.balancers import Balancer
 from mtlkit.engine import cosine_from_gramian, task_jacobian
 from mtlkit.engine._dist import rank, world_size
 from mtlkit.optim import model_param_groups
-from mtlkit.train.checkpoint import load_checkpoint, save_checkpoint
+from mtlkit.train.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from mtlkit.train.logs import RunLog
+from mtlkit.train.optimizers import Schedule, build_optimizer, check_optimizer, scheduled_lr
 
 if TYPE_CHECKING:
     from mtlkit.tasks import Task
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+RESULT = "result.json"
+KEEP = ("last", "best", "none")
+
+
+class NonFiniteLossError(ValueError):
+    """A task's loss became NaN or infinite during training (the message says which and when)."""
+
+
+def check_device(device: str, name: str = "device") -> None:
+    """Raise ValueError unless ``device`` names a device this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: {device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: {device!r} is not available: this machine has no CUDA "
+                             f"device (torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}: {device!r} is not available: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}: 'mps' is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name}: device type {dev.type!r} is not supported (cpu, cuda, mps)")
 
 
 @dataclass
@@ -61,6 +97,14 @@ class TrainConfig:
     shared_lr: float | None = None
     task_lr: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Schedule = field(default_factory=Schedule)
+    grad_clip: float | None = None
+    eval_every: int = 1
+    keep: str = "last"
     seed: int = 0
     log_every: int = 10
     cosine_every: int = 25
@@ -102,6 +146,31 @@ class TrainConfig:
             or self.patience < 1
         ):
             raise ValueError(f"patience must be an integer >= 1 or None, got {self.patience!r}")
+        check_optimizer(self.optimizer, self.momentum, self.nesterov, self.betas, "optimizer")
+        if not isinstance(self.scheduler, Schedule):
+            raise ValueError(f"scheduler must be a Schedule, got {self.scheduler!r}")  # noqa: TRY004
+        self.scheduler.validate()
+        g = self.grad_clip
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float))
+                              or not 0 < g < math.inf):
+            raise ValueError(f"grad_clip must be a positive number or None, got {g!r}")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) \
+                or self.eval_every < 1:
+            raise ValueError(f"eval_every must be an integer >= 1, got {self.eval_every!r}")
+        if self.keep not in KEEP:
+            raise ValueError(f"keep_checkpoint must be one of {list(KEEP)}, got {self.keep!r}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be a string, got {self.device!r}")  # noqa: TRY004
+        check_device(self.device)
+
+    def settings(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the saved one (not the budget, the
+        device or the logging)."""
+        keys = ("batch_size", "lr", "shared_lr", "task_lr", "weight_decay", "optimizer",
+                "momentum", "nesterov", "betas", "grad_clip", "seed")
+        out = {k: getattr(self, k) for k in keys}
+        out["scheduler"] = asdict(self.scheduler)
+        return out
 
 
 @dataclass
@@ -133,6 +202,9 @@ class Trainer:
         balancer: how the task losses are combined.
         config: a :class:`TrainConfig`.
         out_dir: where logs and the checkpoint go (None: keep nothing on disk).
+        settings: what else names this run (``{"model": ..., "dataset": ...}``), stored in the
+            checkpoint beside the optimiser settings, the method and its hyperparameters, and
+            compared on resume.
 
     Example:
         >>> # trainer = Trainer(model, tasks, mtlkit.balancers.create("dwa", [t.name for t in tasks]),
@@ -147,6 +219,7 @@ class Trainer:
         balancer: Balancer,
         config: TrainConfig,
         out_dir: str | Path | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         self.tasks = list(tasks)
         self.names = [t.name for t in self.tasks]
@@ -178,7 +251,19 @@ class Trainer:
         extra = [p for p in balancer.parameters() if p.requires_grad]
         if extra:
             groups.append({"name": "balancer", "params": extra, "lr": config.lr})
-        self.optimizer = torch.optim.Adam(groups, weight_decay=config.weight_decay)
+        self.optimizer = build_optimizer(
+            groups, config.optimizer, weight_decay=config.weight_decay, momentum=config.momentum,
+            nesterov=config.nesterov, betas=config.betas,
+        )
+        for g in self.optimizer.param_groups:  # the schedule scales each group's own base rate
+            g.setdefault("initial_lr", g["lr"])
+        self.steps_per_epoch = 1
+        self.settings: dict[str, Any] = json.loads(json.dumps({
+            **config.settings(), "method": repr(balancer),
+            "model": f"{type(model).__name__} ({sum(p.numel() for p in model.parameters())} "
+                     f"parameters)",
+            **dict(settings or {}),
+        }))
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.log = RunLog(self.out_dir if self.rank == 0 else None)  # one writer
         self.epoch = 0
@@ -197,30 +282,46 @@ class Trainer:
         resume: bool = False,
     ) -> RunResult:
         """Train for ``config.epochs`` epochs (continuing from the checkpoint with ``resume``)."""
+        writer = self.out_dir is not None and self.rank == 0
+        if writer:
+            remove_stale_temporaries(self.out_dir / CHECKPOINT)  # left by a killed write
         if resume:
             self._resume()
         else:
             self.log.truncate(0, 0)  # a fresh run into a used folder starts fresh logs
+            if writer:
+                for name in (RESULT, BEST):
+                    (self.out_dir / name).unlink(missing_ok=True)
         eval_batch = max(self.config.batch_size, 256)
         val_loader = DataLoader(val, batch_size=eval_batch)
         test_loader = DataLoader(test, batch_size=eval_batch) if test is not None else None
+        drop_last = len(train) > self.config.batch_size
+        self.steps_per_epoch = max(1, len(train) // self.config.batch_size if drop_last else 1)
         while (self.epoch < self.config.epochs and not self._out_of_steps()
                and not self._stalled()):
             gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
             loader = DataLoader(train, batch_size=self.config.batch_size, shuffle=True,
-                                generator=gen, drop_last=len(train) > self.config.batch_size)
+                                generator=gen, drop_last=drop_last)
             self._train_epoch(loader)
-            record: dict[str, Any] = {"epoch": self.epoch + 1}
-            record["val"] = evaluate(self.model, self.tasks, val_loader, self.device)
-            if test_loader is not None:
-                record["test"] = evaluate(self.model, self.tasks, test_loader, self.device)
-            self.history.append(record)
-            self.log.epoch(record)
+            last = self.epoch + 1 >= self.config.epochs or self._out_of_steps()
+            best = False
+            if (self.epoch + 1) % self.config.eval_every == 0 or last:
+                record: dict[str, Any] = {"epoch": self.epoch + 1}
+                record["val"] = evaluate(self.model, self.tasks, val_loader, self.device)
+                if test_loader is not None:
+                    record["test"] = evaluate(self.model, self.tasks, test_loader, self.device)
+                self.history.append(record)
+                self.log.epoch(record)
+                best = select_epoch(self.history, self.tasks, self.config.select) \
+                    == len(self.history) - 1
             self.epoch += 1
             self.balancer.new_epoch()
-            if self.out_dir is not None and self.rank == 0:
-                self._save()
-        return self.result()
+            if writer:
+                self._save(best=best and self.config.keep == "best")
+        result = self.result()
+        if writer:
+            self._finish(result)
+        return result
 
     def result(self) -> RunResult:
         if not self.history:
@@ -237,6 +338,18 @@ class Trainer:
             history=self.history,
             still_improving=still_improving(self.history, self.tasks, self.config.patience),
         )
+
+    def _finish(self, result: RunResult) -> None:
+        """Record the finished run (``result.json``) and apply the ``keep`` policy."""
+        assert self.out_dir is not None
+        (self.out_dir / RESULT).write_text(
+            json.dumps({"settings": self.settings,
+                        "budget": {"epochs": self.config.epochs,
+                                   "max_steps": self.config.max_steps},
+                        "global_step": self.global_step, "result": result.to_json()}, indent=1)
+        )
+        if self.config.keep != "last":
+            (self.out_dir / CHECKPOINT).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ training
     def _train_epoch(self, loader: Iterable) -> None:
@@ -264,10 +377,16 @@ class Trainer:
                 cosine = parameter_cosine(losses, list(self.model.shared_parameters()))
                 t0 += time.perf_counter() - c0
             context = self._context(out, y, losses)
-            step = self.balancer.backward(
-                losses, shared=self.model.shared_parameters(), features=self._features(),
-                **context,
-            )
+            try:
+                step = self.balancer.backward(
+                    losses, shared=self.model.shared_parameters(), features=self._features(),
+                    **context,
+                )
+            except FloatingPointError as err:
+                raise NonFiniteLossError(self._non_finite_message(err)) from None
+            if self.config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self._set_lr()
             self.optimizer.step()
             if self.balancer.needs_after_step:
                 with torch.no_grad():
@@ -288,6 +407,27 @@ class Trainer:
                       f"step {i + 1}/{n}", end="", file=sys.stderr)
         if self.config.progress and sys.stderr.isatty():
             print(file=sys.stderr)
+
+    def _set_lr(self) -> None:
+        """The schedule's rate for this step, in every parameter group."""
+        cfg = self.config
+        if cfg.scheduler.name == "none" and not cfg.scheduler.warmup_epochs:
+            return
+        total = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = scheduled_lr(g["initial_lr"], cfg.scheduler, self.global_step,
+                                   steps_per_epoch=self.steps_per_epoch, total_steps=total)
+
+    def _non_finite_message(self, err: FloatingPointError) -> str:
+        where = f"at step {self.global_step + 1} (epoch {self.epoch + 1})"
+        path = self.out_dir / CHECKPOINT if self.out_dir is not None else None
+        if path is not None and path.is_file():
+            kept = f"the last good checkpoint (epoch {self.epoch}) is kept at {path}"
+        else:
+            kept = "no checkpoint had been written yet"
+        return (f"{err} {where}; {kept}. Lower the learning rate or set grad_clip")
 
     def _my_part(self, x: Tensor, y: dict[str, Tensor], mask: dict[str, Tensor]
                  ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
@@ -359,10 +499,9 @@ class Trainer:
         return rec
 
     # ------------------------------------------------------------------ checkpoints
-    def _save(self) -> None:
+    def _save(self, best: bool = False) -> None:
         assert self.out_dir is not None
-        save_checkpoint(
-            {
+        state = {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "balancer": self.balancer.state_dict(),
@@ -372,17 +511,27 @@ class Trainer:
                 "history": json.dumps(self.history),
                 "step_times": self.step_times,
                 "kpi_scale": self._kpi_scale,
-            },
-            self.out_dir / CHECKPOINT,
-        )
+                "settings": json.dumps(self.settings),
+            }
+        save_checkpoint(state, self.out_dir / CHECKPOINT)
+        if best:
+            save_checkpoint(state, self.out_dir / BEST)
 
     def _resume(self) -> None:
         if self.out_dir is None:
             raise ValueError("resume needs an out_dir holding a checkpoint")
-        state = load_checkpoint(self.out_dir / CHECKPOINT)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.balancer.load_state_dict(state["balancer"])
+        path = self.out_dir / CHECKPOINT
+        state = load_checkpoint(path)
+        if "settings" not in state or "model" not in state:
+            raise ValueError(f"checkpoint {path}: not a checkpoint of an mtlkit training run")
+        check_same_settings(json.loads(state["settings"]), self.settings, path)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.balancer.load_state_dict(state["balancer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise ValueError(f"checkpoint {path}: does not fit this model ({first})") from None
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         torch.set_rng_state(state["rng"])
@@ -390,6 +539,15 @@ class Trainer:
         self.step_times = list(state["step_times"])
         self._kpi_scale = dict(state["kpi_scale"])
         self.log.truncate(self.global_step, self.epoch)
+
+
+def check_same_settings(saved: Mapping[str, Any], now: Mapping[str, Any], path: Path) -> None:
+    """Raise ValueError naming every setting that differs between a saved run and this one."""
+    diff = [f"{k}: {saved.get(k)!r} (saved) != {now.get(k)!r} (now)"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        raise ValueError(f"cannot resume {path}: it was saved by a run with other settings "
+                         f"({'; '.join(diff)}); use the saved settings, or run without --resume")
 
 
 def _unpack(batch: Any, device: torch.device) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:

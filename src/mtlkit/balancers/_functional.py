@@ -1,0 +1,138 @@
+"""Helpers that several balancers share: one inner optimiser and one Gram preprocessing.
+
+* :class:`InnerAdam`: Adam with bias correction for a balancer's own small parameter vector
+  (GradNorm's weights, FAMO's logits), its moments registered as buffers so that they are saved
+  with the balancer's ``state_dict()``.
+* :func:`normalize_gramian`: the Gram matrix in float64 divided by its trace (most weightings
+  are invariant to that scale; dividing first keeps the solvers' tolerances meaningful).
+* :func:`cosine_gramian`: the Gram matrix of the unit task gradients, invariant to the scale of
+  each task separately (IMTL-G, Aligned-MTL's rank).
+* :func:`numerical_rank`: how many eigenvalues of a cosine Gram matrix are above the float32
+  noise of the gradients it came from.
+* :func:`safe_row_norms`: the norms of the rows of a matrix without overflow or underflow.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+#: Relative resolution of the task gradients the Gram matrices come from (float32: the engine
+#: accumulates Gram matrices in float64, but the gradients themselves carry float32 rounding).
+GRADIENT_EPS = torch.finfo(torch.float32).eps
+
+
+class InnerAdam(nn.Module):
+    """Adam with bias correction (Kingma & Ba, ICLR 2015, arXiv:1412.6980) for a balancer's own
+    parameter vector, updated in place by :meth:`step`; the moments and the step count are
+    buffers (``m``, ``v`` of shape (n,), ``t`` a scalar), so they are part of the balancer's
+    ``state_dict()`` and a resumed run continues the same trajectory.
+
+    Args:
+        size: length of the parameter vector.
+        lr: learning rate.
+        betas: decay rates of the moments (default (0.9, 0.999)).
+        eps: added to the square root of the second moment (default 1e-8).
+        weight_decay: L2 penalty added to the gradient, as ``torch.optim.Adam`` (default 0).
+
+    Example:
+        >>> import torch
+        >>> adam = InnerAdam(2, lr=0.1)
+        >>> x = torch.tensor([1.0, 1.0])
+        >>> adam.step(x, torch.tensor([3.0, -0.5]))  # the first step is lr * sign(grad)
+        >>> x
+        tensor([0.9000, 1.1000])
+    """
+
+    m: Tensor
+    v: Tensor
+    t: Tensor
+
+    def __init__(self, size: int, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        self.register_buffer("m", torch.zeros(size))
+        self.register_buffer("v", torch.zeros(size))
+        self.register_buffer("t", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def step(self, param: Tensor, grad: Tensor) -> None:
+        """One Adam step of ``param`` (in place) along ``grad``; few in-place operations, no
+        host synchronisation (the bias corrections are computed on the device)."""
+        grad = grad.to(self.m.dtype)
+        if self.weight_decay:
+            grad = grad + self.weight_decay * param
+        b1, b2 = self.betas
+        self.t += 1
+        t = self.t.to(self.m.dtype)
+        self.m.mul_(b1).add_(grad, alpha=1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v / (1 - b2**t)).sqrt_().add_(self.eps)
+        param.sub_((self.m / (1 - b1**t)).div_(denom).mul_(self.lr).to(param.dtype))
+
+    def extra_repr(self) -> str:
+        return f"lr={self.lr}, betas={self.betas}, weight_decay={self.weight_decay}"
+
+
+def normalize_gramian(gramian: Tensor) -> tuple[Tensor, Tensor]:
+    """(G / trace(G) in float64, trace): a zero or non-finite trace gives the zero matrix, so
+    that callers treat it as "all gradients zero" without a host branch.
+
+    Example:
+        >>> import torch
+        >>> g, trace = normalize_gramian(torch.tensor([[3.0, 1.0], [1.0, 1.0]]))
+        >>> g, trace
+        (tensor([[0.7500, 0.2500],
+                [0.2500, 0.2500]], dtype=torch.float64), tensor(4., dtype=torch.float64))
+    """
+    g = gramian.double()
+    trace = g.diagonal(dim1=-2, dim2=-1).sum(-1)
+    usable = (trace > 0) & torch.isfinite(trace)
+    scale = torch.where(usable, trace, 1.0)
+    out = torch.where(usable[..., None, None], g / scale[..., None, None], 0.0)
+    return out, trace
+
+
+def cosine_gramian(gramian: Tensor) -> tuple[Tensor, Tensor]:
+    """(cosine matrix D^-1 G D^-1 in float64, norms D): the Gram matrix of the unit task
+    gradients and the gradient norms. A zero gradient has a zero row and column (cosine 0 with
+    every task, itself included). Rescaling one task's gradient leaves the cosine matrix as it
+    is: rank decisions taken on it do not depend on the scales of the losses.
+
+    Example:
+        >>> import torch
+        >>> c, n = cosine_gramian(torch.tensor([[4.0, 2.0, 0.0], [2.0, 4.0, 0.0], [0.0] * 3]))
+        >>> c, n
+        (tensor([[1.0000, 0.5000, 0.0000],
+                [0.5000, 1.0000, 0.0000],
+                [0.0000, 0.0000, 0.0000]], dtype=torch.float64), tensor([2., 2., 0.], dtype=torch.float64))
+    """
+    g = gramian.double()
+    norms = g.diagonal().clamp_min(0).sqrt()
+    inv = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(g.dtype).tiny), 0.0)
+    return g * inv[:, None] * inv[None, :], norms
+
+
+def numerical_rank(cosine: Tensor, eigenvalues: Tensor | None = None) -> Tensor:
+    """The number of eigenvalues of a cosine Gram matrix (see :func:`cosine_gramian`) above
+    ``K * eps(float32) * K``, the noise that float32 task gradients leave in it (its largest
+    eigenvalue is at most K). A 0-d int64 tensor on the matrix's device (no host read)."""
+    k = cosine.shape[-1]
+    lam = torch.linalg.eigvalsh(cosine) if eigenvalues is None else eigenvalues
+    return (lam > k * k * GRADIENT_EPS).sum(-1)
+
+
+def safe_row_norms(matrix: Tensor) -> Tensor:
+    """Euclidean norms of the rows of a (K, P) matrix, computed after dividing by its largest
+    magnitude: finite for every finite input (a float32 sum of squares overflows from about
+    1e19 and underflows below 1e-23). Zero rows have norm 0.
+
+    Example:
+        >>> import torch
+        >>> safe_row_norms(torch.tensor([[3e30, 4e30], [0.0, 0.0]]))
+        tensor([5.0000e+30, 0.0000e+00])
+    """
+    top = matrix.abs().amax()
+    scale = torch.where(top > 0, top, 1.0)
+    return (matrix / scale).norm(dim=1) * scale
