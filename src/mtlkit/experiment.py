@@ -32,16 +32,17 @@ Fields (defaults in brackets):
 - ``model`` [none: the dataset's default model]: a name of
   ``mtlkit.train.models.available_models()`` or ``package.module:function`` called as
   ``function(tasks, input_shape, **model_options)``, returning a multi-task model.
-- ``optimizer``: ``name`` [adam] (adam, adamw, sgd), ``lr`` [0.001], ``weight_decay`` [0],
+- ``optimizer``: ``name`` [adam] (adam, adamw, sgd), ``lr`` [0.003], ``weight_decay`` [0],
   ``momentum`` [0, sgd], ``nesterov`` [false, sgd], ``betas`` [[0.9, 0.999], adam/adamw].
   ``task_lr`` [{}]: per-task learning rates of the task-specific parameters.
 - ``scheduler``: ``name`` [none] (none, step, multistep, cosine), ``step_size`` [1],
   ``milestones`` [[]], ``gamma`` [0.1], ``warmup_epochs`` [0], ``min_lr`` [0]
   (:class:`mtlkit.train.optimizers.Schedule`).
-- ``epochs`` [8], ``max_steps`` [none: whole epochs], ``batch_size`` [128], ``grad_clip``
+- ``epochs`` [20], ``max_steps`` [none: whole epochs], ``batch_size`` [64], ``grad_clip``
   [none: max gradient norm], ``eval_every`` [1 epoch; the last epoch is always evaluated].
-  ``patience`` [none]: early stopping, end a run after this many evaluations without a better
-  validation score (a run the budget ends while it still improves is flagged in the results).
+  ``patience`` [5]: early stopping, end a run after this many evaluations without a better
+  validation score (null: never; a run the budget ends while it still improves is flagged in
+  the results).
 - ``baselines`` [{}]: published single-task values ``{task/metric: value}``; a task named there
   is not trained alone, and Δm% / Δp use its given metrics only.
 - ``methods`` [ten methods, see ``DEFAULT_METHODS``], ``hparams`` [{}]: ``{method: {name:
@@ -94,7 +95,7 @@ class Optimizer:
     """The ``optimizer`` section (see the module docstring)."""
 
     name: str = "adam"
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     momentum: float = 0.0
     nesterov: bool = False
@@ -125,15 +126,15 @@ class Experiment:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: int | list[int] = 1
-    epochs: int = 8
+    epochs: int = 20
     max_steps: int | None = None
-    batch_size: int = 128
+    batch_size: int = 64
     optimizer: Optimizer = field(default_factory=Optimizer)
     scheduler: Schedule = field(default_factory=Schedule)
     task_lr: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = None
     eval_every: int = 1
-    patience: int | None = None
+    patience: int | None = 5
     baselines: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     out: str | None = None
