@@ -249,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     started = _start_distributed(args)
     try:
         return int(args.func(args))
+    except ImportError as err:  # an optional dependency is missing
+        if os.environ.get("MTLKIT_DEBUG"):
+            raise
+        print(f"mtlkit: error: {err}; the command line tool needs the extras: "
+              f"pip install 'mtlkit[cli]'", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, KeyError, TypeError, OSError) as err:
         if os.environ.get("MTLKIT_DEBUG"):
             raise

@@ -39,7 +39,9 @@ Fields (defaults in brackets):
   ``milestones`` [[]], ``gamma`` [0.1], ``warmup_epochs`` [0], ``min_lr`` [0]
   (:class:`mtlkit.train.optimizers.Schedule`).
 - ``epochs`` [20], ``max_steps`` [none: whole epochs], ``batch_size`` [64], ``grad_clip``
-  [none: max gradient norm], ``eval_every`` [1 epoch; the last epoch is always evaluated].
+  [none: max gradient norm], ``eval_every`` [1 epoch; the last epoch is always evaluated],
+  ``cosine_every`` [25 steps; 0: never]: how often the task gradients' pairwise cosines are
+  logged (K extra backward passes for methods that do not compute them anyway).
   ``patience`` [5]: early stopping, end a run after this many evaluations without a better
   validation score (null: never; a run the budget ends while it still improves is flagged in
   the results).
@@ -134,6 +136,7 @@ class Experiment:
     task_lr: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = None
     eval_every: int = 1
+    cosine_every: int = 25
     patience: int | None = 5
     baselines: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
@@ -216,6 +219,8 @@ class Experiment:
         for name in ("epochs", "batch_size", "eval_every"):
             if not _int(getattr(self, name), 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not _int(self.cosine_every, 0):
+            raise ValueError(f"cosine_every must be an integer >= 0, got {self.cosine_every!r}")
         for name in ("max_steps", "max_samples", "patience"):
             v = getattr(self, name)
             if v is not None and not _int(v, 1):
@@ -266,7 +271,8 @@ class Experiment:
             optimizer=opt.name, momentum=opt.momentum, nesterov=opt.nesterov,
             betas=(float(opt.betas[0]), float(opt.betas[1])),
             scheduler=copy.deepcopy(self.scheduler), grad_clip=self.grad_clip,
-            eval_every=self.eval_every, patience=self.patience,
+            eval_every=self.eval_every, cosine_every=self.cosine_every,
+            patience=self.patience,
             keep=self.keep_checkpoint or keep, seed=seed,
             device=self.device, progress=False,
         )
@@ -426,10 +432,11 @@ def _loader() -> type:
 
 def parse_yaml(text: str, source: str = "config") -> Any:
     """Parse YAML with numbers read as people write them (``1e-3`` is a float)."""
+    loader = _loader()  # a clear error where PyYAML is not installed
     import yaml
 
     try:
-        return yaml.load(text, Loader=_loader())
+        return yaml.load(text, Loader=loader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from _problems import CountBackward, TinyMTL, make_batches, train
+from _problems import TinyMTL, make_batches, train
 
 from mtlkit import balancers
 from mtlkit.balancers import (
@@ -64,11 +64,11 @@ def close(weights: dict[str, float], expected: list[float]) -> bool:
     return all(math.isclose(weights[t], e, rel_tol=1e-5, abs_tol=1e-7) for t, e in zip(weights, expected))
 
 
-def test_registry_lists_every_loss_method():
-    assert {method(k) for k in LOSS_BALANCERS_UNDER_TEST} <= set(balancers.available())
+def test_create_names_the_problem():
     with pytest.raises(ValueError, match="unknown balancer 'nope'.*available: "):
         balancers.create("nope", tasks=TASKS)
-    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['temp'\]"):
+    with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['temp'\]; accepted: "
+                                        r"\['temperature', 'per_batch', 'check_finite'\]"):
         balancers.create("dwa", tasks=TASKS, temp=2)
 
 
@@ -219,17 +219,6 @@ def test_famo_next_batch_uses_the_next_losses_as_the_post_step_losses():
 
 
 # ------------------------------------------------------------------ contract properties
-@pytest.mark.parametrize("name", sorted(LOSS_BALANCERS_UNDER_TEST))
-def test_one_backward_pass_per_step(name):
-    hparams, ctx = LOSS_BALANCERS_UNDER_TEST[name]
-    model = TinyMTL(TASKS, scales=[1.0, 10.0, 0.1])
-    model.count = True
-    b = balancers.create(method(name), tasks=TASKS, **hparams)
-    CountBackward.calls = 0
-    train(model, b, make_batches(6, 3), context=ctx, epoch_every=2)
-    assert CountBackward.calls == 6
-
-
 @pytest.mark.parametrize("name", ["initial_loss", "geometric"])
 def test_scale_invariance(name):
     grads = []
@@ -246,8 +235,10 @@ def test_scale_invariance(name):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(LOSS_BALANCERS_UNDER_TEST))
+@pytest.mark.parametrize("name", ["famo:next_batch", "dwa", "dtp"])
 def test_resume_follows_the_same_trajectory(name):
+    """40 steps (the contract test resumes every method at defaults after 6): a variant,
+    and the methods whose state changes per epoch or per KPI."""
     hparams, ctx = LOSS_BALANCERS_UNDER_TEST[name]
     batches = make_batches(40, 3, seed=1)
     torch.manual_seed(2)
@@ -273,27 +264,6 @@ def test_resume_follows_the_same_trajectory(name):
     assert first + second == ref_weights
     for p, q in zip(model2.parameters(), ref_model.parameters()):
         assert torch.equal(p, q)
-
-
-@pytest.mark.parametrize("name", sorted(LOSS_BALANCERS_UNDER_TEST))
-def test_degenerate_losses_give_finite_weights(name):
-    hparams, ctx = LOSS_BALANCERS_UNDER_TEST[name]
-    b = balancers.create(method(name), tasks=TASKS, **hparams)
-    for values in ([0.0, 0.0, 0.0], [1e-10, 1e-10, 1e-10], [1e15, 1e-10, 1.0], [2.0, 2.0, 2.0]):
-        s = step(b, values, **(ctx(0) if ctx else {}))
-        assert all(math.isfinite(w) for w in s.weights.values()), (name, values, s.weights)
-        assert math.isfinite(s.loss.item())
-        if b.needs_after_step:
-            b.after_step([torch.tensor(v) for v in values])
-        b.new_epoch()
-    single = balancers.create(method(name), tasks=["only"], **_single_task(hparams))
-    s = step(single, [3.0], **({"kpi": {"only": 0.5}} if ctx else {}))
-    assert math.isfinite(s.weights["only"])
-
-
-def _single_task(hparams: dict) -> dict:
-    return {k: ({"only": next(iter(v.values()))} if isinstance(v, dict) else v)
-            for k, v in hparams.items()}
 
 
 # ------------------------------------------------------------------ bad input

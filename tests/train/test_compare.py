@@ -244,4 +244,3 @@ def test_a_fresh_run_into_a_used_folder_starts_fresh_logs(tmp_path, capsys) -> N
     first = (tmp_path / "o" / "steps.jsonl").read_text()
     assert cli.main(base) == 0
     assert (tmp_path / "o" / "steps.jsonl").read_text() == first
-

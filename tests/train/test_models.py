@@ -63,6 +63,7 @@ SERVES = {
     "cross_stitch": ("flat", "image", "dense"), "mtan": ("image", "dense"),
     "segnet_mtan": ("dense",), "resnet18_deeplab": ("dense",), "resnet50_deeplab": ("dense",),
     "mmoe": ("flat",), "cgc": ("flat",), "ple": ("flat",), "dselect_k": ("flat",),
+    "celeba_cnn": ("image",),
     "mrn": (),  # MRN's tensor prior needs equal output sizes: tested on its own below
 }
 SMALL = {"segnet_mtan": {"filters": (4, 8, 8, 16, 16)}}

@@ -41,7 +41,7 @@ hyperparameters and passes the rest on::
 ``create("my_method", tasks, alpha=1, grad_on="features")`` then accepts every engine option and
 rejects any other keyword, listing the accepted ones. A class whose hook is missing cannot be
 registered or built. ``docs/contract.md`` has a complete example; every registered method is
-covered by the contract and property tests (``tests/balancers/test_contract.py``) unless that
+covered by the contract and property tests (``tests/balancers/test_balancer_contract.py``) unless that
 file lists it as an exception, with the reason.
 
 Gramian hooks receive the Gram matrix in float64 (the engine computes it at a safe scale, so it
@@ -175,6 +175,11 @@ class Balancer(nn.Module):
 
     step: Tensor
     task_names: Tensor
+    #: While a scaled backward runs: the gradient scaler's scale (the losses differentiated are
+    #: multiplied by it); None otherwise. Not state.
+    _loss_scale: Tensor | None = None
+    #: Whether the last backward's gradients were not finite (the scaler skips that step).
+    _skipped: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -261,6 +266,7 @@ class Balancer(nn.Module):
         *,
         shared: Iterable[Tensor] | None = None,
         features: Tensor | None = None,
+        scaler: torch.amp.GradScaler | None = None,
         **context: Any,
     ) -> BalanceStep:
         """Combine the task losses and accumulate the update into ``.grad`` of the parameters.
@@ -269,6 +275,12 @@ class Balancer(nn.Module):
             losses: task name -> scalar loss (or a sequence in task order).
             shared: the shared parameters; required by the gradient-based families.
             features: the last shared representation (for ``grad_on="features"``).
+            scaler: a ``torch.amp.GradScaler`` (fp16 mixed precision). Pass the *unscaled*
+                losses, then call ``scaler.step(optimizer); scaler.update()`` as usual. The
+                balancer differentiates the scaled losses, computes its weights, norms and Gram
+                matrices on unscaled quantities, and writes scaled gradients, which the scaler
+                unscales and checks. When those gradients are not finite (the scaler will skip
+                the step), the balancer's state is left exactly as it was before this call.
             **context: per-step inputs some methods need (see ``context_keys``).
 
         Returns:
@@ -283,13 +295,29 @@ class Balancer(nn.Module):
             self._check_context(context)
         stacked = torch.stack(items)
         values = self._loss_values(stacked)
-        out = self._balance(items, stacked, values, shared, features, context)
-        self._commit()
+        self._skipped = False
+        if scaler is None or not scaler.is_enabled():
+            out = self._balance(items, stacked, values, shared, features, context)
+            self._commit()
+            return out
+        # The state as it was: restored if the scaler is going to skip this step.
+        saved = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        self._loss_scale = scaler.scale(torch.ones((), device=values.device))
+        try:
+            out = self._balance(items, stacked, values, shared, features, context)
+        finally:
+            self._loss_scale = None
+        if _written_gradients_finite(items, self):
+            self._commit()
+        else:
+            self.load_state_dict(saved)
+            self._skipped = True
         return out
 
     def after_step(self, losses: Losses) -> None:
-        """Look at the losses after the optimiser step (only methods with ``needs_after_step``)."""
-        if self.needs_after_step:
+        """Look at the losses after the optimiser step (only methods with ``needs_after_step``;
+        nothing after a step that a gradient scaler skips)."""
+        if self.needs_after_step and not self._skipped:
             self._after_step(self._check_losses(losses, need_grad=False))
 
     def new_epoch(self) -> None:
@@ -479,7 +507,7 @@ class LossWeighting(Balancer):
         return self._backward_total(total, weights)
 
     def _backward_total(self, total: Tensor, weights: Tensor) -> BalanceStep:
-        total.backward()
+        (total if self._loss_scale is None else total * self._loss_scale).backward()
         total = total.detach()
         if world_size() > 1:
             # The model's gradients are DDP's to average; the balancer's own (learned weights)
@@ -523,7 +551,11 @@ class LastLayerWeighting(LossWeighting):
         layer = self.select_layer(self._shared_list(shared))
         # One vectorised backward from the K losses down to the layer only (heads and that
         # layer); the graph is kept for the single full backward pass that follows.
-        grads = [g.detach() for g in task_jacobian(items, layer)]
+        scale = self._loss_scale
+        if scale is None:
+            grads = [g.detach() for g in task_jacobian(items, layer)]
+        else:  # differentiate the scaled losses (no fp16 underflow), read unscaled gradients
+            grads = [g.detach() / scale for g in task_jacobian([x * scale for x in items], layer)]
         total, weights = self.layer_objective(stacked, values, grads, context)
         return self._backward_total(total, weights)
 
@@ -541,7 +573,8 @@ class GradientBalancer(Balancer):
         grad_on: ``"parameters"`` (exact: gradients of the shared parameters) or ``"features"``
             (cheap: gradients of the shared representation, as MGDA-UB; pass ``features=`` to
             :meth:`backward`).
-        strategy: how the engine runs the K backward passes: ``"auto"``, ``"batched"``, ``"loop"``.
+        strategy: how the engine runs the K backward passes: ``"auto"``, ``"batched"``, ``"loop"``,
+            ``"gramian"`` (Gram-only; see :mod:`mtlkit.engine._grads`).
         chunk_size: at most this many tasks per batched backward (bounds memory).
         check_finite: raise on a non-finite loss.
     """
@@ -600,11 +633,23 @@ class GradientBalancer(Balancer):
         # The engine gets the task losses themselves, not views of the stacked tensor: a
         # backward pass from one of them must not traverse every task's head.
         transformed, factor = self.transform_losses(items, values)
+        scale = self._loss_scale
+        if scale is not None:  # differentiate the scaled losses; read unscaled Gram matrices
+            transformed = [x * scale for x in transformed]
         grads = task_gradients(
             transformed, shared_list, features, grad_on=self.grad_on, strategy=self.strategy,
-            chunk_size=self.chunk_size, need_jacobian=self.requires == "jacobian",
+            chunk_size=self.chunk_size,
+            need_jacobian=self.requires in ("jacobian", "block_gramian"),  # not Gram-only
         )
         with torch.no_grad():
+            if scale is not None:
+                grads.unscale(scale)
+                if not bool(torch.isfinite(grads.gramian).all()):  # the scaler reads it anyway
+                    # Overflow: no weighting of non-finite gradients; write their plain sum
+                    # (not finite either), so that the scaler skips the step.
+                    weights = torch.full_like(values, float("nan"))
+                    grads.apply_weights(torch.ones_like(values))
+                    return BalanceStep(self.tasks, weights @ values, weights, grads.gramian)
             weights, write = self._combine(grads, values)
             write()
             weights = (weights.to(values.dtype) * factor.to(values.dtype)).detach()
@@ -670,6 +715,27 @@ class JacobianAggregator(GradientBalancer):
                  ) -> tuple[Tensor, Callable[[], None]]:
         vector, weights = self.aggregate(grads.jacobian_matrix(), values)
         return weights, lambda: grads.apply_vector(vector)
+
+
+def _written_gradients_finite(items: list[Tensor], balancer: nn.Module) -> bool:
+    """Whether every gradient a step may have written is finite: those of the leaves reached
+    from the losses (shared and task-specific) and of the balancer's own parameters (the
+    scaler's own check in ``scaler.step`` reads the same values: both agree on skipping)."""
+    from mtlkit.engine._grads import _task_leaves
+
+    leaves = _task_leaves(items, set(), None).heads + list(balancer.parameters())
+    grads = [p.grad for p in leaves if isinstance(p, Tensor) and p.grad is not None]
+    if not grads:
+        return True
+    found: list[Tensor] = []
+    by_device: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), group in by_device.items():
+        inf = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, inf, torch.ones(1, device=device))
+        found.append(inf.cpu())
+    return not bool(torch.cat(found).any())
 
 
 def _blend_block_weights(per_block: Tensor, gramians: Tensor) -> Tensor:

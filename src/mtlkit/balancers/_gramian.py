@@ -12,6 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from mtlkit.balancers._base import GramianWeighting, JacobianAggregator, positive
+from mtlkit.balancers._functional import (
+    GRADIENT_EPS,
+    cosine_gramian,
+    normalize_gramian,
+    numerical_rank,
+    safe_row_norms,
+)
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._solvers import (
     BargainingFailure,
@@ -20,12 +27,6 @@ from mtlkit.balancers._solvers import (
     nash_bargaining,
     to_host,
 )
-
-
-def _rank_tolerance(gramian: Tensor, eigenvalues: Tensor) -> Tensor:
-    """Eigenvalues below this are noise of the dtype the Gram matrix was accumulated in."""
-    eps = torch.finfo(gramian.dtype).eps
-    return eigenvalues.max().clamp_min(0) * gramian.shape[0] * eps
 
 
 @register("cagrad")
@@ -89,8 +90,14 @@ class CAGrad(GramianWeighting):
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         k = gramian.shape[0]
-        w, lam = cagrad_dual(to_host(gramian), self.c)
+        g = to_host(gramian)
+        w, lam = cagrad_dual(g, self.c)
         weights = 1.0 / k + lam * w
+        if self.c >= 1 and (lam == 0 or bool(((g @ weights) < 0).any())):
+            # With c >= 1 the ball contains d = 0, so the optimum conflicts with no task. A
+            # conflicting solution means the hull holds the origin (up to rounding: no
+            # direction improves every task, the optimal value is 0): d = 0 is optimal.
+            return torch.zeros(k, dtype=gramian.dtype, device=gramian.device)
         if self.rescale == 1:
             weights = weights / (1 + self.c**2)
         elif self.rescale == 2:
@@ -122,9 +129,14 @@ class IMTL(GramianWeighting):
     this module: give ``balancer.parameters()`` to the optimiser); :math:`s_k` then receives the
     gradient :math:`e^{s_k} L_k - 1` of its own task, and the heads the scaled gradients.
 
-    .. note:: Computed on the device from G divided by its trace (the weights are invariant to
-       that scale); eigenvalues below the float resolution of the Gram matrix's dtype count as
-       zero. When :math:`\mathbf 1^\top G^+ n` vanishes the condition has no solution with
+    .. note:: Computed on the device from the Gram matrix of the unit gradients
+       (:math:`G^+ n = D^{-1} C^+ \mathbf 1` with :math:`C = D^{-1} G D^{-1}`,
+       :math:`D = \mathrm{diag}(n)`), so that the weights are invariant to the scale of each loss
+       separately (tested with scales from 1e-4 to 1e4 in float32); eigenvalues of C below the
+       float32 resolution of the gradients count as zero. The weights are divided by
+       :math:`|\mathbf 1^\top G^+ n|`: when that sum is negative (possible when the losses'
+       scales differ), the paper's :math:`\sum_k \alpha_k = 1` would make every projection
+       negative, an ascent direction for every task. When :math:`\mathbf 1^\top G^+ n` vanishes the condition has no solution with
        :math:`\sum_k \alpha_k = 1` and the weights are 0.
 
     Args:
@@ -167,15 +179,23 @@ class IMTL(GramianWeighting):
         return out, torch.exp(s.detach())
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        g = gramian.double()
-        trace = g.diagonal().sum()
-        g = g / torch.where(trace > 0, trace, 1.0)
-        norms = g.diagonal().clamp_min(0).sqrt()
-        rtol = gramian.shape[0] * torch.finfo(gramian.dtype).eps
-        v = torch.linalg.pinv(g, rtol=rtol, hermitian=True) @ norms
-        total = v.sum()
-        ok = total.abs() > 1e-9 * v.abs().sum()
-        return torch.where(ok, v / torch.where(ok, total, 1.0), 0.0).to(gramian.dtype)
+        # On the unit gradients (the cosine matrix C = D^-1 G D^-1, D = diag of the norms):
+        # G^+ n = D^-1 C^+ 1, and the pseudo-inverse's cut is then relative to C, whose
+        # eigenvalues do not depend on the scale of any task's loss. (A cut relative to the
+        # largest eigenvalue of G drops the direction of a task whose loss is 1e4 times
+        # smaller.) A zero gradient gets weight 0.
+        cosine, norms = cosine_gramian(gramian)
+        lam, vec = torch.linalg.eigh(cosine)
+        keep = lam > cosine.shape[0] ** 2 * GRADIENT_EPS
+        inv = torch.where(keep, 1.0 / torch.where(keep, lam, 1.0), 0.0)
+        active = (norms > 0).to(cosine.dtype)
+        beta = vec @ (inv * (vec.T @ active))
+        v = torch.where(norms > 0, beta / torch.where(norms > 0, norms, 1.0), 0.0)
+        # J^T v has projection 1 on every unit gradient; dividing by |sum v| (the paper's
+        # sum-to-one, up to the sign) keeps that projection positive.
+        total = v.sum().abs()
+        ok = total > 1e-9 * v.abs().sum()
+        return torch.where(ok, v / torch.where(ok, total, 1.0), 0.0)
 
     def extra_repr(self) -> str:
         return f"loss_scale={self.loss_scale}, {super().extra_repr()}"
@@ -290,9 +310,10 @@ class AlignedMTL(GramianWeighting):
 
     .. note:: :math:`\omega = \mathbf 1 / K` as in TorchJD; the authors' code sums the aligned
        gradients (:math:`\omega = \mathbf 1`), K times larger, same direction. Computed on the
-       device in float64 with no host transfer. Eigenvalues below
-       ``K * eps * max eigenvalue`` (eps of the Gram matrix's dtype) are dropped; if every
-       eigenvalue is dropped (all gradients zero), B is the identity.
+       device in float64 with no host transfer. The rank r is that of the unit gradients'
+       Gram matrix (eigenvalues above the float32 resolution of the gradients, independent of
+       the losses' scales) and the r largest eigenvalues of G are kept, however small; if none
+       is (all gradients zero), B is the identity.
 
     Args:
         tasks: task names.
@@ -327,7 +348,11 @@ class AlignedMTL(GramianWeighting):
         g = gramian.double()
         k = g.shape[0]
         lam, vec = torch.linalg.eigh(g)
-        keep = lam > _rank_tolerance(gramian, lam)
+        # The rank is read on the unit gradients' Gram matrix, whose eigenvalues do not depend
+        # on the scales of the losses; the r largest eigenvalues of G are then kept, however
+        # small (a cut relative to G's largest eigenvalue drops a small task's direction).
+        rank = numerical_rank(cosine_gramian(g)[0])
+        keep = (torch.arange(k, device=g.device) >= k - rank) & (lam > 0)
         inv_sqrt = torch.where(keep, lam.clamp_min(torch.finfo(g.dtype).tiny).rsqrt(), 0.0)
         if self.scale_mode == "min":
             sigma = torch.where(keep, lam, torch.inf).min()
@@ -399,13 +424,8 @@ class UPGrad(GramianWeighting):
         self.reg_eps = positive("reg_eps", reg_eps, allow_zero=True)
 
     def gramian_weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        g = to_host(gramian)
+        g, _ = normalize_gramian(to_host(gramian))  # zero when every gradient is
         k = g.shape[0]
-        trace = float(g.diagonal().sum())
-        if trace > 0 and math.isfinite(trace):
-            g = g / trace
-        else:
-            g = torch.zeros_like(g)
         q = g + max(self.reg_eps, 1e-12) * torch.eye(k, dtype=g.dtype)
         lower = torch.eye(k, dtype=g.dtype) / k
         v = lower_bounded_qp(q, lower)
@@ -506,7 +526,7 @@ class DBMTL(JacobianAggregator):
         beta_t = self.beta / t**self.beta_sigma
         ema = self.grad_ema
         ema.sub_(jacobian).mul_(beta_t).add_(jacobian)  # beta_t * ema + (1 - beta_t) * g
-        norms = ema.norm(dim=1)
+        norms = safe_row_norms(ema)  # a float32 sum of squares overflows from ~1e19
         alpha = torch.where(
             norms > 0, norms.max() / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0
         )

@@ -27,6 +27,8 @@ import torch
 from scipy.linalg import lapack
 from torch import Tensor
 
+from mtlkit.balancers._functional import normalize_gramian
+
 _F64 = torch.float64
 
 
@@ -379,13 +381,12 @@ def cagrad_dual(gramian: Tensor, c: float) -> tuple[Tensor, float]:
         ``J^T (1/K + lam w)``. ``lam`` is 0 when ``g0 = 0`` or when the optimum is the origin of
         the hull (the direction ``x / ||x||`` is then undefined).
     """
-    gram = _np(gramian)
-    k = gram.shape[0]
-    trace = float(gram.diagonal().sum())
+    normalized, trace = normalize_gramian(gramian)  # the weights are invariant to its scale
+    k = normalized.shape[0]
     uniform = torch.full((k,), 1.0 / k, dtype=_F64)
-    if not trace > 0 or not math.isfinite(trace):
+    if not float(trace) > 0 or not math.isfinite(float(trace)):
         return uniform, 0.0
-    g = gram / trace  # the weights are invariant to the scale of G
+    g = _np(normalized)
     b = g.mean(1)
     g0_sq = float(g.mean())
     rho = c * math.sqrt(max(g0_sq, 0.0))

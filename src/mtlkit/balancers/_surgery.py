@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import BlockGramianWeighting, GramianWeighting, JacobianAggregator
+from mtlkit.balancers._functional import normalize_gramian
 from mtlkit.balancers._registry import register
 
 
@@ -183,10 +184,14 @@ class GradDrop(JacobianAggregator):
         u = self._uniform(purity.shape, j.device, j.dtype)
         keep = ((purity > u) & (j > 0)) | ((purity < u) & (j < 0))
         leak = self.leak.to(device=j.device, dtype=j.dtype)[:, None]
-        kept = (leak + (1 - leak) * keep) * j
-        sq = (j * j).sum(1)
-        weights = torch.where(sq > 0, (kept * j).sum(1) / sq.clamp_min(torch.finfo(j.dtype).tiny), 0.0)
-        return kept.sum(0), weights
+        share = leak + (1 - leak) * keep
+        # <kept_i, g_i> / ||g_i||^2 on the gradients divided by their largest magnitude (a
+        # float32 sum of squares overflows from ~1e19)
+        top = j.abs().amax()
+        unit_sq = (j / torch.where(top > 0, top, 1.0)).square()
+        sq = unit_sq.sum(1)
+        weights = torch.where(sq > 0, (share * unit_sq).sum(1) / torch.where(sq > 0, sq, 1.0), 0.0)
+        return (share * j).sum(0), weights
 
     def extra_repr(self) -> str:
         return f"leak={self.leak.tolist()}, seed={self.seed}, {super().extra_repr()}"
@@ -326,8 +331,7 @@ class GradVac(BlockGramianWeighting):
         if k == 1:
             return torch.ones(n_blocks, 1, dtype=gramians.dtype, device=gramians.device)
         tiny = torch.finfo(g.dtype).tiny
-        trace = g.diagonal(dim1=1, dim2=2).sum(-1)
-        g = g / torch.where(trace > 0, trace, 1.0)[:, None, None]
+        g, _ = normalize_gramian(g)
         targets = self.targets.to(g.device)
         order = _to_device(_random_orders(self._rng(), (b,), k), g.device)
         bi = torch.arange(b, device=g.device)[:, None].expand(b, k)

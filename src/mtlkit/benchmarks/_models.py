@@ -71,11 +71,12 @@ class Suite:
     tasks: tuple[str, ...]
     batch: int
     size: int
-    width: int
+    width: int | None
 
     def describe(self) -> str:
+        encoder = f"encoder width {self.width}" if self.width else "ResNet-18 encoder"
         return (f"{self.name}: K={len(self.tasks)}, batch {self.batch}, input 3x{self.size}x"
-                f"{self.size}, encoder width {self.width}")
+                f"{self.size}, {encoder}")
 
 
 class DenseMTL(nn.Module):
@@ -115,15 +116,32 @@ class DenseMTL(nn.Module):
         }, z
 
 
+class ResNet18Encoder(nn.Module):
+    """:func:`mtlkit.nn.resnet18` (11.2M parameters, 512 output channels) with a
+    :class:`PassCounter` after its stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from mtlkit.nn import resnet18
+
+        self.net = resnet18()
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = self.net
+        out: Tensor = n.layer4(n.layer3(n.layer2(n.layer1(PassCounter.watch(n.stem(x))))))
+        return out
+
+
 class ManyTaskClassifier(nn.Module):
     """Encoder, global average pooling, and one linear binary classifier per task (as the 40
-    attributes of CelebA), with binary cross-entropy."""
+    attributes of CelebA), with binary cross-entropy. ``width=None``: a ResNet-18 encoder."""
 
-    def __init__(self, width: int, tasks: tuple[str, ...]) -> None:
+    def __init__(self, width: int | None, tasks: tuple[str, ...]) -> None:
         super().__init__()
         self.tasks = tasks
-        self.encoder = Encoder(width)
-        self.heads = nn.ModuleDict({t: nn.Linear(4 * width, 1) for t in tasks})
+        self.encoder: nn.Module = Encoder(width) if width else ResNet18Encoder()
+        channels = 4 * width if width else 512
+        self.heads = nn.ModuleDict({t: nn.Linear(channels, 1) for t in tasks})
 
     def make_batch(self, suite: Suite, device: torch.device) -> tuple[Tensor, Tensor]:
         g = torch.Generator().manual_seed(0)
@@ -147,8 +165,11 @@ def suites(quick: bool) -> dict[str, Suite]:
     many = tuple(f"attr{i:02d}" for i in range(40))
     if quick:
         return {"dense": Suite("dense", DenseMTL.tasks, 2, 16, 4),
-                "many": Suite("many", many, 4, 8, 4)}
+                "many": Suite("many", many, 4, 8, 4),
+                "resnet18": Suite("resnet18", many, 2, 32, None)}
     # Sized so that a full run with --peers fits in 10 minutes on 2 shared CPU cores
     # (see the table in mtlkit.benchmarks.speed).
     return {"dense": Suite("dense", DenseMTL.tasks, 8, 48, 8),
-            "many": Suite("many", many, 16, 16, 8)}
+            "many": Suite("many", many, 16, 16, 8),
+            # issue 13's case (opt in: --suites resnet18; minutes per method on CPU)
+            "resnet18": Suite("resnet18", many, 8, 64, None)}

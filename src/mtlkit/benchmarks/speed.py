@@ -15,7 +15,12 @@ problem     batch   input  width  shared params  task-specific
 ==========  ======  =====  =====  =============  =================
 dense       8       48x48  8      24,296         28,203 (3 heads)
 many        16      16x16  8      24,296         1,320 (40 heads)
+resnet18    8       64x64  -      11,176,512     20,520 (40 heads)
 ==========  ======  =====  =====  =============  =================
+
+``resnet18`` (opt in with ``--suites resnet18``) is the ``many`` problem on a ResNet-18 trunk,
+where the K x P Jacobian (1.8 GB) decides the memory: ``strategy="auto"`` takes the Gram-only
+path there (``mgda[strategy=batched]`` is the Jacobian path, for comparison).
 
 A step is: zero the gradients, forward, ``balancer.backward(losses, shared=encoder parameters,
 features=encoder output)``, an SGD step (learning rate 0, so every step sees the same inputs),
@@ -105,6 +110,10 @@ DEFAULT_METHODS = (
     "ew", "ew[check_finite=False]", "uw", "dwa", "famo", "famo[update=next_batch]", "gradnorm",
     "grad_norm_scaling@features", "mgda", "mgda@features", "pcgrad", "graddrop", "gradvac",
     "cagrad", "imtl", "nash_mtl", "aligned_mtl", "upgrad", "upgrad@features", "db_mtl",
+    # issue 11
+    "config", "dualproj", "cr_mogm", "fairgrad", "krum", "trimmed_mean", "pcd", "excess_mtl",
+    "imtl_l", "metabalance",
+    "moco", "modo", "sdmgrad",
 )
 #: Targets of issue 3 (see the module docstring).
 LOSS_TIME, FEATURES_TIME, PEER_TIME, PEER_MEM = 1.05, 1.5, 1.00, 0.50
@@ -121,6 +130,26 @@ PEERS: dict[str, Callable[[int], Any]] = {
     "nash_mtl": lambda k: _tjd().NashMTL(n_tasks=k),
     "aligned_mtl": lambda k: _tjd().AlignedMTL(),
     "upgrad": lambda k: _tjd().UPGrad(),
+    "config": lambda k: _tjd().ConFIG(),
+    "dualproj": lambda k: _tjd().DualProj(),
+    "cr_mogm": lambda k: _tjd().GramianWeightedAggregator(
+        _tjd().CRMOGMWeighting(_tjd().MGDAWeighting())),
+    "fairgrad": lambda k: _tjd().FairGrad(alpha=2.0),
+    "krum": lambda k: _tjd().Krum(n_byzantine=0),
+    "trimmed_mean": lambda k: _tjd().TrimmedMean(trim_number=1),
+    "pcd": lambda k: _tjd().PCD(),
+    "excess_mtl": lambda k: _tjd().ExcessMTL(),
+    "imtl_l": lambda k: _tjd_scalarization().IMTLL(k),
+}
+#: Peers that are TorchJD scalarizers (one backward pass of ``scalarizer(losses)``), not
+#: aggregators.
+SCALARIZER_PEERS = {"imtl_l"}
+# Weightings of J1 J2' (two independent batches; here two forward passes of the same batch):
+# the peer step runs TorchJD's ``jac`` on each batch's losses, then backpropagates the mean of
+# the two batches' losses weighted by the weighting's output, as TorchJD's own example.
+CROSS_PEERS: dict[str, Callable[[int], Any]] = {
+    "modo": lambda k: _tjd().MoDoWeighting(gamma=1e-3, rho=0.1),
+    "sdmgrad": lambda k: _tjd().SDMGradWeighting(),
 }
 
 
@@ -128,6 +157,12 @@ def _tjd() -> Any:
     from torchjd import aggregation
 
     return aggregation
+
+
+def _tjd_scalarization() -> Any:
+    from torchjd import scalarization
+
+    return scalarization
 
 
 @dataclass(frozen=True)
@@ -177,7 +212,7 @@ class Spec:
         """The TorchJD peer timed beside this method (parameters mode only)."""
         if self.peer or self.key == PLAIN_SUM or self.grad_on is not None:
             return None
-        return f"torchjd:{self.name}" if self.name in PEERS else None
+        return f"torchjd:{self.name}" if self.name in PEERS or self.name in CROSS_PEERS else None
 
 
 class Problem:
@@ -205,6 +240,33 @@ class Problem:
                 opt.step()
 
             return plain
+        if spec.peer and spec.name in SCALARIZER_PEERS:
+            scalarizer = PEERS[spec.name](len(self.suite.tasks)).to(self.device)
+            opt = torch.optim.SGD([*model.parameters(), *scalarizer.parameters()], lr=0.0)
+
+            def peer_scalarizer() -> None:
+                opt.zero_grad(set_to_none=True)
+                losses, _ = model.losses(*batch)
+                scalarizer(torch.stack(list(losses.values()))).backward()
+                opt.step()
+
+            return peer_scalarizer
+        if spec.peer and spec.name in CROSS_PEERS:
+            from torchjd.autojac import jac
+
+            weighting = CROSS_PEERS[spec.name](len(self.suite.tasks))
+            opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+            def cross_peer() -> None:
+                opt.zero_grad(set_to_none=True)
+                both = [torch.stack(list(model.losses(*batch)[0].values())) for _ in range(2)]
+                j1, j2 = (torch.cat([g.flatten(1) for g in jac(v, shared, retain_graph=True)], 1)
+                          for v in both)
+                weights = weighting(j1 @ j2.T)
+                ((both[0] + both[1]) / 2).backward(weights)
+                opt.step()
+
+            return cross_peer
         if spec.peer:
             from torchjd.autojac import jac_to_grad, mtl_backward
 
@@ -223,13 +285,24 @@ class Problem:
         hparams.update(spec.options)
         balancer = balancers.create(spec.name, tasks=list(self.suite.tasks), **hparams)
         balancer.to(self.device)
-        self.requires[spec.key] = balancer.requires
+        # A bilevel method is no plain loss weighting: the 1.05x target is not its.
+        self.requires[spec.key] = (f"{balancer.requires}, held-out batch"
+                                   if getattr(balancer, "needs_held_out_batch", False)
+                                   else balancer.requires)
         opt = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.0)
 
         def ours() -> None:
             opt.zero_grad(set_to_none=True)
             losses, z = model.losses(*batch)
-            balancer.backward(losses, shared=shared, features=z)
+            # A second forward of the same batch stands in for a second batch (MoDo, SDMGrad)
+            # or a held-out batch (Auto-Lambda).
+            extra: dict[str, Any] = {}
+            if getattr(balancer, "needs_second_batch", False):
+                extra = {"second_losses": model.losses(*batch)[0]}
+            elif getattr(balancer, "needs_held_out_batch", False):
+                extra = {"held_out": lambda: model.losses(*batch)[0],
+                         "parameters": list(model.parameters())}
+            balancer.backward(losses, shared=shared, features=z, **extra)
             opt.step()
             if balancer.needs_after_step:
                 with torch.no_grad():
@@ -388,7 +461,7 @@ def _unavailable(spec: Spec, k: int) -> str | None:
     """Why the peer of ``spec`` cannot be built here (TorchJD or its optional solvers), or None."""
     try:
         with _quiet():
-            PEERS[spec.name](k)
+            (PEERS.get(spec.name) or CROSS_PEERS[spec.name])(k)
     except Exception as err:  # noqa: BLE001 - any failure of an optional peer is reported
         return f"{type(err).__name__}: {err}"
     return None
@@ -526,7 +599,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated balancer names; NAME@features for grad_on="
                              "'features'; NAME[opt=value;...] for constructor options "
                              "(default: a representative set)")
-    parser.add_argument("--suites", default="dense,many", help="dense, many or both")
+    parser.add_argument("--suites", default="dense,many",
+                        help="comma-separated: dense, many, resnet18 (default dense,many)")
     parser.add_argument("--peers", action="store_true",
                         help="also time TorchJD's mtl_backward with the same aggregator")
     parser.add_argument("--repeats", type=int, default=None,

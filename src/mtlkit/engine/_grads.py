@@ -14,9 +14,15 @@ How the K trunk backward passes run (``strategy``, parameters mode):
 * ``"batched"``: one vectorised backward (``torch.autograd.grad(..., is_grads_batched=True)``);
   ``chunk_size`` bounds how many tasks go through at once (memory ~ chunk x activations).
 * ``"loop"``: K ordinary passes, the least memory.
+* ``"gramian"`` (Gram-only): one vectorised backward over all K tasks in which each shared
+  parameter's K task gradients are folded into the Gram matrix as soon as autograd produces
+  them (a hook per parameter), so the K x P Jacobian is never held; ``sum_k w_k g_k`` is then
+  written by one weighted backward pass. Only for methods that need nothing but the Gram
+  matrix, in one process.
 * ``"auto"``: batched in chunks of at most 16 tasks (split evenly: 40 tasks are 14 + 13 + 13);
   on CPUs the loop for up to 4 tasks (see :func:`auto_strategy`); an explicit ``chunk_size``
-  means batched in even chunks of at most that size.
+  means batched in even chunks of at most that size. Gram-only instead when the method needs
+  only the Gram matrix and the Jacobian would exceed :data:`JACOBIAN_BUDGET` bytes.
 
 Task-specific parameters (leaves reached from the losses that are not shared, and, when features
 are given, not behind them) receive the plain gradient of their own task's loss. They are found
@@ -33,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -41,9 +47,13 @@ from torch import Tensor
 from mtlkit.engine._dist import all_mean, all_mean_list, world_size
 
 GradOn = Literal["parameters", "features"]
-Strategy = Literal["auto", "batched", "loop"]
+Strategy = Literal["auto", "batched", "loop", "gramian"]
 GRAD_ON: tuple[str, ...] = ("parameters", "features")
-STRATEGIES: tuple[str, ...] = ("auto", "batched", "loop")
+STRATEGIES: tuple[str, ...] = ("auto", "batched", "loop", "gramian")
+#: Above this many bytes of K x P Jacobian, ``strategy="auto"`` takes the Gram-only path for a
+#: method that needs only the Gram matrix (40 tasks on a ResNet-18 trunk, 11.2M parameters:
+#: 1.8 GB in float32, Gram-only; the speed benchmark's encoder, 40 x 0.1M: 16 MB, Jacobian).
+JACOBIAN_BUDGET = 2**30
 #: At most this many tasks per vectorised backward under ``strategy="auto"`` (split evenly, see
 #: :func:`chunk_sizes`). On GPUs a vectorised backward over many tasks runs them in parallel;
 #: 16 bounds the K-fold activation-gradient memory. On CPUs (one torch thread, the speed
@@ -83,6 +93,11 @@ class TaskGradients:
             single feature tensor in features mode).
         block_gramians: (B, K, K, float64), the Gram matrix of each block; they sum to
             ``gramian``.
+        pending: Gram-only path: (outputs, rows) whose weighted backward pass writes
+            ``sum_k w_k g_k`` (the graph is still held); ``blocks`` is then empty.
+        loss_scale: the factor the differentiated losses carried (a gradient scaler's scale;
+            see :meth:`unscale`): the blocks hold scaled gradients, and what is written is scaled
+            back, for the scaler to unscale.
     """
 
     gramian: Tensor
@@ -91,24 +106,69 @@ class TaskGradients:
     features: Tensor | None
     grad_on: GradOn
     block_gramians: Tensor
+    pending: tuple[Tensor, Tensor] | None = None
+    loss_scale: Tensor | None = None
+
+    def unscale(self, scale: Tensor) -> None:
+        """The losses were multiplied by ``scale``: divide the Gram matrices by ``scale^2`` and,
+        from now on, give :meth:`jacobian_matrix` divided by ``scale`` and write
+        :meth:`apply_vector`'s vector multiplied by it. Weights computed from these are those of
+        the unscaled losses; the gradients written are ``scale`` times the unscaled update
+        (:meth:`apply_weights` and :meth:`apply_block_weights` combine the scaled gradients)."""
+        inv2 = scale.double().reciprocal() ** 2
+        self.gramian = self.gramian * inv2
+        self.block_gramians = self.block_gramians * inv2
+        self.loss_scale = scale
 
     def jacobian_matrix(self) -> Tensor:
         """The K x P matrix of task gradients (materialised on demand)."""
+        self._need_blocks()
         k = self.gramian.shape[0]
-        return torch.cat([b.reshape(k, -1) for b in self.blocks], dim=1)
+        out = torch.cat([b.reshape(k, -1) for b in self.blocks], dim=1)
+        if self.loss_scale is not None:
+            out.div_(self.loss_scale.to(out.dtype))
+        return out
 
     def apply_weights(self, weights: Tensor) -> None:
         """Accumulate ``sum_k w_k g_k`` into the shared parameters' ``.grad``."""
+        if self.gram_only:
+            # Gram-only: one backward pass of sum_k w_k (row_k . outputs), freeing the graph.
+            if self.pending is None:
+                raise RuntimeError("the Gram-only update was already written (its graph is freed)")
+            outputs, rows = self.pending
+            self.pending = None
+            grad = torch.tensordot(weights.to(rows.dtype), rows, dims=1)
+            out = torch.autograd.grad(outputs, self.shared, grad, allow_unused=True,
+                                      materialize_grads=True)
+            for p, g in zip(self.shared, out):
+                _accumulate(p, g, owned=True)
+            return
         combined = [torch.tensordot(weights.to(b.dtype), b, dims=1) for b in self.blocks]
         self._write(combined, owned=True)
 
+    @property
+    def gram_only(self) -> bool:
+        """Whether these are the Gram-only path's (no per-task gradients held)."""
+        return not self.blocks
+
+    def _need_blocks(self) -> None:
+        if self.gram_only:
+            raise RuntimeError(
+                "the Gram-only path (strategy='gramian') holds no per-task gradients: only "
+                "apply_weights can write its update"
+            )
+
     def apply_block_weights(self, weights: Tensor) -> None:
         """Accumulate ``sum_k W[b, k] g_k^(b)`` into block b, for per-block weights (B, K)."""
+        self._need_blocks()
         combined = [torch.tensordot(w.to(b.dtype), b, dims=1) for w, b in zip(weights, self.blocks)]
         self._write(combined, owned=True)
 
     def apply_vector(self, vector: Tensor) -> None:
         """Accumulate a combined gradient given as a flat vector of the task-gradient space."""
+        self._need_blocks()
+        if self.loss_scale is not None:
+            vector = vector * self.loss_scale.to(vector.dtype)
         out, offset = [], 0
         for b in self.blocks:
             n = b[0].numel()
@@ -150,7 +210,8 @@ def task_gradients(
         grad_on: ``"parameters"`` or ``"features"``.
         strategy: ``"auto"``, ``"batched"`` or ``"loop"`` (parameters mode).
         chunk_size: at most this many tasks per batched backward.
-        need_jacobian: the caller will read :meth:`TaskGradients.jacobian_matrix`.
+        need_jacobian: the caller will read the task gradients themselves (the blocks or
+            :meth:`TaskGradients.jacobian_matrix`), not only their Gram matrix.
 
     Returns:
         A :class:`TaskGradients`; task-specific ``.grad`` has already been accumulated.
@@ -171,6 +232,8 @@ def task_gradients(
         )
     k = len(losses)
     shared = list(shared)
+    explicit = strategy in ("batched", "gramian")
+    gram_only = _gram_only(strategy, k, shared, grad_on, need_jacobian)
     if strategy == "auto":
         device = shared[0].device if len(shared) else torch.device("cpu")
         strategy, chunk_size = auto_strategy(k, device.type, chunk_size)
@@ -179,21 +242,41 @@ def task_gradients(
         raise ValueError("shared lists a parameter twice: its update would be counted twice")
     if features is not None and id(features) in shared_ids:
         raise ValueError("features must be the shared representation, not a shared parameter")
-    heads, own_heads, bypass, overlap = _task_leaves(losses, shared_ids, features)
-    if bypass and features is not None:
+    found = _task_leaves(losses, shared_ids, features)
+    heads, own_heads, overlap = found.heads, found.by_loss, found.overlap
+    if found.bypass and features is not None:
         # A shared parameter reaches the losses without going through the features (e.g. tied
-        # weights in a head): splitting at the features would drop that part of its gradient.
+        # weights in a head, or a model compiled whole): splitting at the features would drop
+        # that part of its gradient.
         if grad_on == "features":
+            if found.fused:
+                raise ValueError(
+                    "the features and the losses come out of one torch.compile-d graph (the "
+                    "model was compiled whole), so the losses' gradients at the features cannot "
+                    "be taken; compile the trunk and the heads separately, or end the trunk "
+                    "with torch._dynamo.graph_break() (mtlkit.nn.HardSharing does), or use "
+                    "grad_on='parameters'"
+                )
             raise ValueError(
                 "a shared parameter is used after the features (it reaches the losses without "
                 "passing through them), so grad_on='features' cannot account for it; use "
                 "grad_on='parameters'"
             )
         features = None
-        heads, _, _, _ = _task_leaves(losses, shared_ids, None)
+        found = _task_leaves(losses, shared_ids, None)
+        heads = found.heads
+    compiled = found.compiled  # the whole graph was walked when there are no features
 
+    if compiled and gram_only and strategy == "gramian":
+        raise ValueError(
+            "strategy='gramian' cannot run through a torch.compile-d model (a compiled "
+            "backward cannot run under torch.vmap); use strategy='auto' or 'loop'"
+        )
+    gram_only = gram_only and not compiled
     if features is not None:
-        _check_trunk_is_shared(features, shared_ids)
+        compiled = _check_trunk_is_shared(features, shared_ids) or compiled
+        strategy, chunk_size = _sequential_if_compiled(strategy, chunk_size, compiled, explicit)
+        gram_only = gram_only and not compiled
         # Heads pass: per task, dL_k/dz and the task's own head gradients. A loop touches only
         # task k's head each time, so it costs one backward through all heads in total. When
         # the tasks share no operation above z, each head's graph is freed as soon as it has
@@ -222,10 +305,23 @@ def task_gradients(
             if ranks > 1:
                 gram = all_mean(gram) / ranks
             return TaskGradients(gram, [dz_stack], shared, features, grad_on, gram[None])
+        if gram_only:
+            block_gram, _ = _gram_pass(features, shared, dz_stack, len(shared))
+            return TaskGradients(block_gram.sum(0), [], shared, None, grad_on, block_gram,
+                                 pending=(features, dz_stack))
         blocks = all_mean_list(_batched_or_loop(
             features, shared, dz_stack, strategy, chunk_size, outputs_are_losses=False
         ))
     else:
+        strategy, chunk_size = _sequential_if_compiled(strategy, chunk_size, compiled, explicit)
+        if gram_only:
+            stacked = torch.stack([_scalar(loss) for loss in losses])
+            rows = torch.eye(k, dtype=stacked.dtype, device=stacked.device)
+            block_gram, head_blocks = _gram_pass(stacked, [*shared, *heads], rows, len(shared))
+            for p, g in zip(heads, head_blocks):
+                _accumulate(p, g.sum(0), owned=True)
+            return TaskGradients(block_gram.sum(0), [], shared, None, grad_on, block_gram,
+                                 pending=(stacked, rows))
         blocks = all_mean_list(_batched_or_loop(
             torch.stack([_scalar(loss) for loss in losses]),
             [*shared, *heads],
@@ -259,8 +355,9 @@ def task_jacobian(
     if chunk_size is None and len(inputs):
         chunk_size = AUTO_CHUNK.get(inputs[0].device.type, 16)
     stacked = torch.stack([_scalar(loss) for loss in losses])
+    strategy = "loop" if _graph_is_compiled(losses) else "batched"
     return all_mean_list(_batched_or_loop(
-        stacked, list(inputs), None, "batched", chunk_size, outputs_are_losses=True,
+        stacked, list(inputs), None, strategy, chunk_size, outputs_are_losses=True,
         retain_graph=retain_graph,
     ))
 
@@ -307,6 +404,65 @@ def _batched_or_loop(
         start += size
     assert blocks is not None
     return blocks
+
+
+def _gram_only(strategy: str, k: int, shared: list[Tensor], grad_on: str,
+               need_jacobian: bool) -> bool:
+    """Whether to take the Gram-only path (see the module docstring)."""
+    if strategy == "gramian":
+        if need_jacobian or grad_on != "parameters" or world_size() > 1:
+            raise ValueError(
+                "strategy='gramian' (Gram-only) serves methods that need only the Gram matrix, "
+                "with grad_on='parameters', in one process (under torch.distributed the ranks' "
+                "Gram matrices do not add up to the whole batch's)"
+            )
+        return True
+    if strategy != "auto" or need_jacobian or grad_on != "parameters" or world_size() > 1:
+        return False
+    size = sum(p.numel() * p.element_size() for p in shared)
+    return k > 1 and k * size > JACOBIAN_BUDGET
+
+
+def _gram_pass(
+    outputs: Tensor, inputs: list[Tensor], rows: Tensor, n_shared: int
+) -> tuple[Tensor, list[Tensor]]:
+    """One vectorised backward over all rows that keeps, of the first ``n_shared`` inputs, only
+    their Gram matrices (n_shared, K, K); the other inputs' blocks (K, *shape) are returned.
+    The graph is kept for the weighted backward pass that follows.
+
+    A hook on each shared parameter receives its K task gradients as autograd produces them
+    (inside ``torch.vmap``, a batched tensor: functorch's unwrap gives the (K, ...) tensor),
+    adds their Gram matrix and hands autograd a zero of stride 0 instead, so that at most one
+    parameter's K gradients are alive at a time.
+    """
+    k = rows.shape[0]
+    block_gram = torch.zeros((n_shared, k, k), dtype=torch.float64, device=outputs.device)
+
+    def tap(i: int) -> Any:
+        def hook(grad: Tensor) -> Tensor:
+            block_gram[i] += _gram(_unbatched(grad, k).reshape(k, -1))
+            return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+        return hook
+
+    handles = [p.register_hook(tap(i)) for i, p in enumerate(inputs[:n_shared])]
+    try:
+        out = _vjp_rows(outputs, inputs, rows, keep=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return block_gram, list(out[n_shared:])
+
+
+def _unbatched(grad: Tensor, k: int) -> Tensor:
+    """The (K, *shape) tensor behind a gradient seen inside ``torch.vmap`` over K rows (a
+    private functorch API; a gradient the rows do not change arrives unbatched)."""
+    from torch._C import _functorch
+
+    level = _functorch.maybe_get_level(grad)
+    if level == -1:  # not batched: one backward row, or the same for every row
+        return grad.unsqueeze(0).expand(k, *grad.shape)
+    inner, bdim = _functorch._unwrap_batched(grad, level)
+    return inner.movedim(bdim, 0)
 
 
 def chunk_sizes(k: int, at_most: int) -> list[int]:
@@ -408,34 +564,37 @@ def _accumulate(p: Tensor, g: Tensor, *, owned: bool = False) -> None:
 
 def _task_leaves(
     losses: Sequence[Tensor], exclude: set[int], features: Tensor | None
-) -> tuple[list[Tensor], list[list[Tensor]], bool, bool]:
+) -> _Leaves:
     """Leaves that require grad, reached from the losses without passing through ``features``
     and not in ``exclude``: the task-specific parameters. Order is deterministic.
 
-    Also returns each loss's own such leaves (complete only when no two losses share an
-    operation above ``features``); whether an excluded (shared) leaf was reached on that walk,
-    i.e. a shared parameter that influences the losses other than through ``features``; and
-    whether two losses share an operation above ``features`` (then a backward pass from one of
-    them must keep the graph for the others).
+    The walk follows each edge's output index, so it survives a node with several outputs, such
+    as the single node of a model compiled whole by ``torch.compile``: a loss that reaches the
+    features' node through another of its outputs does not go through the features, and the
+    walk continues through that node (``fused``).
     """
     stop = features.grad_fn if features is not None else None
+    stop_nr = features.output_nr if features is not None else -1
     owner: dict[int, int] = {}
     found: dict[int, Tensor] = {}
-    by_loss: list[list[Tensor]] = []
-    bypass = overlap = False
+    out = _Leaves([], [], False, False, False, False)
     for k, loss in enumerate(losses):
         own: list[Tensor] = []
         own_ids: set[int] = set()
-        by_loss.append(own)
-        stack = [loss.grad_fn] if loss.grad_fn is not None else []
+        out.by_loss.append(own)
+        stack = [(loss.grad_fn, loss.output_nr)] if loss.grad_fn is not None else []
         while stack:
-            node = stack.pop()
-            if node is None or node is stop:
+            node, nr = stack.pop()
+            if node is None:
                 continue
+            if node is stop:
+                if nr == stop_nr:
+                    continue
+                out.fused = True  # another output of the features' node: walk through it
             var = getattr(node, "variable", None)
             if var is not None:  # an AccumulateGrad node: a leaf parameter
                 if id(var) in exclude:
-                    bypass = True
+                    out.bypass = True
                 elif var is not features:
                     if id(var) not in own_ids:  # a leaf of two heads belongs to both
                         own_ids.add(id(var))
@@ -444,23 +603,58 @@ def _task_leaves(
                 continue
             seen_by = owner.get(id(node))
             if seen_by is not None:
-                overlap = overlap or seen_by != k
+                out.overlap = out.overlap or seen_by != k
                 continue
             owner[id(node)] = k
-            stack.extend(nxt for nxt, _ in reversed(node.next_functions) if nxt is not None)
-    return list(found.values()), by_loss, bypass, overlap
+            out.compiled = out.compiled or _is_compiled(node)
+            stack.extend((nxt, i) for nxt, i in reversed(node.next_functions) if nxt is not None)
+    out.heads = list(found.values())
+    return out
 
 
-def _check_trunk_is_shared(features: Tensor, shared_ids: set[int]) -> None:
-    """Raise if a parameter behind ``features`` is not in ``shared``.
+@dataclass
+class _Leaves:
+    """What :func:`_task_leaves` found above the features.
+
+    Attributes:
+        heads: the task-specific leaves (every loss's).
+        by_loss: each loss's own such leaves (complete only when no two losses share an
+            operation above the features).
+        bypass: an excluded (shared) leaf was reached: a shared parameter influences the losses
+            other than through the features.
+        overlap: two losses share an operation above the features (a backward pass from one
+            of them must keep the graph for the others).
+        compiled: a node of a ``torch.compile``-d graph was passed (its backward cannot run
+            under ``torch.vmap``).
+        fused: a loss reached the features' node through another of its outputs (the features
+            and the heads are computed in one compiled graph).
+    """
+
+    heads: list[Tensor]
+    by_loss: list[list[Tensor]]
+    bypass: bool
+    overlap: bool
+    compiled: bool
+    fused: bool
+
+
+def _is_compiled(node: Any) -> bool:
+    """Whether an autograd node is the backward of a ``torch.compile``-d graph (AOTAutograd)."""
+    return type(node).__name__ == "CompiledFunctionBackward"
+
+
+def _check_trunk_is_shared(features: Tensor, shared_ids: set[int]) -> bool:
+    """Raise if a parameter behind ``features`` is not in ``shared``; return whether the trunk
+    holds a ``torch.compile``-d node.
 
     Such a parameter influences every task through the features, but the trunk's backward pass
     writes only the listed shared parameters: it would silently get no gradient at all.
     """
     if features.grad_fn is None:
-        return
+        return False
     stack, seen = [features.grad_fn], set()
     missing: list[Tensor] = []
+    compiled = False
     while stack:
         node = stack.pop()
         if id(node) in seen:
@@ -471,6 +665,7 @@ def _check_trunk_is_shared(features: Tensor, shared_ids: set[int]) -> None:
             if isinstance(var, torch.nn.Parameter) and id(var) not in shared_ids:
                 missing.append(var)
             continue
+        compiled = compiled or _is_compiled(node)
         stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
     if missing:
         shapes = ", ".join(str(tuple(p.shape)) for p in missing[:5])
@@ -480,3 +675,34 @@ def _check_trunk_is_shared(features: Tensor, shared_ids: set[int]) -> None:
             "through the features, so list them in shared= (for an mtlkit.nn model, its "
             "shared_parameters() does), or they would receive no gradient"
         )
+    return compiled
+
+
+def _graph_is_compiled(roots: Sequence[Tensor]) -> bool:
+    """Whether the autograd graph behind ``roots`` holds a ``torch.compile``-d node."""
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or getattr(node, "variable", None) is not None:
+            continue
+        if _is_compiled(node):
+            return True
+        seen.add(id(node))
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return False
+
+
+def _sequential_if_compiled(strategy: str, chunk_size: int | None, compiled: bool,
+                            explicit: bool) -> tuple[str, int | None]:
+    """The loop instead of a vectorised backward through a compiled graph (whose backward cannot
+    run under ``torch.vmap``, pytorch#138422); an explicit ``strategy="batched"`` is refused
+    before any backward pass runs."""
+    if not compiled or strategy == "loop":
+        return strategy, chunk_size
+    if explicit:
+        raise ValueError(
+            "strategy='batched' cannot run through a torch.compile-d model (a compiled "
+            "backward cannot run under torch.vmap); use strategy='auto' or 'loop'"
+        )
+    return "loop", 1

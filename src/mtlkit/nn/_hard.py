@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from mtlkit.nn._base import MultiTaskModel, check_tasks
@@ -55,6 +56,10 @@ class HardSharing(MultiTaskModel):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         f = self.encoder(x)
+        if torch.compiler.is_compiling():
+            # Compile the trunk and the heads as two graphs: the features stay a node of the
+            # autograd graph that the losses pass through (grad_on="features" needs it).
+            torch._dynamo.graph_break()
         self.features = f
         return {t: self.heads[t](f) for t in self.tasks}
 

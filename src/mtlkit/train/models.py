@@ -3,7 +3,7 @@
 ``build_model(name, tasks, input_shape, **options)`` builds a registered model
 (:func:`available_models`: ``default``, ``hard_sharing``, ``resnet18_deeplab``,
 ``resnet50_deeplab``, ``segnet_mtan``, ``mtan``, ``cross_stitch``, ``mmoe``, ``cgc``, ``ple``,
-``dselect_k``, ``mrn``) or a user's ``package.module:function`` called the same way.
+``dselect_k``, ``mrn``, ``celeba_cnn``) or a user's ``package.module:function`` called the same way.
 :class:`~mtlkit.nn.Sluice`, :class:`~mtlkit.nn.Cascade` and
 :class:`~mtlkit.nn.FullyAdaptiveSharing` need a layout only their user can give (subspaces, a
 task graph, branch groups): build them in a function of yours and name it by module path.
@@ -393,3 +393,28 @@ def mrn(tasks: Sequence[Task], input_shape: Sequence[int], **options: Any) -> nn
     encoder = default_model(input_shape, tasks).encoder
     width = 100 if kind == "flat" else 128
     return MRN(encoder, width, {t.name: task_outputs(t) for t in tasks}, **options)
+
+
+@register_model("celeba_cnn")
+def celeba_cnn(tasks: Sequence[Task], input_shape: Sequence[int]) -> nn.Module:
+    """The CelebA network of FAMO's experiments (Liu et al., NeurIPS 2023, arXiv:2306.03792),
+    after Sener & Koltun (NeurIPS 2018, arXiv:1810.04650): four conv-BN-ReLU stages of
+    64, 128, 256 and 512 channels (one, two, two and two convolutions; 2x2 max-pooling after
+    the first three), global average pooling, two bias-free 512-unit linear-BN-ReLU layers,
+    then one linear head per task. Images only."""
+    _need("celeba_cnn", input_kind(tasks, input_shape), ("image",))
+
+    def cbr(i: int, o: int) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+
+    def fc() -> list[nn.Module]:
+        return [nn.Linear(512, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU()]
+
+    encoder = nn.Sequential(
+        *cbr(input_shape[0], 64), nn.MaxPool2d(2),
+        *cbr(64, 128), *cbr(128, 128), nn.MaxPool2d(2),
+        *cbr(128, 256), *cbr(256, 256), nn.MaxPool2d(2),
+        *cbr(256, 512), *cbr(512, 512), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        *fc(), *fc(),
+    )
+    return HardSharing(encoder, {t.name: nn.Linear(512, task_outputs(t)) for t in tasks})

@@ -96,7 +96,7 @@ def scheduled_lr(base_lr: float, schedule: Schedule, step: int, *, steps_per_epo
         lr = base_lr
     warmup = schedule.warmup_epochs * steps_per_epoch
     if warmup > 0 and step < warmup:
-        lr *= (step + 1) / warmup
+        lr *= min(1.0, (step + 1) / warmup)
     return lr
 
 

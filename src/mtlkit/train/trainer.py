@@ -302,6 +302,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
             loader = DataLoader(train, batch_size=self.config.batch_size, shuffle=True,
                                 generator=gen, drop_last=drop_last)
+            self._extra = self._extra_loader(train)
             self._train_epoch(loader)
             last = self.epoch + 1 >= self.config.epochs or self._out_of_steps()
             best = False
@@ -352,9 +353,50 @@ class Trainer:
             (self.out_dir / CHECKPOINT).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ training
+    def _extra_loader(self, train: Dataset) -> DataLoader | None:
+        """A second, independently shuffled pass over the training set, for balancers that
+        need a second batch (``needs_second_batch``: MoDo, SDMGrad) or a held-out batch
+        (``needs_held_out_batch``: Auto-Lambda, whose official code also draws it from the
+        training set; the validation split stays for model selection). Seeded by
+        ``(seed, epoch)`` like the main loader, so a resumed run draws the same batches."""
+        if not (getattr(self.balancer, "needs_second_batch", False)
+                or getattr(self.balancer, "needs_held_out_batch", False)):
+            return None
+        gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch + 7_777_777)
+        return DataLoader(train, batch_size=self.config.batch_size, shuffle=True, generator=gen,
+                          drop_last=len(train) > self.config.batch_size)
+
+    def _extra_context(self, batch: Any) -> dict[str, Any]:
+        """``second_losses`` or ``held_out`` + ``parameters`` from the extra loader's batch."""
+        x, y, mask = self._my_part(*_unpack(batch, self.device))
+
+        def losses() -> dict[str, Tensor]:
+            out = self.forward_model(x)
+            return {t.name: t.loss(out[t.name], y[t.name], mask.get(t.name)) for t in self.tasks}
+
+        if getattr(self.balancer, "needs_second_batch", False):
+            no_sync = self.ranks > 1 and self.balancer.takes_task_gradients
+            with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+                return {"second_losses": losses()}
+
+        def held_out() -> dict[str, Tensor]:
+            # At the virtual parameters: batch-norm statistics must not remember this pass.
+            buffers = [(b, b.clone()) for b in self.model.buffers()]
+            try:
+                return losses()
+            finally:
+                with torch.no_grad():
+                    for b, saved in buffers:
+                        b.copy_(saved)
+
+        return {"held_out": held_out,
+                "parameters": [p for p in self.model.parameters() if p.requires_grad]}
+
     def _train_epoch(self, loader: Iterable) -> None:
         self.model.train()
         n = len(loader)  # type: ignore[arg-type]
+        extra = getattr(self, "_extra", None)  # set by fit() from _extra_loader
+        extra_batches = iter(extra) if extra is not None else None
         for i, batch in enumerate(loader):
             if self._out_of_steps():
                 break
@@ -377,10 +419,12 @@ class Trainer:
                 cosine = parameter_cosine(losses, list(self.model.shared_parameters()))
                 t0 += time.perf_counter() - c0
             context = self._context(out, y, losses)
+            features = self._features()  # before a second forward pass replaces them
+            if extra_batches is not None:
+                context.update(self._extra_context(next(extra_batches)))
             try:
                 step = self.balancer.backward(
-                    losses, shared=self.model.shared_parameters(), features=self._features(),
-                    **context,
+                    losses, shared=self.model.shared_parameters(), features=features, **context,
                 )
             except FloatingPointError as err:
                 raise NonFiniteLossError(self._non_finite_message(err)) from None

@@ -1,0 +1,68 @@
+"""IMTL-L: learned loss scales that bring every scaled loss to the same value."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mtlkit.balancers._base import LossWeighting
+from mtlkit.balancers._registry import register
+
+
+@register("imtl_l")
+class IMTLL(LossWeighting):
+    r"""IMTL-L (loss balance of impartial multi-task learning): learn one scale per task so that
+    the scaled losses stay equal.
+
+    Proposed in Liu, Li, Kuang, Xue, Chen, Yang, Liao & Zhang, *Towards Impartial Multi-task
+    Learning* (ICLR 2021, OpenReview IMPnRXEWpvr; there is no arXiv version), Section 3.2. With a
+    learnable :math:`s_k` per task, the backpropagated loss is
+
+    .. math::  \sum_k e^{s_k} L_k - s_k,
+
+    whose gradient in :math:`s_k` is :math:`e^{s_k} L_k - 1`: at its stationary point every
+    scaled loss :math:`e^{s_k} L_k` equals 1, whatever the scale of the raw losses. The reported
+    weight of task k is :math:`e^{s_k}`; the shared parameters and the heads receive the scaled
+    gradients (one backward pass, as a plain sum).
+
+    .. note:: The scales :math:`s_k` are parameters of this module (initialised at 0, as the
+       paper): give ``balancer.parameters()`` to the optimiser. The paper designs IMTL-L for
+       positive losses (for a loss at or below 0 the objective has no minimum in :math:`s_k`).
+       IMTL-L is ``imtl`` with ``loss_scale=True`` without the gradient balance of IMTL-G (its
+       hybrid, the paper's "IMTL").
+
+    Args:
+        tasks: task names.
+        **options: ``check_finite`` (see :class:`~mtlkit.balancers.Balancer`).
+
+    State:
+        ``log_scales`` (K,), the learned :math:`s_k`.
+
+    Example:
+        >>> import torch
+        >>> from mtlkit.balancers._imtl_l import IMTLL
+        >>> p = torch.nn.Parameter(torch.tensor(1.0))
+        >>> b = IMTLL(["a", "b"])
+        >>> step = b.backward([p * 2, p * 0.5])
+        >>> step.weights
+        {'a': 1.0, 'b': 1.0}
+        >>> b.log_scales.grad  # e^s L - 1 at s = 0
+        tensor([ 1.0000, -0.5000])
+    """
+
+    log_scales: nn.Parameter
+
+    def __init__(self, tasks: Sequence[str], **options: Any) -> None:
+        super().__init__(tasks, **options)
+        self.log_scales = nn.Parameter(torch.zeros(self.num_tasks))
+
+    def objective(self, losses: Tensor, values: Tensor,
+                   context: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        # Differentiable in the scales: they learn from this same backward pass.
+        s = self.log_scales if self.log_scales.dtype == losses.dtype else \
+            self.log_scales.to(losses.dtype)
+        weights = torch.exp(s)
+        return losses @ weights - s.sum(), weights

@@ -1,0 +1,107 @@
+"""The Gram-only path (``strategy="gramian"``) gives the Jacobian path's update without holding
+the K x P Jacobian."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mtlkit import balancers
+from mtlkit.engine import _grads, task_gradients
+
+K = 6
+GRAMIAN_METHODS = [n for n in balancers.available()
+                   if n != "torchjd" and balancers.get(n).requires == "gramian"]
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        # a parameter used twice (its gradient sums two paths before the hook sees it)
+        self.trunk = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh())
+        self.heads = nn.ModuleList(nn.Linear(7, 1) for _ in range(K))
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor):
+        z = self.trunk(x)
+        z = z + 0.5 * self.trunk[2](z)
+        return [(i + 1.0) * (h(z).squeeze(-1) - y[:, i]).pow(2).mean()
+                for i, h in enumerate(self.heads)], z
+
+
+def data(step: int = 0):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(8, 4, generator=g), torch.randn(8, K, generator=g)
+
+
+@pytest.mark.parametrize("use_features", [False, True])
+def test_gram_only_gramian_and_update_equal_the_jacobian_path(use_features) -> None:
+    net = Net()
+    ref = copy.deepcopy(net)
+    w = torch.linspace(0.5, 2.0, K)
+    out = {}
+    for m, strategy in ((ref, "batched"), (net, "gramian")):
+        losses, z = m.losses(*data())
+        tg = task_gradients(losses, list(m.trunk.parameters()), z if use_features else None,
+                            strategy=strategy)
+        assert (tg.blocks == []) == (strategy == "gramian")
+        tg.apply_weights(w)
+        out[strategy] = tg
+    torch.testing.assert_close(out["gramian"].gramian, out["batched"].gramian,
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["gramian"].block_gramians, out["batched"].block_gramians,
+                               rtol=1e-5, atol=1e-6)
+    for p, q in zip(net.parameters(), ref.parameters()):  # trunk: sum w_k g_k; heads: own
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="holds no per-task gradients"):
+        out["gramian"].jacobian_matrix()
+
+
+@pytest.mark.parametrize("name", GRAMIAN_METHODS)
+def test_auto_takes_the_gram_only_path_over_the_budget(monkeypatch, name) -> None:
+    """Every Gram method: three SGD steps over the budget equal three on the Jacobian path."""
+    results = []
+    real = _grads._gram_pass
+    for budget in (2**62, 0):
+        monkeypatch.setattr(_grads, "JACOBIAN_BUDGET", budget)
+        calls: list[int] = []
+        monkeypatch.setattr(_grads, "_gram_pass",
+                            lambda *a, calls=calls: calls.append(1) or real(*a))
+        net = Net()
+        b = balancers.create(name, tasks=[str(i) for i in range(K)])
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        weights = []
+        for step in range(3):
+            opt.zero_grad()
+            losses, z = net.losses(*data(step))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                weights.append(b.backward(losses, shared=net.trunk.parameters(),
+                                          features=z).weight_tensor)
+            opt.step()
+        assert len(calls) == (3 if budget == 0 else 0)
+        results.append((torch.stack(weights), [p.detach() for p in net.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-6)
+    for p, q in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_gram_only_refuses_what_it_cannot_serve(monkeypatch) -> None:
+    monkeypatch.setattr(_grads, "JACOBIAN_BUDGET", 0)
+    for name in ("graddrop", "gradvac"):  # they read the gradients themselves: Jacobian path
+        net = Net()
+        losses, z = net.losses(*data())
+        balancers.create(name, tasks=[str(i) for i in range(K)]).backward(
+            losses, shared=net.trunk.parameters())
+    net = Net()
+    losses, z = net.losses(*data())
+    with pytest.raises(ValueError, match="need only the Gram matrix"):
+        task_gradients(losses, list(net.trunk.parameters()), z, strategy="gramian",
+                       need_jacobian=True)
+    with pytest.raises(ValueError, match="need only the Gram matrix"):
+        task_gradients(losses, list(net.trunk.parameters()), z, strategy="gramian",
+                       grad_on="features")
