@@ -32,16 +32,21 @@ Fields (defaults in brackets):
 - ``model`` [none: the dataset's default model]: a name of
   ``mtlkit.train.models.available_models()`` or ``package.module:function`` called as
   ``function(tasks, input_shape, **model_options)``, returning a multi-task model.
-- ``optimizer``: ``name`` [adam] (adam, adamw, sgd), ``lr`` [0.001], ``weight_decay`` [0],
+- ``optimizer``: ``name`` [adam] (adam, adamw, sgd), ``lr`` [0.003], ``weight_decay`` [0],
   ``momentum`` [0, sgd], ``nesterov`` [false, sgd], ``betas`` [[0.9, 0.999], adam/adamw].
   ``task_lr`` [{}]: per-task learning rates of the task-specific parameters.
 - ``scheduler``: ``name`` [none] (none, step, multistep, cosine), ``step_size`` [1],
   ``milestones`` [[]], ``gamma`` [0.1], ``warmup_epochs`` [0], ``min_lr`` [0]
   (:class:`mtlkit.train.optimizers.Schedule`).
-- ``epochs`` [8], ``max_steps`` [none: whole epochs], ``batch_size`` [128], ``grad_clip``
+- ``epochs`` [20], ``max_steps`` [none: whole epochs], ``batch_size`` [64], ``grad_clip``
   [none: max gradient norm], ``eval_every`` [1 epoch; the last epoch is always evaluated],
   ``cosine_every`` [25 steps; 0: never]: how often the task gradients' pairwise cosines are
   logged (K extra backward passes for methods that do not compute them anyway).
+  ``patience`` [5]: early stopping, end a run after this many evaluations without a better
+  validation score (null: never; a run the budget ends while it still improves is flagged in
+  the results).
+- ``baselines`` [{}]: published single-task values ``{task/metric: value}``; a task named there
+  is not trained alone, and Δm% / Δp use its given metrics only.
 - ``methods`` [ten methods, see ``DEFAULT_METHODS``], ``hparams`` [{}]: ``{method: {name:
   value}}``. ``seeds`` [1]: a count (seeds 0..n-1) or a list of seeds.
 - ``amp`` [none]: mixed precision, ``bf16`` (autocast) or ``fp16`` (autocast and a gradient
@@ -95,7 +100,7 @@ class Optimizer:
     """The ``optimizer`` section (see the module docstring)."""
 
     name: str = "adam"
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     momentum: float = 0.0
     nesterov: bool = False
@@ -126,15 +131,17 @@ class Experiment:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: int | list[int] = 1
-    epochs: int = 8
+    epochs: int = 20
     max_steps: int | None = None
-    batch_size: int = 128
+    batch_size: int = 64
     optimizer: Optimizer = field(default_factory=Optimizer)
     scheduler: Schedule = field(default_factory=Schedule)
     task_lr: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = None
     eval_every: int = 1
     cosine_every: int = 25
+    patience: int | None = 5
+    baselines: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     amp: str | None = None
     out: str | None = None
@@ -194,7 +201,7 @@ class Experiment:
         _check_spec("dataset", self.dataset)
         if self.model is not None:
             _check_spec("model", self.model)
-        for name in ("dataset_options", "model_options", "hparams", "task_lr"):
+        for name in ("dataset_options", "model_options", "hparams", "task_lr", "baselines"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a mapping, got {getattr(self, name)!r}")  # noqa: TRY004
         if self.root is not None and not isinstance(self.root, (str, os.PathLike)):
@@ -218,7 +225,7 @@ class Experiment:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not _int(self.cosine_every, 0):
             raise ValueError(f"cosine_every must be an integer >= 0, got {self.cosine_every!r}")
-        for name in ("max_steps", "max_samples"):
+        for name in ("max_steps", "max_samples", "patience"):
             v = getattr(self, name)
             if v is not None and not _int(v, 1):
                 raise ValueError(f"{name} must be an integer >= 1 or null, got {v!r}")
@@ -231,6 +238,11 @@ class Experiment:
         for t, v in self.task_lr.items():
             if not _positive(v):
                 raise ValueError(f"task_lr.{t} must be a positive number, got {v!r}")
+        for k, v in self.baselines.items():
+            if not isinstance(k, str) or "/" not in k:
+                raise ValueError(f"baselines: keys are task/metric (e.g. seg/miou), got {k!r}")
+            if not (_number(v) and math.isfinite(v)):
+                raise ValueError(f"baselines.{k} must be a finite number, got {v!r}")
         if self.grad_clip is not None and not _positive(self.grad_clip):
             raise ValueError(f"grad_clip must be a positive number or null, got {self.grad_clip!r}")
         if not isinstance(self.device, str):
@@ -266,6 +278,7 @@ class Experiment:
             betas=(float(opt.betas[0]), float(opt.betas[1])),
             scheduler=copy.deepcopy(self.scheduler), grad_clip=self.grad_clip,
             eval_every=self.eval_every, cosine_every=self.cosine_every,
+            patience=self.patience,
             keep=self.keep_checkpoint or keep, seed=seed,
             device=self.device, progress=False, amp=self.amp,
         )

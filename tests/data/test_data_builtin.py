@@ -147,4 +147,4 @@ def test_registry_names_and_errors() -> None:
         data.load("multidigits", sizes=(1, 2, 3))
     with pytest.raises(ValueError, match="nyuv2 is read from disk"):
         data.load("nyuv2")
-    assert data.options("multidigits")["size"] == 14_000
+    assert data.options("multidigits")["size"] == 5_000

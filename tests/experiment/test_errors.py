@@ -45,7 +45,7 @@ def _intact(out: Path, before: bytes) -> None:
         (["--device", "cuda:7"], r"device: 'cuda:7' is not available"),
         (["--lr", "0.01", "--batch-size", "16", "--method", "dwa"],
          (r"cannot resume .*checkpoint\.pt: it was saved by a run with other settings \("
-         r"batch_size: 32 \(saved\) != 16 \(now\); lr: 0\.001 \(saved\) != 0\.01 \(now\); "
+         r"batch_size: 32 \(saved\) != 16 \(now\); lr: 0\.003 \(saved\) != 0\.01 \(now\); "
          r"method: .*Uncertainty.* != .*DynamicWeight.*method_name: 'uw' \(saved\) != 'dwa'")),
         (["--model", "hard_sharing"], (r"other settings \(model: 'default' \(saved\) != "
                                       r"'hard_sharing' \(now\)\)")),

@@ -54,7 +54,9 @@ def test_printed_table_and_csv_hold_the_values_of_results_json(compared) -> None
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"ew", "uw", "mgda"}  # ew added as the time reference
     assert results["tasks"] == ["left", "right", "sum"]
-    rows = {r.split("|")[1].strip(): [c.strip() for c in r.strip().strip("|").split("|")]
+    # a name carries " ↗" when a seed was still improving at its last epoch
+    rows = {r.split("|")[1].strip().removesuffix(" ↗"):
+            [c.strip() for c in r.strip().strip("|").split("|")]
             for r in printed.splitlines() if r.startswith("| ") and "---" not in r}
     keys = results["metrics"]
     for m, row in results["methods"].items():
@@ -65,6 +67,9 @@ def test_printed_table_and_csv_hold_the_values_of_results_json(compared) -> None
             assert std == pytest.approx(row["metrics"][k]["std"], abs=5e-5)
         dm_mean = float(cells[1 + len(keys)].split(" ± ")[0])
         assert dm_mean == pytest.approx(row["delta_m"]["mean"], abs=5e-3)
+        dp_mean = float(cells[2 + len(keys)].split(" ± ")[0])
+        assert dp_mean == pytest.approx(row["delta_p"]["mean"], abs=5e-3)
+        assert cells[0].endswith(" ↗") == any(row["still_improving"])
         assert float(cells[-1]) == pytest.approx(row["time_ratio"], abs=5e-3)
     with (out / "results.csv").open() as f:
         csv_rows = {r["method"]: r for r in csv.DictReader(f)}

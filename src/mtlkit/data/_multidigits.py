@@ -70,7 +70,7 @@ def multidigits(
     root: str | Path | None = None,
     seed: int = 0,
     *,
-    size: int = 14_000,
+    size: int = 5_000,
     canvas: int = 12,
     jitter: int = 1,
     split: Sequence[float] = (0.7, 0.15, 0.15),
@@ -100,8 +100,8 @@ def multidigits(
     Args:
         root: must be None (the data ship with scikit-learn).
         seed: seeds the scan split, the pairs and the jitter.
-        size: total number of pairs, divided among the splits by ``split`` (default 9,800 /
-            2,100 / 2,100).
+        size: total number of pairs, divided among the splits by ``split`` (default 3,500 /
+            750 / 750).
         canvas: side of the square canvas (> 8 + 2 * jitter).
         jitter: largest random inward shift of each scan.
         split: train/val/test fractions (of the scans and of the pairs).

@@ -21,12 +21,13 @@ Metrics (key, direction, state):
 - :class:`EdgeF` (``odsF``, higher) and :class:`SaliencyMaxF` (``maxF``, higher): per-threshold
   counts; :class:`DepthRMSE` (``rmse``, lower): squared error sum and count.
 
-:func:`delta_m` gives Δm% against single-task baselines.
+:func:`delta_m` (Δm%, over every metric) and :func:`delta_p` (Δp, over tasks) give the gain
+against single-task baselines; :func:`mean_rank` ranks methods with ties averaged.
 """
 
 from mtlkit.metrics._base import Metric
 from mtlkit.metrics._classification import AUC, F1, Accuracy, binary_auc
-from mtlkit.metrics._delta import delta_m
+from mtlkit.metrics._delta import delta_m, delta_p, mean_rank
 from mtlkit.metrics._depth import AbsErr, RelErr
 from mtlkit.metrics._edges import DepthRMSE, EdgeF, SaliencyMaxF
 from mtlkit.metrics._normals import NormalAngleMean, NormalAngleMedian, NormalWithin, normal_angles
@@ -52,5 +53,7 @@ __all__ = [
     "SaliencyMaxF",
     "binary_auc",
     "delta_m",
+    "delta_p",
+    "mean_rank",
     "normal_angles",
 ]

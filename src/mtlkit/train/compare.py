@@ -20,7 +20,7 @@ from mtlkit import balancers
 from mtlkit.data import DatasetBundle
 from mtlkit.engine._dist import rank
 from mtlkit.experiment import Experiment
-from mtlkit.metrics import delta_m
+from mtlkit.metrics import delta_m, delta_p, mean_rank
 from mtlkit.tasks import Task
 from mtlkit.train.trainer import CHECKPOINT, RESULT, RunResult, Trainer, check_same_settings
 
@@ -50,12 +50,14 @@ def run_compare(cfg: Experiment, log: Callable[[str], None] = print, *,
     tasks = list(bundle.tasks)
     names = [t.name for t in tasks]
     check_methods(cfg, methods, names)
+    check_baselines(cfg.baselines, tasks)
     out = Path(cfg.out or "reports/compare")
     out.mkdir(parents=True, exist_ok=True)
 
+    given_tasks = {k.split("/", 1)[0] for k in cfg.baselines}
     runs: dict[str, list[dict[str, Any]]] = {}
     for seed in cfg.seed_list():
-        for task in tasks:
+        for task in (t for t in tasks if t.name not in given_tasks):  # the others are given
             key = f"single:{task.name}"
             log(f"[seed {seed}] single-task baseline {task.name}")
             res = _run(cfg, bundle, [task], "ew", seed, run_dir(out, key, seed), resume)
@@ -65,13 +67,26 @@ def run_compare(cfg: Experiment, log: Callable[[str], None] = print, *,
             res = _run(cfg, bundle, tasks, m, seed, run_dir(out, m, seed), resume)
             runs.setdefault(m, []).append(res)
 
-    results = summarise(runs, tasks, methods)
+    results = summarise(runs, tasks, methods, cfg.baselines)
     results["config"] = cfg.to_dict()
     results["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    results["versions"] = versions()
     if rank() == 0:  # under torchrun, one writer
         (out / "results.json").write_text(json.dumps(results, indent=2))
         write_results_csv(results, out / "results.csv")
     return results
+
+
+def versions() -> dict[str, str]:
+    """The versions a result was obtained with (mtlkit, PyTorch, Python, NumPy)."""
+    import platform
+
+    import numpy
+
+    import mtlkit
+
+    return {"mtlkit": mtlkit.__version__, "torch": torch.__version__,
+            "python": platform.python_version(), "numpy": numpy.__version__}
 
 
 def train_one(cfg: Experiment, *, seed: int = 0, resume: bool = False) -> RunResult:
@@ -95,11 +110,20 @@ def check_methods(cfg: Experiment, methods: Sequence[str], tasks: Sequence[str])
     if unknown:
         raise ValueError(f"task_lr: unknown task(s) {unknown}; tasks of {cfg.dataset} are "
                          f"{list(tasks)}")
+
     for m in methods:
         try:
             balancers.create(m, tasks=list(tasks), **cfg.hparams.get(m, {}))
         except (TypeError, ValueError) as err:
             raise ValueError(f"hparams.{m}: {err}") from None
+
+
+def check_baselines(given: Mapping[str, float], tasks: Sequence[Task]) -> None:
+    """Given single-task values must name real ``task/metric`` keys (before any training)."""
+    keys = [f"{t.name}/{name}" for t in tasks for name in t.metrics()]
+    unknown = sorted(set(given) - set(keys))
+    if unknown:
+        raise ValueError(f"baselines: unknown metric(s) {unknown}; metrics are {keys}")
 
 
 def _trainer(cfg: Experiment, bundle: DatasetBundle, tasks: Sequence[Task], method: str,
@@ -138,58 +162,82 @@ def run_dir(out: Path, key: str, seed: int) -> Path:
 
 
 def summarise(runs: Mapping[str, list[dict[str, Any]]], tasks: Sequence[Task],
-              methods: Sequence[str]) -> dict[str, Any]:
-    """Baselines, per-method metrics (mean and std over seeds), Δm%, mean rank, time ratio."""
+              methods: Sequence[str], given: Mapping[str, float] | None = None
+              ) -> dict[str, Any]:
+    """Baselines, per-method metrics (mean and std over seeds), Δm%, Δp, mean rank, time ratio.
+
+    ``runs`` maps each method, and ``single:<task>`` for every task without ``given`` baseline
+    values, to its runs' ``RunResult.to_json()``. ``given`` (``task/metric -> value``, e.g. a
+    paper's single-task numbers) replaces the trained baseline of its tasks; those tasks' Δ use
+    the given metrics only.
+    """
+    given = dict(given or {})
+    check_baselines(given, tasks)
     higher = {f"{t.name}/{name}": m.higher_is_better
               for t in tasks for name, m in t.metrics().items()}
     keys = list(higher)
-    baseline = {}
+    given_tasks = {k.split("/", 1)[0] for k in given}
+    baseline: dict[str, float] = {}
+    baseline_std: dict[str, float] = {}
     for t in tasks:
-        for k in keys:
-            if k.startswith(f"{t.name}/"):
-                baseline[k] = statistics.fmean(r["test"][k] for r in runs[f"single:{t.name}"])
-    # Δm is a relative change: a metric whose baseline is 0 or undefined cannot enter it
+        for k in (k for k in keys if k.startswith(f"{t.name}/")):
+            if t.name in given_tasks:
+                baseline[k] = float(given.get(k, math.nan))  # a metric not given: no Δ
+                baseline_std[k] = math.nan
+            else:
+                stats = _mean_std([r["test"][k] for r in runs[f"single:{t.name}"]])
+                baseline[k], baseline_std[k] = stats["mean"], stats["std"]
+    # Δ is a relative change: a metric whose baseline is 0 or undefined cannot enter it
     dm_keys = [k for k in keys if math.isfinite(baseline[k]) and baseline[k] != 0]
     table: dict[str, dict[str, Any]] = {}
     ref_time = statistics.fmean(r["step_time"] for r in runs[REFERENCE])
     for m in methods:
         per_seed = runs[m]
-        dms = [_delta_m(r["test"], baseline, higher, dm_keys) for r in per_seed]
         table[m] = {
             "metrics": {k: _mean_std([r["test"][k] for r in per_seed]) for k in keys},
-            "delta_m": _mean_std(dms),
+            "delta_m": _mean_std([_delta(r["test"], baseline, higher, dm_keys, delta_m)
+                                  for r in per_seed]),
+            "delta_p": _mean_std([_delta(r["test"], baseline, higher, dm_keys, delta_p)
+                                  for r in per_seed]),
             "time_ratio": statistics.fmean(r["step_time"] for r in per_seed) / ref_time,
             "selected_epochs": [r["selected_epoch"] for r in per_seed],
+            "epochs_trained": [len(r["history"]) for r in per_seed],
+            "still_improving": [bool(r.get("still_improving", False)) for r in per_seed],
         }
-    # mean rank over metrics (1 = best), on the seed-mean of each metric
-    for k in keys:
-        sign = -1.0 if higher[k] else 1.0
-        order = sorted(methods, key=lambda m: _nan_last(sign * table[m]["metrics"][k]["mean"]))
-        for position, m in enumerate(order, start=1):
-            table[m].setdefault("_ranks", []).append(position)
+    one_task = len(tasks) == 1
+    # on the seed-mean of each metric; ties share their average rank. With one task every
+    # method trains the same single loss: ranking them would rank noise, so there is no rank.
+    ranks = {} if one_task else mean_rank(
+        {m: {k: table[m]["metrics"][k]["mean"] for k in keys} for m in methods}, higher)
     for m in methods:
-        table[m]["mean_rank"] = statistics.fmean(table[m].pop("_ranks"))
+        table[m]["mean_rank"] = ranks.get(m, math.nan)
+    single_runs = [r for key, rs in runs.items() if key.startswith("single:") for r in rs]
     return {
         "tasks": [t.name for t in tasks],
         "primary": {t.name: f"{t.name}/{t.primary}" for t in tasks},
         "metrics": keys,
         "higher_is_better": higher,
         "baseline": baseline,
+        "baseline_std": baseline_std,
+        "baseline_given": sorted(given),
+        "baseline_still_improving": sum(bool(r.get("still_improving")) for r in single_runs),
         "delta_m_metrics": dm_keys,
         "delta_m_excluded": [k for k in keys if k not in dm_keys],
+        "order_by": None if one_task else "delta_m",
+        "single_task": one_task,
         "methods": table,
         "runs": dict(runs),
     }
 
 
-def _delta_m(test: Mapping[str, float], baseline: Mapping[str, float],
-             higher: Mapping[str, bool], keys: Sequence[str]) -> float:
-    """Δm% of one run over ``keys``; NaN when a metric of the run is not finite or no metric
-    has a usable baseline (shown as such in the table, never silently zero)."""
+def _delta(test: Mapping[str, float], baseline: Mapping[str, float], higher: Mapping[str, bool],
+           keys: Sequence[str], fn: Callable[..., float]) -> float:
+    """Δm% or Δp (``fn``) of one run over ``keys``; NaN when a metric of the run is not finite
+    or no metric has a usable baseline (shown as such in the table, never silently zero)."""
     values = {k: test[k] for k in keys}
     if not keys or not all(math.isfinite(v) for v in values.values()):
         return math.nan
-    return delta_m(values, {k: baseline[k] for k in keys}, {k: higher[k] for k in keys})
+    return fn(values, {k: baseline[k] for k in keys}, {k: higher[k] for k in keys})
 
 
 def _nan_last(value: float) -> tuple[bool, float]:
@@ -203,42 +251,98 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "std": std, "n": len(values)}
 
 
+#: Marks a method's name in the table when a run was still improving at its last epoch.
+IMPROVING = "↗"
+
+DEFINITIONS = (
+    "Δm% is the mean over every metric of the sign-corrected relative gain over the single-task "
+    "baseline, in percent (Maninis et al. 2019; Vandenhende et al. 2021; as reported by MTAN, "
+    "Nash-MTL and FAMO). Δp is the mean over tasks of each task's mean relative gain over its "
+    "metrics, in percent (LibMTL; DB-MTL); when every task has as many metrics as the others, the two are equal. "
+    "Positive is better for both. Mean rank averages each method's rank (1 = best) over the "
+    "metrics, on the seed means; tied methods share the average of their ranks. "
+    "`time × ew` is the median training step time divided by the plain sum's."
+)
+
+
+def method_order(results: Mapping[str, Any]) -> list[str]:
+    """The table's row order: by Δm% (best first), or as configured for a single task."""
+    methods = list(results["methods"])
+    if results.get("order_by") is None and results.get("single_task"):
+        return methods
+    return sorted(methods, key=lambda m: _nan_last(-results["methods"][m]["delta_m"]["mean"]))
+
+
+def table_notes(results: Mapping[str, Any]) -> list[str]:
+    """What a reader needs beside the table: its order, flags and given baselines."""
+    notes = []
+    if results.get("single_task"):
+        notes.append(f"One task only ({results['tasks'][0]}): every method trains the same single "
+                     "loss, so the methods are not ranked; Δm% and Δp compare each with the "
+                     "single-task baseline.")
+    else:
+        notes.append("Rows are ordered by Δm% (best first).")
+    flagged = [m for m, row in results["methods"].items() if any(row.get("still_improving", []))]
+    if flagged or results.get("baseline_still_improving"):
+        who = ", ".join(f"{m} ({sum(results['methods'][m]['still_improving'])} of "
+                        f"{len(results['methods'][m]['still_improving'])} seeds)"
+                        for m in flagged)
+        if results.get("baseline_still_improving"):
+            who += (", " if who else "") + (f"{results['baseline_still_improving']} "
+                                            "single-task run(s)")
+        notes.append(f"{IMPROVING} still improving: the validation score was still rising at the "
+                     f"last epoch, so the budget cut the run short: {who}.")
+    if results.get("baseline_given"):
+        notes.append("Single-task values of " + ", ".join(results["baseline_given"]) +
+                     " are given in the config (published numbers), not trained (no ± std).")
+    return notes
+
+
 def format_table(results: Mapping[str, Any]) -> str:
-    """The comparison as a Markdown table (from ``results.json`` only)."""
+    """The comparison as a Markdown table and its notes (from ``results.json`` only)."""
     keys = results["metrics"]
+    one_task = bool(results.get("single_task"))
     seeds = max(v["delta_m"]["n"] for v in results["methods"].values())
 
     def cell(ms: Mapping[str, float], digits: int) -> str:
+        if not math.isfinite(ms["mean"]):
+            return "—"
         s = f"{ms['mean']:.{digits}f}"
-        return s + (f" ± {ms['std']:.{digits}f}" if seeds > 1 else "")
+        return s + (f" ± {ms['std']:.{digits}f}" if seeds > 1 and math.isfinite(ms["std"]) else "")
 
     arrows = ["↑" if results["higher_is_better"][k] else "↓" for k in keys]
-    head = ["method", *[f"{k} {a}" for k, a in zip(keys, arrows)], "Δm% ↑", "mean rank ↓",
-            "time × ew"]
+    head = ["method", *[f"{k} {a}" for k, a in zip(keys, arrows)], "Δm% ↑", "Δp% ↑",
+            *([] if one_task else ["mean rank ↓"]), "time × ew"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = ["single-task", *[f"{results['baseline'][k]:.4f}" for k in keys], "0.00", "", ""]
+    std = results.get("baseline_std", {})
+    base = ["single-task",
+            *[cell({"mean": results["baseline"][k], "std": std.get(k, 0.0)}, 4) for k in keys],
+            "0.00", "0.00", *([] if one_task else [""]), ""]
     lines.append("| " + " | ".join(base) + " |")
-    order = sorted(results["methods"],
-                   key=lambda m: _nan_last(-results["methods"][m]["delta_m"]["mean"]))
-    for m in order:
+    for m in method_order(results):
         row = results["methods"][m]
-        cells = [m, *[cell(row["metrics"][k], 4) for k in keys], cell(row["delta_m"], 2),
-                 f"{row['mean_rank']:.2f}", f"{row['time_ratio']:.2f}"]
+        name = m + (f" {IMPROVING}" if any(row.get("still_improving", [])) else "")
+        cells = [name, *[cell(row["metrics"][k], 4) for k in keys], cell(row["delta_m"], 2),
+                 cell(row.get("delta_p", {"mean": math.nan}), 2),
+                 *([] if one_task else [f"{row['mean_rank']:.2f}"]), f"{row['time_ratio']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *table_notes(results)])
 
 
 def write_results_csv(results: Mapping[str, Any], path: Path) -> None:
     keys = results["metrics"]
     cols = ["method", *[f"{k}_{s}" for k in keys for s in ("mean", "std")],
-            "delta_m_mean", "delta_m_std", "mean_rank", "time_ratio"]
+            "delta_m_mean", "delta_m_std", "delta_p_mean", "delta_p_std", "mean_rank",
+            "time_ratio", "still_improving_seeds"]
     rows = [",".join(cols)]
     for m, row in results["methods"].items():
         vals = [m]
         for k in keys:
             vals += [repr(row["metrics"][k]["mean"]), repr(row["metrics"][k]["std"])]
         vals += [repr(row["delta_m"]["mean"]), repr(row["delta_m"]["std"]),
-                 repr(row["mean_rank"]), repr(row["time_ratio"])]
+                 repr(row["delta_p"]["mean"]), repr(row["delta_p"]["std"]),
+                 repr(row["mean_rank"]), repr(row["time_ratio"]),
+                 str(sum(row["still_improving"]))]
         rows.append(",".join(vals))
     path.write_text("\n".join(rows) + "\n")
 

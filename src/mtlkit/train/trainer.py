@@ -118,6 +118,8 @@ class TrainConfig:
     log_every: int = 10
     cosine_every: int = 25
     select: Literal["val", "last"] = "val"
+    #: early stopping: end the run after this many epochs without a better validation score
+    patience: int | None = None
     device: str = "cpu"
     progress: bool = True
     #: mixed precision: None (float32), "bf16" (autocast) or "fp16" (autocast and a gradient
@@ -151,6 +153,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         if self.select not in ("val", "last"):
             raise ValueError(f"select must be 'val' or 'last', got {self.select!r}")
+        if self.patience is not None and (
+            isinstance(self.patience, bool) or not isinstance(self.patience, int)
+            or self.patience < 1
+        ):
+            raise ValueError(f"patience must be an integer >= 1 or None, got {self.patience!r}")
         check_optimizer(self.optimizer, self.momentum, self.nesterov, self.betas, "optimizer")
         if not isinstance(self.scheduler, Schedule):
             raise ValueError(f"scheduler must be a Schedule, got {self.scheduler!r}")  # noqa: TRY004
@@ -191,6 +198,9 @@ class RunResult:
     test: dict[str, float]
     step_time: float
     history: list[dict[str, Any]]
+    #: the budget ended the run while its validation score was still rising (see
+    #: :func:`still_improving`): its numbers are not converged
+    still_improving: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -308,7 +318,8 @@ class Trainer:
         test_loader = _eval_loader(test, eval_batch) if test is not None else None
         drop_last = len(train) > self.config.batch_size
         self.steps_per_epoch = max(1, len(train) // self.config.batch_size if drop_last else 1)
-        while self.epoch < self.config.epochs and not self._out_of_steps():
+        while (self.epoch < self.config.epochs and not self._out_of_steps()
+               and not self._stalled()):
             gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch)
             if multi:
                 loader: Iterable = PerTaskBatches(train, self.names, self.config.batch_size,
@@ -352,6 +363,7 @@ class Trainer:
             test=rec.get("test", {}),
             step_time=statistics.median(self.step_times) if self.step_times else float("nan"),
             history=self.history,
+            still_improving=still_improving(self.history, self.tasks, self.config.patience),
         )
 
     def _finish(self, result: RunResult) -> None:
@@ -557,6 +569,12 @@ class Trainer:
             return self.model.require_features()
         return getattr(self.model, "features", None)
 
+    def _stalled(self) -> bool:
+        """Early stopping: ``patience`` epochs have passed without a better validation score
+        (computed from the history, so a resumed run stops where an uninterrupted one does)."""
+        patience = self.config.patience
+        return patience is not None and epochs_since_best(self.history, self.tasks) >= patience
+
     def _out_of_steps(self) -> bool:
         return self.config.max_steps is not None and self.global_step >= self.config.max_steps
 
@@ -740,6 +758,37 @@ def select_epoch(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task], se
     """Index of the selected epoch: on validation only (see the module docstring)."""
     if select == "last" or len(history) == 1:
         return len(history) - 1
+    scores = validation_scores(history, tasks)
+    return max(range(len(history)), key=lambda i: (scores[i], i))
+
+
+def epochs_since_best(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task]) -> int:
+    """Epochs trained since the first epoch with the best validation score (0: the last one)."""
+    if not history:
+        return 0
+    scores = validation_scores(history, tasks)
+    return len(history) - 1 - scores.index(max(scores))
+
+
+def still_improving(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task],
+                    patience: int | None) -> bool:
+    """Whether a run ended while its validation score was still rising: its best epoch lies
+    within the last ``patience`` epochs (the last epoch itself without early stopping), so the
+    early-stopping rule had not yet seen it level off. A run of one epoch counts as improving.
+
+    Example:
+        >>> from mtlkit.tasks import Task
+        >>> t = [Task.regression("y")]
+        >>> h = [{"val": {"y/mae": v}} for v in (3.0, 2.0, 1.5, 1.6)]
+        >>> still_improving(h, t, None), still_improving(h, t, 2), still_improving(h, t, 1)
+        (False, True, False)
+    """
+    return epochs_since_best(history, tasks) < (patience or 1)
+
+
+def validation_scores(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task]) -> list[float]:
+    """Per epoch, the mean over tasks of the primary validation metric's sign-corrected
+    relative change since epoch 1 (higher is better): what selection and early stopping use."""
     first = history[0]["val"]
 
     def score(rec: Mapping[str, Any]) -> float:
@@ -751,8 +800,7 @@ def select_epoch(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task], se
             total += sign * (rec["val"][key] - first[key]) / base
         return total / len(tasks)
 
-    scores = [score(r) for r in history]
-    return max(range(len(history)), key=lambda i: (scores[i], i))
+    return [score(r) for r in history]
 
 
 def parameter_cosine(losses: Mapping[str, Tensor], shared: Sequence[Tensor]) -> Tensor | None:
