@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy import io as sio
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -51,6 +50,8 @@ def read_ids(path: Path, name: str) -> list[str]:
 
 def load_rgb(path: Path) -> Tensor:
     """An RGB image as ``(3, H, W)`` float32, normalised with the ImageNet mean and std."""
+    from PIL import Image  # extra mtlkit[cli]: imported when an image is read
+
     with Image.open(path) as im:
         a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
@@ -60,6 +61,8 @@ def load_rgb(path: Path) -> Tensor:
 
 
 def load_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
     with Image.open(path) as im:
         return np.asarray(im)
 
