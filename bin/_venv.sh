@@ -9,6 +9,8 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip >&2
     "$VENV/bin/python" -m pip install -q "torch==2.13.0" >&2
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,cli,docs,torchjd]" >&2
+    # torch repeated so that no extra can move it off the CPU build
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,cli,docs,torchjd,lightning,qm9,parquet]" \
+        "torch==2.13.0" >&2
     touch "$STAMP"
 fi

@@ -67,7 +67,7 @@ def test_pyproject_core_and_extras():
     assert any(d.startswith("sphinx") for d in extras["docs"])
     venv = (SRC.parent / "bin" / "_venv.sh").read_text()
     assert 'pip install -q "torch==2.13.0"' in venv
-    assert venv.index("torch==2.13.0") < venv.index('-e "$ROOT[dev,cli,docs,torchjd]"')
+    assert venv.index("torch==2.13.0") < venv.index('-e "$ROOT[dev,cli,docs,torchjd,')
 
 
 @pytest.mark.slow
