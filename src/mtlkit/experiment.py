@@ -44,7 +44,9 @@ Fields (defaults in brackets):
   logged (K extra backward passes for methods that do not compute them anyway).
   ``patience`` [5]: early stopping, end a run after this many evaluations without a better
   validation score (null: never; a run the budget ends while it still improves is flagged in
-  the results).
+  the results). ``min_delta`` [0]: the smallest gain that counts as better there: the mean
+  over tasks of the primary validation metrics' relative change since the last such gain (0:
+  any better validation score); model selection still takes the best validation score.
 - ``baselines`` [{}]: published single-task values ``{task/metric: value}``; a task named there
   is not trained alone, and Δm% / Δp use its given metrics only.
 - ``methods`` [ten methods, see ``DEFAULT_METHODS``], ``hparams`` [{}]: ``{method: {name:
@@ -52,6 +54,10 @@ Fields (defaults in brackets):
 - ``amp`` [none]: mixed precision, ``bf16`` (autocast) or ``fp16`` (autocast and a gradient
   scaler that the balancer drives: weights from unscaled quantities, skipped steps leave the
   balancer's state untouched).
+- ``jobs`` [auto]: runs of a comparison trained at once, each in its own process (auto: one
+  per CPU core on CPU, one on an accelerator or under ``torchrun``); ``threads`` [auto]: torch
+  threads of each process (auto: the cores divided among the jobs). Results do not depend on
+  ``jobs``; the thread count can change float rounding.
 - ``device`` [cpu]; ``out`` [reports/compare for compare, runs/<method> for train];
   ``keep_checkpoint`` [none for compare, last for train]: which checkpoint a finished run keeps
   (``last``, ``best`` (the selected epoch) or ``none``; a run being trained always has one, so
@@ -141,9 +147,12 @@ class Experiment:
     eval_every: int = 1
     cosine_every: int = 25
     patience: int | None = 5
+    min_delta: float = 0.0
     baselines: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     amp: str | None = None
+    jobs: int | str = "auto"
+    threads: int | str = "auto"
     out: str | None = None
     keep_checkpoint: str | None = None
 
@@ -229,6 +238,9 @@ class Experiment:
             v = getattr(self, name)
             if v is not None and not _int(v, 1):
                 raise ValueError(f"{name} must be an integer >= 1 or null, got {v!r}")
+        if isinstance(self.min_delta, bool) or not (_number(self.min_delta)
+                                                    and 0 <= self.min_delta < math.inf):
+            raise ValueError(f"min_delta must be a number >= 0, got {self.min_delta!r}")
         if not isinstance(self.optimizer, Optimizer):
             raise ValueError(f"optimizer must be a mapping, got {self.optimizer!r}")  # noqa: TRY004
         self.optimizer.validate()
@@ -250,6 +262,10 @@ class Experiment:
         check_device(self.device)
         if self.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be bf16, fp16 or null, got {self.amp!r}")
+        for name in ("jobs", "threads"):
+            v = getattr(self, name)
+            if v != "auto" and not _int(v, 1):
+                raise ValueError(f"{name} must be an integer >= 1 or auto, got {v!r}")
         if self.out is not None and not isinstance(self.out, (str, os.PathLike)):
             raise ValueError(f"out must be a folder path, got {self.out!r}")
         if self.keep_checkpoint is not None and self.keep_checkpoint not in KEEP:
@@ -266,6 +282,27 @@ class Experiment:
         raise ValueError(f"seeds must be a count >= 1 or a list of distinct integers >= 0, "
                          f"got {s!r}")
 
+    def parallelism(self, runs: int) -> tuple[int, int]:
+        """(processes, torch threads per process) for ``runs`` independent runs.
+
+        ``auto`` on CPU: one process per core (at most one per run), each with an even share
+        of the cores; one process on an accelerator or under ``torchrun``. Small models train
+        much faster this way than one process with several threads (a thread per core per
+        process; with more threads than free cores, OpenMP's spinning threads slow every step
+        down many times over).
+        """
+        from mtlkit.engine._dist import world_size
+
+        cores = _cores()
+        if self.jobs != "auto":
+            jobs = int(self.jobs)
+        elif self.device != "cpu" or world_size() > 1:
+            jobs = 1
+        else:
+            jobs = max(1, min(cores, runs))
+        threads = int(self.threads) if self.threads != "auto" else max(1, cores // jobs)
+        return jobs, threads
+
     # ------------------------------------------------------------------ what a run needs
     def train_config(self, seed: int, *, keep: str = "none") -> TrainConfig:
         from mtlkit.train.trainer import TrainConfig
@@ -278,7 +315,7 @@ class Experiment:
             betas=(float(opt.betas[0]), float(opt.betas[1])),
             scheduler=copy.deepcopy(self.scheduler), grad_clip=self.grad_clip,
             eval_every=self.eval_every, cosine_every=self.cosine_every,
-            patience=self.patience,
+            patience=self.patience, min_delta=self.min_delta,
             keep=self.keep_checkpoint or keep, seed=seed,
             device=self.device, progress=False, amp=self.amp,
         )
@@ -330,6 +367,14 @@ class Experiment:
 
 
 # ---------------------------------------------------------------------- entry points
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def as_experiment(config: Experiment | Mapping[str, Any] | str | os.PathLike[str] | None
                   ) -> Experiment:
     """An :class:`Experiment` from an experiment, a dict of fields, or a config file path."""

@@ -244,3 +244,39 @@ def test_a_fresh_run_into_a_used_folder_starts_fresh_logs(tmp_path, capsys) -> N
     first = (tmp_path / "o" / "steps.jsonl").read_text()
     assert cli.main(base) == 0
     assert (tmp_path / "o" / "steps.jsonl").read_text() == first
+
+
+def test_parallel_runs_give_the_results_of_sequential_runs(tmp_path, capsys) -> None:
+    """jobs=2 trains the runs in two worker processes; every metric equals the one-process
+    comparison's (the step-time ratios are measurements, so they may differ)."""
+    results = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        cfg = _config(tmp_path, methods=["ew", "mgda"], seeds=2, jobs=jobs, threads=1,
+                      out=str(out))
+        assert cli.main(["compare", "--config", cfg]) == 0
+        results[jobs] = json.loads((out / "results.json").read_text())
+    printed = capsys.readouterr().err
+    assert "10 runs, 2 at a time, 1 torch thread(s) each" in printed
+    assert "[10/10]" in printed
+    for m in ("ew", "mgda"):
+        one, two = results[1]["methods"][m], results[2]["methods"][m]
+        assert one["metrics"] == two["metrics"] and one["delta_m"] == two["delta_m"]
+    assert results[1]["baseline"] == results[2]["baseline"]
+
+
+@pytest.mark.parametrize(("field", "value"), [("jobs", 0), ("threads", "many")])
+def test_jobs_and_threads_are_checked(tmp_path, capsys, field, value) -> None:
+    assert cli.main(["compare", "--config", _config(tmp_path, **{field: value})]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{field} must be an integer >= 1 or auto" in err
+
+
+def test_auto_parallelism_is_one_process_per_core_on_cpu(monkeypatch) -> None:
+    from mtlkit.experiment import Experiment
+
+    monkeypatch.setattr("mtlkit.experiment._cores", lambda: 4)
+    assert Experiment().parallelism(13) == (4, 1)
+    assert Experiment().parallelism(2) == (2, 2)
+    assert Experiment(jobs=1).parallelism(13) == (1, 4)
+    assert Experiment(threads=3).parallelism(13) == (4, 3)

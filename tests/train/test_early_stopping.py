@@ -79,3 +79,31 @@ def test_a_resumed_run_stops_where_an_uninterrupted_one_does(tmp_path, scripted_
 def test_bad_patience_is_named(value):
     with pytest.raises(ValueError, match="patience must be an integer >= 1"):
         TrainConfig(patience=value).validate(["a", "b"])
+
+
+def test_min_delta_counts_only_gains_above_it_since_the_last_counted_gain():
+    # relative MAE gains: 3->2 (33 %), 2->1.99 (0.5 %), 1.99->1.97 (1 % of 1.99 but 1.5 % of
+    # 2.0, the last counted gain), 1.97->1.96 (0.5 % of 1.97)
+    h = _history([3.0, 2.0, 1.99, 1.97, 1.96])
+    assert epochs_since_best(h, TASKS) == 0  # min_delta 0: any better score
+    assert epochs_since_best(h, TASKS, 0.01) == 1  # the gain at epoch 4 counts, then none
+    assert epochs_since_best(h, TASKS, 0.025) == 3  # only 3->2 counts
+    assert not still_improving(h, TASKS, 3, 0.025) and still_improving(h, TASKS, 3, 0.01)
+    # the mean over tasks: a gain on one task against a loss on the other is no gain
+    mixed = [{"val": {"a/mae": 2.0, "b/mae": 2.0}}, {"val": {"a/mae": 1.0, "b/mae": 3.0}}]
+    assert epochs_since_best(mixed, TASKS, 0.01) == 1
+
+
+def test_min_delta_ends_a_run_that_only_creeps(tmp_path, monkeypatch):
+    script = iter([3.0, 2.0, 1.995, 1.99, 1.985, 1.98, 1.975])
+    monkeypatch.setattr(trainer_module, "evaluate",
+                        lambda model, tasks, loader, device="cpu":
+                        dict.fromkeys((f"{t.name}/mae" for t in tasks), next(script)))
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=7, batch_size=16, patience=3, min_delta=0.01, progress=False)
+    t = Trainer(TinyModel(), TASKS, balancers.create("ew", tasks=["a", "b"]), cfg, tmp_path)
+    res = t.fit(*DATA)
+    assert [r["epoch"] for r in res.history] == [1, 2, 3, 4, 5]  # 3 epochs after epoch 2
+    assert res.selected_epoch == 5 and not res.still_improving  # selection: best score
+    with pytest.raises(ValueError, match="min_delta must be a number >= 0"):
+        TrainConfig(min_delta=-1).validate(["a", "b"])

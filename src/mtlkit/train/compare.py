@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +57,14 @@ def run_compare(cfg: Experiment, log: Callable[[str], None] = print, *,
     out.mkdir(parents=True, exist_ok=True)
 
     given_tasks = {k.split("/", 1)[0] for k in cfg.baselines}
-    runs: dict[str, list[dict[str, Any]]] = {}
+    jobs: list[tuple[str, list[str], str, int]] = []  # (key, its tasks, method, seed)
     for seed in cfg.seed_list():
         for task in (t for t in tasks if t.name not in given_tasks):  # the others are given
-            key = f"single:{task.name}"
-            log(f"[seed {seed}] single-task baseline {task.name}")
-            res = _run(cfg, bundle, [task], "ew", seed, run_dir(out, key, seed), resume)
-            runs.setdefault(key, []).append(res)
-        for m in methods:
-            log(f"[seed {seed}] {m}")
-            res = _run(cfg, bundle, tasks, m, seed, run_dir(out, m, seed), resume)
-            runs.setdefault(m, []).append(res)
+            jobs.append((f"single:{task.name}", [task.name], "ew", seed))
+        jobs.extend((m, names, m, seed) for m in methods)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for (key, *_), res in zip(jobs, _run_all(cfg, bundle, jobs, out, resume, log)):
+        runs.setdefault(key, []).append(res)
 
     results = summarise(runs, tasks, methods, cfg.baselines)
     results["config"] = cfg.to_dict()
@@ -154,6 +153,76 @@ def _run(cfg: Experiment, bundle: DatasetBundle, tasks: Sequence[Task], method: 
             return dict(result)  # else: a longer budget continues from the checkpoint if any
     can_resume = resume and (out_dir / CHECKPOINT).is_file()
     return trainer.fit(bundle.train, bundle.val, bundle.test, resume=can_resume).to_json()
+
+
+def _run_all(cfg: Experiment, bundle: DatasetBundle, jobs: Sequence[tuple[str, list[str], str, int]],
+             out: Path, resume: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every run's result, in the order of ``jobs``: one after the other, or in
+    ``cfg.parallelism()`` processes at once (a run's result does not depend on which)."""
+    processes, threads = cfg.parallelism(len(jobs))
+    if processes > 1:
+        log(f"{len(jobs)} runs, {processes} at a time, {threads} torch thread(s) each")
+    done = 0
+
+    def report(key: str, seed: int, res: dict[str, Any]) -> None:
+        nonlocal done
+        done += 1
+        name = f"single-task baseline {key[7:]}" if key.startswith("single:") else key
+        log(f"[{done}/{len(jobs)}] [seed {seed}] {name}: {len(res.get('history', []))} "
+            f"epochs{' (still improving)' if res.get('still_improving') else ''}")
+
+    if processes == 1:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            results = []
+            for key, names, method, seed in jobs:
+                res = _run(cfg, bundle, _subset(bundle, names), method, seed,
+                           run_dir(out, key, seed), resume)
+                report(key, seed, res)
+                results.append(res)
+            return results
+        finally:
+            torch.set_num_threads(before)
+    # A forked worker inherits everything (datasets registered at run time, the loaded data);
+    # it is safe with one thread (GNU OpenMP is not fork-safe once it has started threads).
+    method_ = "fork" if threads == 1 and "fork" in mp.get_all_start_methods() else "spawn"
+    global _WORKER_BUNDLE
+    _WORKER_BUNDLE = bundle
+    try:
+        with ProcessPoolExecutor(processes, mp_context=mp.get_context(method_),
+                                 initializer=_init_worker, initargs=(threads,)) as pool:
+            futures = [pool.submit(_run_in_worker, cfg.to_dict(), names, method, seed,
+                                   str(run_dir(out, key, seed)), resume)
+                       for key, names, method, seed in jobs]
+            where = {f: (key, seed) for f, (key, _, _, seed) in zip(futures, jobs)}
+            for f in as_completed(futures):
+                report(*where[f], f.result())
+            return [f.result() for f in futures]
+    finally:
+        _WORKER_BUNDLE = None
+
+
+#: The dataset a worker process trains on (inherited when forked, loaded once when spawned).
+_WORKER_BUNDLE: DatasetBundle | None = None
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_in_worker(cfg_data: dict[str, Any], names: list[str], method: str, seed: int,
+                   out_dir: str, resume: bool) -> dict[str, Any]:
+    global _WORKER_BUNDLE
+    cfg = Experiment.from_dict(cfg_data)
+    if _WORKER_BUNDLE is None:
+        _WORKER_BUNDLE = cfg.load_data()
+    bundle = _WORKER_BUNDLE
+    return _run(cfg, bundle, _subset(bundle, names), method, seed, Path(out_dir), resume)
+
+
+def _subset(bundle: DatasetBundle, names: Sequence[str]) -> list[Task]:
+    return [t for t in bundle.tasks if t.name in names]
 
 
 def run_dir(out: Path, key: str, seed: int) -> Path:

@@ -120,6 +120,10 @@ class TrainConfig:
     select: Literal["val", "last"] = "val"
     #: early stopping: end the run after this many epochs without a better validation score
     patience: int | None = None
+    #: the smallest gain that counts as better for early stopping and the still-improving
+    #: flag: the mean over tasks of the primary validation metric's relative change since the
+    #: last such gain (0: any better validation score; see :func:`epochs_since_best`)
+    min_delta: float = 0.0
     device: str = "cpu"
     progress: bool = True
     #: mixed precision: None (float32), "bf16" (autocast) or "fp16" (autocast and a gradient
@@ -158,6 +162,9 @@ class TrainConfig:
             or self.patience < 1
         ):
             raise ValueError(f"patience must be an integer >= 1 or None, got {self.patience!r}")
+        if isinstance(self.min_delta, bool) or not (
+                isinstance(self.min_delta, (int, float)) and 0 <= self.min_delta < math.inf):
+            raise ValueError(f"min_delta must be a number >= 0, got {self.min_delta!r}")
         check_optimizer(self.optimizer, self.momentum, self.nesterov, self.betas, "optimizer")
         if not isinstance(self.scheduler, Schedule):
             raise ValueError(f"scheduler must be a Schedule, got {self.scheduler!r}")  # noqa: TRY004
@@ -363,7 +370,8 @@ class Trainer:
             test=rec.get("test", {}),
             step_time=statistics.median(self.step_times) if self.step_times else float("nan"),
             history=self.history,
-            still_improving=still_improving(self.history, self.tasks, self.config.patience),
+            still_improving=still_improving(self.history, self.tasks, self.config.patience,
+                                            self.config.min_delta),
         )
 
     def _finish(self, result: RunResult) -> None:
@@ -573,7 +581,8 @@ class Trainer:
         """Early stopping: ``patience`` epochs have passed without a better validation score
         (computed from the history, so a resumed run stops where an uninterrupted one does)."""
         patience = self.config.patience
-        return patience is not None and epochs_since_best(self.history, self.tasks) >= patience
+        return patience is not None and epochs_since_best(
+            self.history, self.tasks, self.config.min_delta) >= patience
 
     def _out_of_steps(self) -> bool:
         return self.config.max_steps is not None and self.global_step >= self.config.max_steps
@@ -762,19 +771,52 @@ def select_epoch(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task], se
     return max(range(len(history)), key=lambda i: (scores[i], i))
 
 
-def epochs_since_best(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task]) -> int:
-    """Epochs trained since the first epoch with the best validation score (0: the last one)."""
+def epochs_since_best(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task],
+                      min_delta: float = 0.0) -> int:
+    """Epochs trained since the last improvement (0: the last epoch improved).
+
+    With ``min_delta`` 0 an improvement is a better validation score (the first epoch with the
+    best score counts). With ``min_delta`` > 0 it is an epoch whose primary validation metrics
+    beat those of the previous improvement by more than ``min_delta`` in relative terms, on
+    average over the tasks (sign-corrected: a lower error is a gain), so that a run creeping
+    up by tiny amounts, as under a decaying learning rate, counts as levelled off.
+
+    Example:
+        >>> from mtlkit.tasks import Task
+        >>> t = [Task.regression("y")]
+        >>> h = [{"val": {"y/mae": v}} for v in (3.0, 2.0, 1.99, 1.98)]
+        >>> epochs_since_best(h, t), epochs_since_best(h, t, min_delta=0.01)
+        (0, 2)
+    """
     if not history:
         return 0
-    scores = validation_scores(history, tasks)
-    return len(history) - 1 - scores.index(max(scores))
+    if not min_delta:
+        scores = validation_scores(history, tasks)
+        return len(history) - 1 - scores.index(max(scores))
+    ref = 0
+    for i in range(1, len(history)):
+        if relative_gain(history[i]["val"], history[ref]["val"], tasks) > min_delta:
+            ref = i
+    return len(history) - 1 - ref
+
+
+def relative_gain(now: Mapping[str, float], before: Mapping[str, float],
+                  tasks: Sequence[Task]) -> float:
+    """Mean over tasks of the sign-corrected relative change of the primary metric."""
+    total = 0.0
+    for t in tasks:
+        key = f"{t.name}/{t.primary}"
+        sign = 1.0 if t.metrics()[t.primary].higher_is_better else -1.0
+        total += sign * (now[key] - before[key]) / (abs(before[key]) or 1.0)
+    return total / len(tasks)
 
 
 def still_improving(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task],
-                    patience: int | None) -> bool:
-    """Whether a run ended while its validation score was still rising: its best epoch lies
-    within the last ``patience`` epochs (the last epoch itself without early stopping), so the
-    early-stopping rule had not yet seen it level off. A run of one epoch counts as improving.
+                    patience: int | None, min_delta: float = 0.0) -> bool:
+    """Whether a run ended while its validation score was still rising: its last improvement
+    (see :func:`epochs_since_best`) lies within the last ``patience`` epochs (the last epoch
+    itself without early stopping), so the early-stopping rule had not yet seen it level off.
+    A run of one epoch counts as improving.
 
     Example:
         >>> from mtlkit.tasks import Task
@@ -783,7 +825,7 @@ def still_improving(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task],
         >>> still_improving(h, t, None), still_improving(h, t, 2), still_improving(h, t, 1)
         (False, True, False)
     """
-    return epochs_since_best(history, tasks) < (patience or 1)
+    return epochs_since_best(history, tasks, min_delta) < (patience or 1)
 
 
 def validation_scores(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task]) -> list[float]:
