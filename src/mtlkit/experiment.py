@@ -35,16 +35,16 @@ Fields (defaults in brackets):
 - ``optimizer``: ``name`` [adam] (adam, adamw, sgd), ``lr`` [0.003], ``weight_decay`` [0],
   ``momentum`` [0, sgd], ``nesterov`` [false, sgd], ``betas`` [[0.9, 0.999], adam/adamw].
   ``task_lr`` [{}]: per-task learning rates of the task-specific parameters.
-- ``scheduler``: ``name`` [none] (none, step, multistep, cosine), ``step_size`` [1],
+- ``scheduler``: ``name`` [cosine] (none, step, multistep, cosine), ``step_size`` [1],
   ``milestones`` [[]], ``gamma`` [0.1], ``warmup_epochs`` [0], ``min_lr`` [0]
   (:class:`mtlkit.train.optimizers.Schedule`).
-- ``epochs`` [20], ``max_steps`` [none: whole epochs], ``batch_size`` [64], ``grad_clip``
+- ``epochs`` [25], ``max_steps`` [none: whole epochs], ``batch_size`` [64], ``grad_clip``
   [none: max gradient norm], ``eval_every`` [1 epoch; the last epoch is always evaluated],
   ``cosine_every`` [25 steps; 0: never]: how often the task gradients' pairwise cosines are
   logged (K extra backward passes for methods that do not compute them anyway).
   ``patience`` [5]: early stopping, end a run after this many evaluations without a better
   validation score (null: never; a run the budget ends while it still improves is flagged in
-  the results). ``min_delta`` [0]: the smallest gain that counts as better there: the mean
+  the results). ``min_delta`` [0.005]: the smallest gain that counts as better there: the mean
   over tasks of the primary validation metrics' relative change since the last such gain (0:
   any better validation score); model selection still takes the best validation score.
 - ``baselines`` [{}]: published single-task values ``{task/metric: value}``; a task named there
@@ -137,17 +137,17 @@ class Experiment:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: int | list[int] = 1
-    epochs: int = 20
+    epochs: int = 25
     max_steps: int | None = None
     batch_size: int = 64
     optimizer: Optimizer = field(default_factory=Optimizer)
-    scheduler: Schedule = field(default_factory=Schedule)
+    scheduler: Schedule = field(default_factory=lambda: Schedule(name="cosine"))
     task_lr: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = None
     eval_every: int = 1
     cosine_every: int = 25
     patience: int | None = 5
-    min_delta: float = 0.0
+    min_delta: float = 0.005
     baselines: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     amp: str | None = None

@@ -51,7 +51,7 @@ def _intact(out: Path, before: bytes) -> None:
                                       r"'hard_sharing' \(now\)\)")),
         (["--set", "dataset_options.size=200"],
          r"other settings \(dataset_options: \{'size': 160\} \(saved\) != \{'size': 200\}"),
-        (["--set", "optimizer.name=sgd", "--set", "scheduler.name=cosine"],
+        (["--set", "optimizer.name=sgd", "--set", "scheduler.name=step"],
          r"optimizer: 'adam' \(saved\) != 'sgd' \(now\); scheduler: "),
     ],
 )

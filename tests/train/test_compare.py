@@ -114,7 +114,9 @@ def test_report_is_rebuilt_from_the_files(compared, capsys) -> None:
 
 def test_train_runs_one_method_and_resumes_exactly(tmp_path, capsys) -> None:
     full, part = tmp_path / "full", tmp_path / "part"
-    base = ["train", "--method", "dwa", "--config", _config(tmp_path)]
+    # A step schedule: the default cosine's length is the budget, which --epochs 1 changes
+    base = ["train", "--method", "dwa", "--config", _config(tmp_path),
+            "--set", "scheduler={name: step, step_size: 1, gamma: 0.5}"]
     assert cli.main([*base, "--out", str(full)]) == 0
     ref = json.loads(capsys.readouterr().out)
     assert cli.main([*base, "--out", str(part), "--epochs", "1"]) == 0

@@ -36,7 +36,9 @@ def test_train_runs_methods_that_need_a_second_or_held_out_batch(tmp_path, capsy
 
 def test_second_batch_run_resumes_exactly(tmp_path, capsys) -> None:
     full, part = tmp_path / "full", tmp_path / "part"
-    base = ["train", "--method", "sdmgrad", "--config", _config(tmp_path)]
+    # A step schedule: the default cosine's length is the budget, which --epochs 1 changes
+    base = ["train", "--method", "sdmgrad", "--config", _config(tmp_path),
+            "--set", "scheduler={name: step, step_size: 1, gamma: 0.5}"]
     assert cli.main([*base, "--out", str(full)]) == 0
     ref = json.loads(capsys.readouterr().out)
     assert cli.main([*base, "--out", str(part), "--epochs", "1"]) == 0

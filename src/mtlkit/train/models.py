@@ -152,9 +152,13 @@ def default_model(input_shape: Sequence[int], tasks: Sequence[Task]) -> HardShar
         return HardSharing(resnet18(in_channels=c, dilated=True), heads)
     if len(input_shape) == 3:
         c, h, w = input_shape
+        # Batch normalisation: without it the built-in comparison's plain sum needs about 50
+        # epochs to level off, with it about 20 (README, "The default budget").
         encoder: nn.Module = nn.Sequential(
-            nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(64 * (h // 4) * (w // 4), 128), nn.ReLU(),
         )
         width = 128

@@ -415,14 +415,18 @@ class Trainer:
                 return {"second_losses": losses()}
 
         def held_out() -> dict[str, Tensor]:
-            # At the virtual parameters: batch-norm statistics must not remember this pass.
-            buffers = [(b, b.clone()) for b in self.model.buffers()]
+            # At the virtual parameters: batch-norm statistics must not remember this pass. The
+            # pass updates copies of the buffers, never the buffers themselves: the graph kept
+            # for the update's backward saved them, and an in-place change would void it.
+            kept = [(m._buffers, name, b) for m in self.model.modules()
+                    for name, b in m._buffers.items() if b is not None]
+            for buffers, name, b in kept:
+                buffers[name] = b.clone()
             try:
                 return losses()
             finally:
-                with torch.no_grad():
-                    for b, saved in buffers:
-                        b.copy_(saved)
+                for buffers, name, b in kept:
+                    buffers[name] = b
 
         return {"held_out": held_out,
                 "parameters": [p for p in self.model.parameters() if p.requires_grad]}
