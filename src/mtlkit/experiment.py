@@ -35,9 +35,11 @@ Fields (defaults in brackets):
 - ``optimizer``: ``name`` [adam] (adam, adamw, sgd), ``lr`` [0.003], ``weight_decay`` [0],
   ``momentum`` [0, sgd], ``nesterov`` [false, sgd], ``betas`` [[0.9, 0.999], adam/adamw].
   ``task_lr`` [{}]: per-task learning rates of the task-specific parameters.
-- ``scheduler``: ``name`` [cosine] (none, step, multistep, cosine), ``step_size`` [1],
-  ``milestones`` [[]], ``gamma`` [0.1], ``warmup_epochs`` [0], ``min_lr`` [0]
-  (:class:`mtlkit.train.optimizers.Schedule`).
+- ``scheduler``: ``name`` [cosine] (none, step, multistep, cosine, plateau), ``step_size`` [1],
+  ``milestones`` [[]], ``gamma`` [0.1], ``warmup_epochs`` [0], ``min_lr`` [0], ``factor``
+  [0.1] and ``patience`` [10] (plateau: the rate times ``factor`` once more than ``patience``
+  evaluations in a row have not improved the validation score, never below ``min_lr``, as
+  torch's ``ReduceLROnPlateau``) (:class:`mtlkit.train.optimizers.Schedule`).
 - ``epochs`` [25], ``max_steps`` [none: whole epochs], ``batch_size`` [64], ``grad_clip``
   [none: max gradient norm], ``eval_every`` [1 epoch; the last epoch is always evaluated],
   ``cosine_every`` [25 steps; 0: never]: how often the task gradients' pairwise cosines are

@@ -11,7 +11,7 @@ from _fakes import RegressionTask, TinyModel, TwoTaskData
 
 from mtlkit import balancers
 from mtlkit.train import TrainConfig, Trainer
-from mtlkit.train.optimizers import Schedule, scheduled_lr
+from mtlkit.train.optimizers import Plateau, Schedule, scheduled_lr
 
 SPE = 7  # steps per epoch
 
@@ -116,3 +116,115 @@ def test_eval_every_evaluates_those_epochs_and_the_last(tmp_path):
     assert res.selected_epoch in (2, 4, 5)
     logged = (tmp_path / "epochs.jsonl").read_text().splitlines()
     assert [__import__("json").loads(x)["epoch"] for x in logged] == [2, 4, 5]
+
+
+# ------------------------------------------------------------------ plateau (ReduceLROnPlateau)
+def _plateau_rates(schedule: Schedule, scores, base=0.1) -> list[float]:
+    """The rate after each evaluation's score, by Plateau + scheduled_lr."""
+    p = Plateau(schedule)
+    rates = []
+    for s in scores:
+        p.step(s)
+        rates.append(scheduled_lr(base, schedule, 0, steps_per_epoch=1, total_steps=1,
+                                  reductions=p.reductions))
+    return rates
+
+
+def test_plateau_by_hand():
+    s = Schedule("plateau", factor=0.5, patience=2, min_lr=0.03)
+    scores = [0.0, 1.0, 1.0, 0.5, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 2.0]
+    # best 1.0 at eval 2; a tie is no gain; the 3rd evaluation without gain (> patience 2)
+    # halves the rate (eval 5) and restarts the count; eval 8 halves again: 0.025 < min_lr
+    # gives 0.03; eval 11 would halve again and stays at the floor; a new best never raises it
+    assert _plateau_rates(s, scores) == pytest.approx(
+        [0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.03, 0.03, 0.03, 0.03, 0.03], abs=1e-15)
+
+
+def test_plateau_matches_torch_reduce_lr_on_plateau():
+    s = Schedule("plateau", factor=0.7, patience=5, min_lr=1e-5)  # Nash-MTL's QM9 rule
+    g = torch.Generator().manual_seed(0)
+    # a noisy, slowly rising score with long flat stretches: many decays, down to the floor
+    scores = (torch.rand(300, generator=g) + torch.linspace(0, 1, 300) ** 4).tolist()
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([w], lr=1e-3)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.7, patience=5,
+                                                     threshold=0.0, min_lr=1e-5)
+    theirs = []
+    for v in scores:
+        ref.step(v)
+        theirs.append(opt.param_groups[0]["lr"])
+    ours = _plateau_rates(s, scores, base=1e-3)
+    assert ours == pytest.approx(theirs, rel=1e-12)
+    assert min(ours) == pytest.approx(1e-5) and ours[0] == 1e-3  # it reaches the floor
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("factor", 1.0, r"scheduler.factor must be a number in \(0, 1\), got 1.0"),
+    ("factor", 0, r"scheduler.factor must be a number in \(0, 1\), got 0"),
+    ("factor", "0.7x", r"scheduler.factor must be a number in \(0, 1\), got '0.7x'"),
+    ("patience", -1, "scheduler.patience must be an integer >= 0, got -1"),
+    ("patience", 1.5, "scheduler.patience must be an integer >= 0, got 1.5"),
+    ("patience", True, "scheduler.patience must be an integer >= 0, got True"),
+])
+def test_bad_plateau_fields_are_named(field, value, message):
+    from mtlkit.experiment import Experiment
+
+    with pytest.raises(ValueError, match=message):
+        Experiment.from_dict({"scheduler": {"name": "plateau", field: value}})
+
+
+# validation MAE of both tasks per evaluation: best at 2, no gain at 3-5 (> patience 1 at 4:
+# decay), best at 6, no gain at 7-10 (decays after 8 and 10)
+VAL = [3.0, 2.0, 2.5, 2.6, 2.7, 1.0, 1.5, 1.6, 1.7, 1.8]
+
+
+@pytest.fixture
+def scripted_val(monkeypatch):
+    from mtlkit.train import trainer as trainer_module
+
+    calls: list[int] = []
+
+    def fake_evaluate(model, tasks, loader, device="cpu"):
+        calls.append(1)
+        return {f"{t.name}/mae": VAL[len(calls) - 1] for t in tasks}
+
+    monkeypatch.setattr(trainer_module, "evaluate", fake_evaluate)
+    return calls
+
+
+def _plateau_run(out, epochs, resume=False):
+    t = _trainer(out, epochs, scheduler=Schedule("plateau", factor=0.5, patience=1, min_lr=0.02),
+                 task_lr={"b": 0.2})
+    rates: list[dict[str, float]] = []
+    step = t.optimizer.step
+
+    def recording_step(*a, **kw):
+        rates.append({g["name"]: g["lr"] for g in t.optimizer.param_groups})
+        return step(*a, **kw)
+
+    t.optimizer.step = recording_step
+    t.fit(DATA[0], DATA[1], resume=resume)
+    return t, rates
+
+
+def test_trainer_steps_plateau_on_validation_and_resumes_exactly(tmp_path, scripted_val):
+    full, rates = _plateau_run(tmp_path / "full", 10)
+    spe = 64 // 16
+    per_epoch = [rates[e * spe] for e in range(10)]
+    assert all(rates[e * spe + i] == per_epoch[e] for e in range(10) for i in range(spe))
+    # by hand: 0.05 for epochs 1-4, halved after epoch 4, halved after epoch 8 to 0.0125,
+    # below min_lr 0.02 (the task group b at 0.2: 0.1 then 0.05)
+    assert [r["shared"] for r in per_epoch] == pytest.approx([0.05] * 4 + [0.025] * 4 + [0.02] * 2)
+    assert [r["b"] for r in per_epoch] == pytest.approx([0.2] * 4 + [0.1] * 4 + [0.05] * 2)
+    assert full.plateau is not None and full.plateau.state_dict() == {
+        "best": pytest.approx(2 / 3), "bad": 0, "reductions": 3}  # (3.0 - 1.0) / 3.0; 3rd decay: epoch 10
+    # interrupted after epoch 7 (one evaluation into a count): resuming must keep best,
+    # count and decays, else the decay after epoch 8 moves
+    del scripted_val[:]
+    _, first = _plateau_run(tmp_path / "part", 7)
+    scripted_val[:] = [1] * 7  # the resumed run's evaluations are epochs 8-10
+    resumed, rest = _plateau_run(tmp_path / "part", 10, resume=True)
+    assert first + rest == rates
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    assert resumed.plateau.state_dict() == full.plateau.state_dict()

@@ -7,19 +7,26 @@ count. Epoch-based rules (``step``, ``multistep``) change the rate at epoch boun
 as ``torch.optim.lr_scheduler.StepLR`` / ``MultiStepLR`` stepped once per epoch do; ``cosine``
 anneals per step over the whole run like ``CosineAnnealingLR`` with ``T_max`` = total steps.
 A linear warm-up over ``warmup_epochs`` (fractions allowed) multiplies any of them.
+
+``plateau`` is the one rule driven by results rather than by the step: :class:`Plateau` counts
+the evaluations since the validation score last improved and, as
+``torch.optim.lr_scheduler.ReduceLROnPlateau``, multiplies the rate by ``factor`` once more
+than ``patience`` evaluations in a row have not improved it, never below ``min_lr``. Its state
+(three numbers) is saved with the run's checkpoint; the rate of a step is then a pure function
+of the step and that state's reduction count.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "step", "multistep", "cosine")
+SCHEDULES = ("none", "step", "multistep", "cosine", "plateau")
 
 
 def _number(value: Any) -> bool:
@@ -33,13 +40,18 @@ class Schedule:
     Attributes:
         name: ``none`` (constant), ``step`` (times ``gamma`` every ``step_size`` epochs),
             ``multistep`` (times ``gamma`` at each epoch of ``milestones``) or ``cosine``
-            (from the base rate down to ``min_lr`` over the run, per step).
+            (from the base rate down to ``min_lr`` over the run, per step) or ``plateau``
+            (times ``factor`` when the validation score has not improved for more than
+            ``patience`` evaluations in a row, down to ``min_lr``; see :class:`Plateau`).
         step_size: epochs between decays, for ``step``.
         milestones: epochs at which the rate decays, for ``multistep``.
         gamma: decay factor, for ``step`` and ``multistep``.
         warmup_epochs: linear warm-up from ~0 to the scheduled rate over this many epochs
             (0: none).
-        min_lr: the final rate of ``cosine``.
+        min_lr: the final rate of ``cosine``; the floor of ``plateau``.
+        factor: decay factor of ``plateau``.
+        patience: evaluations without a better validation score that ``plateau`` tolerates;
+            the rate drops at the next one (torch's ``ReduceLROnPlateau`` semantics).
 
     Example:
         >>> s = Schedule("step", step_size=100, gamma=0.5)   # MTAN's NYUv2 protocol
@@ -54,6 +66,8 @@ class Schedule:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
+    factor: float = 0.1
+    patience: int = 10
 
     def validate(self, prefix: str = "scheduler") -> None:
         if self.name not in SCHEDULES:
@@ -78,12 +92,74 @@ class Schedule:
             )
         if not _number(self.min_lr) or self.min_lr < 0:
             raise ValueError(f"{prefix}.min_lr must be a number >= 0, got {self.min_lr!r}")
+        if not _number(self.factor) or not 0 < self.factor < 1:
+            raise ValueError(f"{prefix}.factor must be a number in (0, 1), got {self.factor!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) \
+                or self.patience < 0:
+            raise ValueError(f"{prefix}.patience must be an integer >= 0, got {self.patience!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """The fields that define this schedule, as plain data (what a resumed run must
+        share): ``factor`` and ``patience`` only for ``plateau``, so checkpoints written
+        before ``plateau`` existed still resume."""
+        out = asdict(self)
+        if self.name != "plateau":
+            del out["factor"], out["patience"]
+        return out
+
+
+class Plateau:
+    """The state of a ``plateau`` schedule: the best validation score so far, the evaluations
+    since it (``bad``), and how often the rate has been reduced (``reductions``).
+
+    :meth:`step` takes one evaluation's score (higher is better; the trainer passes the score
+    that model selection and early stopping use). A score strictly above the best resets the
+    count; otherwise the count grows, and when it exceeds ``patience`` the rate is reduced
+    once and the count restarts, as ``torch.optim.lr_scheduler.ReduceLROnPlateau`` with
+    ``mode="max", threshold=0, cooldown=0`` does. The rate of a group with base rate ``lr``
+    is then ``max(lr * factor ** reductions, min_lr)`` (:func:`scheduled_lr`).
+
+    Example:
+        >>> p = Plateau(Schedule("plateau", factor=0.5, patience=1))
+        >>> [p.step(s) for s in (0.0, 1.0, 0.5, 0.9, 0.8, 2.0)]   # True: reduced here
+        [False, False, False, True, False, False]
+        >>> p.reductions, p.bad
+        (1, 0)
+    """
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.patience = schedule.patience
+        self.best = -math.inf
+        self.bad = 0
+        self.reductions = 0
+
+    def step(self, score: float) -> bool:
+        """Record one evaluation's score; True when it reduces the rate."""
+        if score > self.best:
+            self.best, self.bad = float(score), 0
+            return False
+        self.bad += 1
+        if self.bad > self.patience:
+            self.reductions += 1
+            self.bad = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad": self.bad, "reductions": self.reductions}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = float(state["best"])
+        self.bad = int(state["bad"])
+        self.reductions = int(state["reductions"])
 
 
 def scheduled_lr(base_lr: float, schedule: Schedule, step: int, *, steps_per_epoch: int,
-                 total_steps: int) -> float:
+                 total_steps: int, reductions: int = 0) -> float:
     """The learning rate of optimiser step ``step`` (0-based) for a group whose base rate is
-    ``base_lr``: a pure function, so resuming at step ``s`` continues the same curve."""
+    ``base_lr``: a pure function, so resuming at step ``s`` continues the same curve.
+    ``reductions`` is the :class:`Plateau` count of a ``plateau`` schedule (ignored by the
+    others)."""
     epoch = step // steps_per_epoch  # completed epochs, as an epoch-stepped torch scheduler sees
     if schedule.name == "step":
         lr = base_lr * schedule.gamma ** (epoch // schedule.step_size)
@@ -92,6 +168,9 @@ def scheduled_lr(base_lr: float, schedule: Schedule, step: int, *, steps_per_epo
     elif schedule.name == "cosine":
         progress = min(step / max(total_steps, 1), 1.0)
         lr = schedule.min_lr + (base_lr - schedule.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule.name == "plateau":
+        # torch: new = max(old * factor, min_lr); a rate already below min_lr is left alone
+        lr = max(base_lr * schedule.factor ** reductions, min(base_lr, schedule.min_lr))
     else:
         lr = base_lr
     warmup = schedule.warmup_epochs * steps_per_epoch

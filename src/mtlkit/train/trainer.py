@@ -26,6 +26,8 @@ When the run finishes, ``result.json`` records its result and settings, and ``ke
 checkpoint stays: ``last`` (``checkpoint.pt``), ``best`` (``best.pt``, the selected epoch's;
 ``checkpoint.pt`` is removed) or ``none``. A checkpoint stores the run's settings (optimiser,
 schedule, batch size, method, model, ...): resuming with other settings is an error naming them.
+The ``plateau`` schedule is stepped after each evaluation on the score selection and early
+stopping use, and its state is saved in the checkpoint, so a resumed run keeps its rate.
 A loss that becomes non-finite stops the run with an error naming the task and the step; the
 last good checkpoint stays on disk.
 """
@@ -56,7 +58,13 @@ from mtlkit.nn._distill import deep_supervision_loss
 from mtlkit.optim import model_param_groups
 from mtlkit.train.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from mtlkit.train.logs import RunLog
-from mtlkit.train.optimizers import Schedule, build_optimizer, check_optimizer, scheduled_lr
+from mtlkit.train.optimizers import (
+    Plateau,
+    Schedule,
+    build_optimizer,
+    check_optimizer,
+    scheduled_lr,
+)
 
 if TYPE_CHECKING:
     from mtlkit.tasks import Task
@@ -190,7 +198,7 @@ class TrainConfig:
         keys = ("batch_size", "lr", "shared_lr", "task_lr", "weight_decay", "optimizer",
                 "momentum", "nesterov", "betas", "grad_clip", "seed")
         out = {k: getattr(self, k) for k in keys}
-        out["scheduler"] = asdict(self.scheduler)
+        out["scheduler"] = self.scheduler.settings()
         return out
 
 
@@ -280,6 +288,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
         for g in self.optimizer.param_groups:  # the schedule scales each group's own base rate
             g.setdefault("initial_lr", g["lr"])
+        #: the ``plateau`` schedule's state, stepped on the validation score of each evaluation
+        self.plateau = Plateau(config.scheduler) if config.scheduler.name == "plateau" else None
         self.steps_per_epoch = 1
         self.settings: dict[str, Any] = json.loads(json.dumps({
             **config.settings(), "method": repr(balancer),
@@ -348,6 +358,8 @@ class Trainer:
                 self.log.epoch(record)
                 best = select_epoch(self.history, self.tasks, self.config.select) \
                     == len(self.history) - 1
+                if self.plateau is not None:  # the score selection and early stopping use
+                    self.plateau.step(validation_scores(self.history, self.tasks)[-1])
             self.epoch += 1
             self.balancer.new_epoch()
             if writer:
@@ -546,7 +558,8 @@ class Trainer:
             total = min(total, cfg.max_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = scheduled_lr(g["initial_lr"], cfg.scheduler, self.global_step,
-                                   steps_per_epoch=self.steps_per_epoch, total_steps=total)
+                                   steps_per_epoch=self.steps_per_epoch, total_steps=total,
+                                   reductions=self.plateau.reductions if self.plateau else 0)
 
     def _non_finite_message(self, err: FloatingPointError) -> str:
         where = f"at step {self.global_step + 1} (epoch {self.epoch + 1})"
@@ -632,6 +645,8 @@ class Trainer:
                 "step_times": self.step_times,
                 "settings": json.dumps(self.settings),
             }
+        if self.plateau is not None:
+            state["plateau"] = self.plateau.state_dict()
         save_checkpoint(state, self.out_dir / CHECKPOINT)
         if best:
             save_checkpoint(state, self.out_dir / BEST)
@@ -654,6 +669,10 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         torch.set_rng_state(state["rng"])
+        if self.plateau is not None:
+            if "plateau" not in state:
+                raise ValueError(f"checkpoint {path}: holds no state of the plateau schedule")
+            self.plateau.load_state_dict(state["plateau"])
         self.history = json.loads(state["history"])
         self.step_times = list(state["step_times"])
         self.log.truncate(self.global_step, self.epoch)
