@@ -35,9 +35,9 @@ Fields (defaults in brackets):
 - ``optimizer``: ``name`` [adam] (adam, adamw, sgd), ``lr`` [0.003], ``weight_decay`` [0],
   ``momentum`` [0, sgd], ``nesterov`` [false, sgd], ``betas`` [[0.9, 0.999], adam/adamw].
   ``task_lr`` [{}]: per-task learning rates of the task-specific parameters.
-- ``scheduler``: ``name`` [none] (none, step, multistep, cosine), ``step_size`` [1],
-  ``milestones`` [[]], ``gamma`` [0.1], ``warmup_epochs`` [0], ``min_lr`` [0]
-  (:class:`mtlkit.train.optimizers.Schedule`).
+- ``scheduler``: ``name`` [none] (none, step, multistep, cosine, poly), ``step_size`` [1],
+  ``milestones`` [[]], ``gamma`` [0.1], ``warmup_epochs`` [0], ``min_lr`` [0], ``power``
+  [0.9, poly] (:class:`mtlkit.train.optimizers.Schedule`).
 - ``epochs`` [20], ``max_steps`` [none: whole epochs], ``batch_size`` [64], ``grad_clip``
   [none: max gradient norm], ``eval_every`` [1 epoch; the last epoch is always evaluated],
   ``cosine_every`` [25 steps; 0: never]: how often the task gradients' pairwise cosines are

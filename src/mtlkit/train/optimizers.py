@@ -5,7 +5,9 @@ groups. A :class:`Schedule` gives the learning rate at every optimiser step as a
 of the step (:func:`scheduled_lr`), so a resumed run needs no scheduler state beyond its step
 count. Epoch-based rules (``step``, ``multistep``) change the rate at epoch boundaries exactly
 as ``torch.optim.lr_scheduler.StepLR`` / ``MultiStepLR`` stepped once per epoch do; ``cosine``
-anneals per step over the whole run like ``CosineAnnealingLR`` with ``T_max`` = total steps.
+anneals per step over the whole run like ``CosineAnnealingLR`` with ``T_max`` = total steps;
+``poly`` sets ``lr (1 - e / E)^power`` at each epoch ``e`` of ``E`` (the dense-prediction
+survey's schedule, Vandenhende et al. 2021, arXiv:2004.13379, power 0.9).
 A linear warm-up over ``warmup_epochs`` (fractions allowed) multiplies any of them.
 """
 
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "step", "multistep", "cosine")
+SCHEDULES = ("none", "step", "multistep", "cosine", "poly")
 
 
 def _number(value: Any) -> bool:
@@ -32,14 +34,17 @@ class Schedule:
 
     Attributes:
         name: ``none`` (constant), ``step`` (times ``gamma`` every ``step_size`` epochs),
-            ``multistep`` (times ``gamma`` at each epoch of ``milestones``) or ``cosine``
-            (from the base rate down to ``min_lr`` over the run, per step).
+            ``multistep`` (times ``gamma`` at each epoch of ``milestones``), ``cosine``
+            (from the base rate down to ``min_lr`` over the run, per step) or ``poly``
+            (times ``(1 - epoch / epochs) ** power``, set at each epoch boundary; ``epochs`` is
+            the run's length in epochs, fractional when ``max_steps`` cuts it).
         step_size: epochs between decays, for ``step``.
         milestones: epochs at which the rate decays, for ``multistep``.
         gamma: decay factor, for ``step`` and ``multistep``.
         warmup_epochs: linear warm-up from ~0 to the scheduled rate over this many epochs
             (0: none).
         min_lr: the final rate of ``cosine``.
+        power: the exponent of ``poly`` (0.9, the survey's).
 
     Example:
         >>> s = Schedule("step", step_size=100, gamma=0.5)   # MTAN's NYUv2 protocol
@@ -54,6 +59,7 @@ class Schedule:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     min_lr: float = 0.0
+    power: float = 0.9
 
     def validate(self, prefix: str = "scheduler") -> None:
         if self.name not in SCHEDULES:
@@ -78,6 +84,8 @@ class Schedule:
             )
         if not _number(self.min_lr) or self.min_lr < 0:
             raise ValueError(f"{prefix}.min_lr must be a number >= 0, got {self.min_lr!r}")
+        if not _number(self.power) or self.power <= 0:
+            raise ValueError(f"{prefix}.power must be a number > 0, got {self.power!r}")
 
 
 def scheduled_lr(base_lr: float, schedule: Schedule, step: int, *, steps_per_epoch: int,
@@ -92,6 +100,9 @@ def scheduled_lr(base_lr: float, schedule: Schedule, step: int, *, steps_per_epo
     elif schedule.name == "cosine":
         progress = min(step / max(total_steps, 1), 1.0)
         lr = schedule.min_lr + (base_lr - schedule.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule.name == "poly":
+        epochs = max(total_steps, 1) / steps_per_epoch
+        lr = base_lr * max(0.0, 1.0 - epoch / epochs) ** schedule.power
     else:
         lr = base_lr
     warmup = schedule.warmup_epochs * steps_per_epoch
