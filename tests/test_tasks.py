@@ -188,3 +188,40 @@ def test_prior_loss_is_the_loss_of_the_best_constant_prediction():
     )
     with pytest.raises(ValueError, match="no labelled target"):
         prior_loss(task, labels, torch.zeros(200, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- normals losses
+def _normals_map() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 2 x 2 normals map: pixel (0,0) exact, (0,1) 45 degrees off, (1,0) has no label (zero
+    target), (1,1) points the wrong way and is masked out."""
+    pred = torch.tensor([[[0.0, 1.0], [0.0, 0.0]],      # x
+                         [[0.0, 1.0], [2.0, -1.0]],     # y
+                         [[3.0, 0.0], [0.0, 0.0]]])     # z
+    target = torch.tensor([[[0.0, 1.0], [0.0, 0.0]],
+                           [[0.0, 0.0], [0.0, 1.0]],
+                           [[1.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[[True, True], [True, False]]])
+    return pred[None].requires_grad_(True), target[None], mask
+
+
+def test_normals_l1_loss_by_hand_with_ignored_pixels():
+    from mtlkit.tasks import NormalL1Loss
+
+    pred, target, mask = _normals_map()
+    r = 1 / math.sqrt(2)
+    # (0,0): |(0,0,1) - (0,0,1)| = 0; (0,1): |(r, r, 0) - (1, 0, 0)| = (1 - r + r + 0) / 3 = 1/3;
+    # (1,0): zero target, not counted; (1,1): masked out (else |(0,-1,0) - (0,1,0)| / 3 = 2/3)
+    loss = Task.normals("n", loss="l1").loss(pred, target, mask)
+    assert loss.item() == pytest.approx((0 + 1 / 3) / 2)
+    assert NormalL1Loss()(pred, target).item() == pytest.approx((0 + 1 / 3 + 2 / 3) / 3)
+    g = _grad(loss, pred)
+    assert g[0, :, 1, 0].eq(0).all() and g[0, :, 1, 1].eq(0).all()  # ignored pixels: no gradient
+    assert g[0, :, 0, 1].abs().sum() > 0
+    # the cosine loss on the same map: 1 - cos 45 degrees at (0,1) only
+    cos = Task.normals("n").loss(pred, target, mask)
+    assert cos.item() == pytest.approx((0 + 1 - r) / 2)
+    # every pixel ignored: an exact zero, still attached to the prediction
+    none = Task.normals("n", loss="l1").loss(pred, target, torch.zeros_like(mask))
+    assert none.item() == 0 and none.requires_grad
+    with pytest.raises(ValueError, match="normals loss must be one of"):
+        Task.normals("n", loss="l2")

@@ -118,11 +118,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from mtlkit.nn._complexity import format_complexity, parse_size
-    from mtlkit.train._dense_models import DENSE_MODELS, SURVEY_NOTE, complexity_table
+    from mtlkit.train._dense_models import (
+        DENSE_MODELS,
+        SURVEY_NOTE,
+        complexity_table,
+        survey_block,
+    )
 
     size = parse_size(args.input_size)
     names = _split(args.models) if args.models else list(DENSE_MODELS)
     print(format_complexity(complexity_table(size, args.tasks, names), size))
+    print(f"\nBeside the survey's table ({args.tasks}):\n")
+    print(survey_block(args.tasks, size))
     print(f"\n{SURVEY_NOTE}")
     return 0
 

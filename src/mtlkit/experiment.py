@@ -35,11 +35,11 @@ Fields (defaults in brackets):
 - ``optimizer``: ``name`` [adam] (adam, adamw, sgd), ``lr`` [0.003], ``weight_decay`` [0],
   ``momentum`` [0, sgd], ``nesterov`` [false, sgd], ``betas`` [[0.9, 0.999], adam/adamw].
   ``task_lr`` [{}]: per-task learning rates of the task-specific parameters.
-- ``scheduler``: ``name`` [cosine] (none, step, multistep, cosine, plateau), ``step_size`` [1],
+- ``scheduler``: ``name`` [cosine] (none, step, multistep, cosine, plateau, poly), ``step_size`` [1],
   ``milestones`` [[]], ``gamma`` [0.1], ``warmup_epochs`` [0], ``min_lr`` [0], ``factor``
   [0.1] and ``patience`` [10] (plateau: the rate times ``factor`` once more than ``patience``
   evaluations in a row have not improved the validation score, never below ``min_lr``, as
-  torch's ``ReduceLROnPlateau``) (:class:`mtlkit.train.optimizers.Schedule`).
+  torch's ``ReduceLROnPlateau``), ``power`` [0.9, poly] (:class:`mtlkit.train.optimizers.Schedule`).
 - ``epochs`` [25], ``max_steps`` [none: whole epochs], ``batch_size`` [64], ``grad_clip``
   [none: max gradient norm], ``eval_every`` [1 epoch; the last epoch is always evaluated],
   ``cosine_every`` [25 steps; 0: never]: how often the task gradients' pairwise cosines are
@@ -51,6 +51,10 @@ Fields (defaults in brackets):
   any better validation score); model selection still takes the best validation score.
 - ``baselines`` [{}]: published single-task values ``{task/metric: value}``; a task named there
   is not trained alone, and Δm% / Δp use its given metrics only.
+- ``delta_m`` [all_metrics]: the Δm% that orders ``compare``'s table: ``all_metrics`` (mean
+  over every metric, Maninis et al. 2019) or ``per_task`` (mean over tasks of each task's one
+  primary metric, the dense-prediction survey's, Vandenhende et al. 2021, arXiv:2004.13379);
+  ``results.json`` keeps both, and the report names the one used.
 - ``methods`` [ten methods, see ``DEFAULT_METHODS``], ``hparams`` [{}]: ``{method: {name:
   value}}``. ``seeds`` [1]: a count (seeds 0..n-1) or a list of seeds.
 - ``amp`` [none]: mixed precision, ``bf16`` (autocast) or ``fp16`` (autocast and a gradient
@@ -99,6 +103,8 @@ if TYPE_CHECKING:
 
 #: A representative default set: plain sum, four loss weightings, five gradient methods.
 DEFAULT_METHODS = ("ew", "uw", "dwa", "rlw", "famo", "mgda", "pcgrad", "cagrad", "imtl", "nash_mtl")
+#: ``delta_m`` choices: Δm% over every metric, or over each task's primary metric.
+DELTA_M = ("all_metrics", "per_task")
 #: What ``--quick`` sets (where the config leaves it unset): a set-up check, not a result.
 QUICK = {"epochs": 1, "max_steps": 5, "max_samples": 64}
 
@@ -151,6 +157,7 @@ class Experiment:
     patience: int | None = 5
     min_delta: float = 0.005
     baselines: dict[str, float] = field(default_factory=dict)
+    delta_m: str = "all_metrics"
     device: str = "cpu"
     amp: str | None = None
     jobs: int | str = "auto"
@@ -257,6 +264,8 @@ class Experiment:
                 raise ValueError(f"baselines: keys are task/metric (e.g. seg/miou), got {k!r}")
             if not (_number(v) and math.isfinite(v)):
                 raise ValueError(f"baselines.{k} must be a finite number, got {v!r}")
+        if self.delta_m not in DELTA_M:
+            raise ValueError(f"delta_m must be one of {list(DELTA_M)}, got {self.delta_m!r}")
         if self.grad_clip is not None and not _positive(self.grad_clip):
             raise ValueError(f"grad_clip must be a positive number or null, got {self.grad_clip!r}")
         if not isinstance(self.device, str):

@@ -49,6 +49,7 @@ __all__ = [
     "LossFn",
     "MetricSet",
     "NormalCosineLoss",
+    "NormalL1Loss",
     "RegressionLoss",
     "Task",
     "TaskKind",
@@ -206,6 +207,23 @@ class DepthL1Loss:
         return masked_mean((p - t).abs(), valid)
 
 
+def _normal_inputs(pred: Tensor, target: Tensor, mask: Tensor | None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(unit pred, target, valid pixels)``; a pixel is valid where ``mask`` allows it and its
+    target is not the zero vector (missing normals are stored as zeros)."""
+    check_tensor(pred, "pred")
+    check_tensor(target, "target")
+    if pred.shape != target.shape or target.dim() < 2:
+        raise ValueError(
+            f"pred and target must have the same shape (N, 3, ...), got {tuple(pred.shape)} "
+            f"and {tuple(target.shape)}"
+        )
+    t = target.to(pred.dtype)
+    valid = pixel_mask(mask, t.square().sum(1) > 0)
+    t = torch.where(valid.unsqueeze(1), t, torch.zeros_like(t))
+    return F.normalize(pred, dim=1), t, valid
+
+
 @dataclass(frozen=True)
 class NormalCosineLoss:
     """``1 - cos(pred, target)`` per pixel, mean over valid pixels (non-zero target, ``mask``).
@@ -222,18 +240,38 @@ class NormalCosineLoss:
     """
 
     def __call__(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-        check_tensor(pred, "pred")
-        check_tensor(target, "target")
-        if pred.shape != target.shape or target.dim() < 2:
-            raise ValueError(
-                f"pred and target must have the same shape (N, 3, ...), got {tuple(pred.shape)} "
-                f"and {tuple(target.shape)}"
-            )
-        t = target.to(pred.dtype)
-        valid = pixel_mask(mask, t.square().sum(1) > 0)
-        t = torch.where(valid.unsqueeze(1), t, torch.zeros_like(t))
-        cos = (F.normalize(pred, dim=1) * F.normalize(t, dim=1)).sum(1)
+        p, t, valid = _normal_inputs(pred, target, mask)
+        cos = (p * F.normalize(t, dim=1)).sum(1)
         return masked_mean(1.0 - cos, valid)
+
+
+@dataclass(frozen=True)
+class NormalL1Loss:
+    """L1 between the L2-normalised prediction and the target normal, averaged over the three
+    components and the valid pixels (non-zero target, ``mask``).
+
+    The surface-normals loss of the dense-prediction survey (Vandenhende et al., TPAMI 2021,
+    arXiv:2004.13379; its public code normalises the prediction, not the target, and averages
+    the absolute differences over the labelled components). Shapes as
+    :class:`NormalCosineLoss`.
+
+    Example:
+        >>> import torch
+        >>> from mtlkit.tasks import NormalL1Loss
+        >>> pred = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
+        >>> target = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+        >>> round(NormalL1Loss()(pred, target).item(), 4)  # (0 + (1 + 1 + 0) / 3) / 2
+        0.3333
+    """
+
+    def __call__(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+        p, t, valid = _normal_inputs(pred, target, mask)
+        return masked_mean((p - t).abs().mean(1), valid)
+
+
+#: ``Task.normals(loss=...)`` choices
+NORMAL_LOSSES: dict[str, Callable[[], LossFn]] = {"cosine": NormalCosineLoss,
+                                                   "l1": NormalL1Loss}
 
 
 @dataclass(frozen=True)
@@ -443,11 +481,22 @@ class Task:
 
     @classmethod
     def normals(
-        cls, name: str, *, primary: str = "mean_angle", median_bins: int | None = None
+        cls, name: str, *, primary: str = "mean_angle", median_bins: int | None = None,
+        loss: str = "cosine",
     ) -> Task:
-        """Surface normals: ``1 - cos`` on valid pixels (non-zero target), ``(N, 3, H, W)``.
-        Metrics: ``mean_angle``, ``median_angle`` (exact unless ``median_bins``), ``within_11.25``,
-        ``within_22.5``, ``within_30`` (fractions)."""
+        """Surface normals on valid pixels (non-zero target), ``(N, 3, H, W)``; ``loss`` is
+        ``cosine`` (``1 - cos``, :class:`NormalCosineLoss`) or ``l1`` (L1 on the normalised
+        prediction, :class:`NormalL1Loss`, the dense-prediction survey's). Metrics:
+        ``mean_angle``, ``median_angle`` (exact unless ``median_bins``), ``within_11.25``,
+        ``within_22.5``, ``within_30`` (fractions).
+
+        Example:
+            >>> from mtlkit.tasks import Task
+            >>> type(Task.normals("normals", loss="l1").loss).__name__
+            'NormalL1Loss'
+        """
+        if loss not in NORMAL_LOSSES:
+            raise ValueError(f"normals loss must be one of {sorted(NORMAL_LOSSES)}, got {loss!r}")
         metrics = MetricSet.of(
             ("mean_angle", NormalAngleMean, {}),
             ("median_angle", NormalAngleMedian, {"bins": median_bins}),
@@ -455,7 +504,7 @@ class Task:
             ("within_22.5", NormalWithin, {"threshold": 22.5}),
             ("within_30", NormalWithin, {"threshold": 30.0}),
         )
-        return cls(name, NormalCosineLoss(), metrics, primary, "normals", 3)
+        return cls(name, NORMAL_LOSSES[loss](), metrics, primary, "normals", 3)
 
 
 def _check_count(value: object, arg: str, minimum: int) -> None:

@@ -98,3 +98,18 @@ def test_nyud_items_follow_the_survey_files(tmp_path) -> None:
     (tmp_path / "edge" / "0000.npy").unlink()
     with pytest.raises(FileNotFoundError, match=r"edge/0000\.npy"):
         data.load("nyud", root=str(tmp_path))
+
+
+def test_survey_loaders_train_normals_with_the_survey_l1_loss(tmp_path) -> None:
+    from mtlkit.tasks import NormalCosineLoss, NormalL1Loss
+
+    write_nyud(tmp_path / "nyud")
+    write_pascal(tmp_path / "pascal")
+    for name, root in (("nyud", tmp_path / "nyud"), ("pascal_context", tmp_path / "pascal")):
+        opts = {"root": str(root), "val_fraction": 0.34, "size": [8, 8]}
+        l1 = data.load(name, **opts)
+        assert isinstance(l1.tasks[l1.task_names.index("normals")].loss, NormalL1Loss), name
+        cos = data.load(name, normals_loss="cosine", **opts)
+        assert isinstance(cos.tasks[cos.task_names.index("normals")].loss, NormalCosineLoss)
+        with pytest.raises(ValueError, match="normals_loss must be one of"):
+            data.load(name, normals_loss="l2", **opts)

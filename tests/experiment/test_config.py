@@ -72,7 +72,7 @@ def test_the_default_config_file_writes_out_every_default():
         (["optimizer.nesterov=true"], r"optimizer\.nesterov needs name: sgd and a momentum > 0"),
         (["optimizer.betas=[0.9]"], r"optimizer\.betas must be two numbers"),
         (["optimizer.lrr=1"], r"optimizer: unknown field\(s\) \['lrr'\]"),
-        (["scheduler.name=poly"], r"scheduler\.name must be one of"),
+        (["scheduler.name=exponential"], r"scheduler\.name must be one of"),
         (["scheduler.name=multistep"], r"scheduler\.milestones must name at least one epoch"),
         (["scheduler.gamma=2"], r"scheduler\.gamma must be a number in \(0, 1\]"),
         (["scheduler.milestones=[5, 2]"], r"scheduler\.milestones must be increasing"),

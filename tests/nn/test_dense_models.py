@@ -200,3 +200,37 @@ def test_complexity_counts_a_small_nddr_by_hand() -> None:
                  channels=[4])
     assert count_parameters(model) == 314
     assert count_macs(model, (3, 8, 8)) == 18432
+
+
+def test_survey_block_prints_ours_beside_the_survey_cells(monkeypatch) -> None:
+    import mtlkit.train._dense_models as dm
+    from mtlkit.data._pascal import PASCAL_TASKS, pascal_tasks
+    from mtlkit.nn._complexity import Complexity
+    from mtlkit.train.models import build_model
+
+    # the survey code's set-ups: backbones per dataset and input sizes; no published cell filled
+    nyud = [(r.model, r.backbone, r.input_shape) for r in dm.SURVEY_SETUPS if r.dataset == "nyud"]
+    assert ("nddr", "resnet50", (3, 480, 640)) in nyud and ("mti_net", "hrnet_w18",
+                                                            (3, 480, 640)) in nyud
+    assert {r.backbone for r in dm.SURVEY_SETUPS if r.dataset == "pascal_context"} == {
+        "hrnet_w18", "resnet18"}
+    assert all(r.params_m is None and r.flops_g is None for r in dm.SURVEY_SETUPS)
+    # another input size: nothing is built, ours is "—", the survey's "n/a"
+    text = dm.survey_block("pascal_context", (3, 64, 64))
+    assert text.splitlines()[3] == "| mti_net | hrnet_w18 | 3x512x512 | — | — | n/a | n/a |"
+    # the survey's input size: counts given, or counted on the survey's tasks
+    given = {("mti_net", "hrnet_w18"): Complexity("mti_net", 2_500_000, 7_250_000_000)}
+    text = dm.survey_block("pascal_context", (3, 512, 512), {**{
+        (r.model, r.backbone): Complexity(r.model, 1, 1) for r in dm.SURVEY_SETUPS}, **given})
+    assert "| mti_net | hrnet_w18 | 3x512x512 | 2.50 | 7.25 | n/a | n/a |" in text
+    tiny = dm.SurveySetup("pascal_context", "mti_net", "tiny", (3, 16, 16),
+                          {"hrnet": {"width": 4, "modules": [1, 1, 1], "blocks": 1,
+                                     "stem_blocks": 1}})
+    monkeypatch.setattr(dm, "SURVEY_SETUPS", (tiny,))
+    model = build_model("mti_net", pascal_tasks(PASCAL_TASKS), (3, 16, 16), **tiny.options)
+    params, macs = count_parameters(model), count_macs(model, (3, 16, 16))
+    row = dm.survey_block("pascal_context", (3, 16, 16)).splitlines()[2]
+    assert row == (f"| mti_net | tiny | 3x16x16 | {params / 1e6:.2f} | {macs / 1e9:.2f} | n/a | "
+                   "n/a |")
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        dm.survey_block("cityscapes", (3, 16, 16))

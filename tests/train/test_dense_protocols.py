@@ -53,15 +53,39 @@ def test_protocol_config_trains_two_steps(tmp_path, config) -> None:
     assert "arXiv:2004.13379" in text and "github.com/" in text
     exp = Experiment.from_file(CONFIGS / config)
     assert exp.model == "mti_net" and exp.methods[0] == "fixed"
+    # the survey code's setup of its HRNet-W18 models (see the config's header)
+    assert (exp.optimizer.name, exp.optimizer.lr, exp.optimizer.weight_decay) == ("adam", 1e-4,
+                                                                                 1e-4)
+    assert (exp.scheduler.name, exp.scheduler.power, exp.epochs, exp.batch_size) == (
+        "poly", 0.9, 100, 8)
+    assert exp.delta_m == "per_task" and exp.dataset_options["normals_loss"] == "l1"
     result, record = _two_steps(tmp_path, config, None)
     assert record["global_step"] == 2
-    tasks = ["semseg", "depth", "normals", "edge"] if "nyud" in config else [
+    tasks = ["semseg", "depth"] if "nyud" in config else [
         "semseg", "human_parts", "sal", "normals", "edge"]
     assert result.tasks == tasks
-    for key in ("edge/odsF", "normals/mean_angle", "semseg/miou"):
+    assert exp.hparams["fixed"]["weights"] == (
+        {"semseg": 1.0, "depth": 1.0} if "nyud" in config else
+        {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "normals": 10.0, "edge": 50.0})
+    keys = ["semseg/miou", "depth/rmse"] if "nyud" in config else [
+        "semseg/miou", "human_parts/miou", "sal/maxF", "normals/mean_angle", "edge/odsF"]
+    for key in keys:
         assert np.isfinite(result.test[key]), key
-    assert ("depth/rmse" in result.test) == ("nyud" in config)
-    assert ("sal/maxF" in result.test) == ("pascal" in config)
+
+
+def test_nyud_survey_config_takes_the_four_tasks_with_a_set(tmp_path) -> None:
+    exp = Experiment.from_file(CONFIGS / "nyud-survey.yaml").with_overrides([
+        "dataset_options.tasks=[semseg, depth, normals, edge]",
+        "hparams.fixed.weights={semseg: 1.0, depth: 1.0, normals: 10.0, edge: 50.0}"])
+    root = tmp_path / "data"
+    write_nyud(root, train=5)
+    run = exp.replace(root=str(root), model_options=SMALL["mti_net"],
+                      dataset_options={**exp.dataset_options, "size": [16, 16],
+                                       "val_fraction": 0.2},
+                      epochs=1, max_steps=2, batch_size=2, out=str(tmp_path / "out"))
+    result = mtlkit.train(run)
+    assert result.tasks == ["semseg", "depth", "normals", "edge"]
+    assert np.isfinite(result.test["edge/odsF"]) and np.isfinite(result.test["normals/mean_angle"])
 
 
 SLOW = {"nddr", "mtan", "hard_sharing"}  # ResNet-18 trunks: built below, trained in the slow suite

@@ -228,3 +228,24 @@ def test_trainer_steps_plateau_on_validation_and_resumes_exactly(tmp_path, scrip
     for p, q in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
     assert resumed.plateau.state_dict() == full.plateau.state_dict()
+
+
+def test_poly_schedule_by_hand_and_as_torch_polynomial_lr():
+    """The survey's poly rule: lr (1 - e / E)^0.9 at epoch e of E, constant within an epoch."""
+    s = Schedule("poly")
+    lrs = [scheduled_lr(0.01, s, step, steps_per_epoch=2, total_steps=8) for step in range(8)]
+    by_hand = [0.01, 0.01, 0.01 * 0.75 ** 0.9, 0.01 * 0.75 ** 0.9,
+               0.01 * 0.5 ** 0.9, 0.01 * 0.5 ** 0.9, 0.01 * 0.25 ** 0.9, 0.01 * 0.25 ** 0.9]
+    assert lrs == pytest.approx(by_hand, rel=1e-12)
+    assert lrs[2] == pytest.approx(0.0077189, rel=1e-4)  # 0.01 x 0.75^0.9
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=0.01)
+    ref = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=4, power=0.9)
+    for epoch in range(4):
+        assert lrs[2 * epoch] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()
+        ref.step()
+    linear = Schedule("poly", power=1.0)
+    assert scheduled_lr(1.0, linear, 3, steps_per_epoch=1, total_steps=4) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="scheduler.power must be a number > 0"):
+        Schedule("poly", power=0).validate()

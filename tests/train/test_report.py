@@ -3,13 +3,14 @@ baselines, the still-improving flag, the single-task message, and what report.ht
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 
 import pytest
 
 from mtlkit.tasks import Task
-from mtlkit.train.compare import format_table, summarise, versions
+from mtlkit.train.compare import format_table, summarise, versions, write_results_csv
 from mtlkit.train.report import write_report
 
 CLS = Task.classification("c", 3)  # metrics accuracy, f1 (higher is better)
@@ -113,3 +114,58 @@ def test_report_html_carries_config_versions_bold_best_and_std(report):
     md = (out / "report.md").read_text()
     for name in ("delta_m.png", "val_curves.png", "train_loss.png", "weights.png", "cosine.png"):
         assert (out / name).is_file() and f"]({name})" in md and f"src='{name}'" in page
+
+
+def _survey_runs():
+    one = {"single:c": [_run(0.5, 0.5, 0, 0)], "single:r": [_run(0, 0, 2.0, 2.0)],
+           "ew": [_run(0.5, 0.5, 2.0, 2.0)],
+           "x": [_run(0.6, 0.3, 1.6, 2.6)],     # acc +20, f1 -40, mae +20, rmse -30 (%)
+           "y": [_run(0.55, 0.6, 2.0, 1.6)]}    # acc +10, f1 +20, mae 0, rmse +20 (%)
+    return one
+
+
+def test_per_task_delta_m_uses_each_task_primary_metric_and_orders_the_table(tmp_path):
+    from mtlkit.data._dense_tasks import survey_delta_m
+    from mtlkit.train.compare import definitions, method_order
+
+    res = summarise(_survey_runs(), [CLS, REG], ["ew", "x", "y"])
+    x, y = res["methods"]["x"], res["methods"]["y"]
+    # every metric: x (20 - 40 + 20 - 30) / 4 = -7.5, y (10 + 20 + 0 + 20) / 4 = 12.5
+    assert x["delta_m"]["mean"] == pytest.approx(-7.5)
+    assert y["delta_m"]["mean"] == pytest.approx(12.5)
+    # one primary metric per task (c/accuracy, r/mae): x (20 + 20) / 2 = 20, y (10 + 0) / 2 = 5
+    assert res["delta_m_per_task_metrics"] == ["c/accuracy", "r/mae"]
+    assert x["delta_m_per_task"]["mean"] == pytest.approx(20.0)
+    assert y["delta_m_per_task"]["mean"] == pytest.approx(5.0)
+    assert survey_delta_m(_survey_runs()["x"][0]["test"], {
+        "c/accuracy": 0.5, "r/mae": 2.0}, [CLS, REG]) == pytest.approx(20.0)
+    # the config's delta_m picks the one that orders and fills the table
+    assert method_order(res) == ["y", "ew", "x"]
+    assert "over every metric" in format_table(res) and "Δm% ↑" in format_table(res)
+    res["config"] = {"dataset": "toy", "delta_m": "per_task"}
+    assert method_order(res) == ["x", "y", "ew"]
+    table = format_table(res)
+    assert "| Δm% per task ↑ |" in table and "the survey's definition" in table
+    assert table.splitlines()[3].split("|")[6].strip() == "20.00"  # x's row, Δm column
+    assert "one primary metric" in definitions(res) and "c/accuracy, r/mae" in definitions(res)
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "dense-prediction survey's" in md and "Eq. 10" in md
+    assert "Δm% per task" in (tmp_path / "report.html").read_text()
+    write_results_csv(res, tmp_path / "results.csv")
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
+    assert float(rows["x"]["delta_m_per_task_mean"]) == pytest.approx(20.0)
+    assert float(rows["x"]["delta_m_mean"]) == pytest.approx(-7.5)
+    res["config"]["delta_m"] = "primary"
+    with pytest.raises(ValueError, match="config.delta_m must be one of"):
+        method_order(res)
+
+
+def test_experiment_delta_m_field_is_checked():
+    from mtlkit.experiment import Experiment
+
+    assert Experiment().delta_m == "all_metrics"
+    assert Experiment.from_dict({"delta_m": "per_task"}).delta_m == "per_task"
+    with pytest.raises(ValueError, match=r"delta_m must be one of \['all_metrics', 'per_task'\]"):
+        Experiment.from_dict({"delta_m": "survey"})

@@ -102,7 +102,9 @@ def survey_delta_m(metrics: Mapping[str, float], baseline: Mapping[str, float],
     relative change of each task's one reported metric (its ``primary``: mIoU, RMSE, mean
     angle, odsF, maxF), against the single-task baselines.
 
-    ``mtlkit compare`` averages over every metric a task has; this keeps one per task.
+    ``mtlkit compare`` orders its table by this Δm% (``delta_m_per_task`` in ``results.json``)
+    when the experiment sets ``delta_m: per_task``, as the survey configs do; by default it
+    averages over every metric a task has.
 
     Example:
         >>> from mtlkit.data._dense_tasks import depth_rmse_task, edge_task, survey_delta_m

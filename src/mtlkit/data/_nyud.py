@@ -24,7 +24,7 @@ from mtlkit.data._pascal import (
     split_train_val,
 )
 from mtlkit.data._registry import register
-from mtlkit.tasks import Task
+from mtlkit.tasks import NORMAL_LOSSES, Task
 
 NYUD_TASKS = ("semseg", "depth", "normals", "edge")
 
@@ -102,17 +102,21 @@ class NYUDSplit(Dataset):
         return image, y
 
 
-def nyud_tasks(tasks: Sequence[str]) -> tuple[Task, ...]:
+def nyud_tasks(tasks: Sequence[str], normals_loss: str = "l1") -> tuple[Task, ...]:
     """The survey's NYUD-v2 tasks, in the order asked.
 
-    .. note:: ``normals`` trains with mtlkit's ``1 - cos`` loss; the survey's code uses an L1
-       loss on normalised vectors. Edges use :class:`~mtlkit.data._dense_tasks.BalancedBCELoss`
+    .. note:: ``normals`` trains with ``normals_loss``: ``l1`` (default), the survey's L1 on
+       the normalised prediction (:class:`~mtlkit.tasks.NormalL1Loss`), or ``cosine``
+       (``1 - cos``). Edges use :class:`~mtlkit.data._dense_tasks.BalancedBCELoss`
        (positive weight 0.95, as the survey's code).
     """
+    if normals_loss not in NORMAL_LOSSES:
+        raise ValueError(f"normals_loss must be one of {sorted(NORMAL_LOSSES)}, got "
+                         f"{normals_loss!r}")
     table = {
         "semseg": lambda: Task.segmentation("semseg", 40, ignore_index=-1),
         "depth": lambda: depth_rmse_task("depth"),
-        "normals": lambda: Task.normals("normals"),
+        "normals": lambda: Task.normals("normals", loss=normals_loss),
         "edge": lambda: edge_task("edge"),
     }
     return tuple(table[t]() for t in tasks)
@@ -126,6 +130,7 @@ def nyud(
     tasks: Sequence[str] = NYUD_TASKS,
     size: Sequence[int] | None = None,
     val_fraction: float = 0.1,
+    normals_loss: str = "l1",
 ) -> DatasetBundle:
     """NYUD-v2 with the survey's four tasks: ``semseg`` (40 classes), ``depth`` (RMSE),
     ``normals`` (mean angle), ``edge`` (odsF); see :class:`NYUDSplit` for the files.
@@ -141,13 +146,15 @@ def nyud(
         tasks: a subset of the four tasks, in output order.
         size: ``(H, W)`` to resize every item to, or None (the files' size).
         val_fraction: fraction of the training images held out, in (0, 1).
+        normals_loss: ``l1`` (the survey's) or ``cosine`` (``1 - cos``).
 
     Raises:
-        ValueError: no root, an unknown task, a bad size or fraction.
+        ValueError: no root, an unknown task, a bad size, fraction or ``normals_loss``.
         FileNotFoundError: a split file or an image's file is missing (the message names it).
     """
     path = require_root("nyud", root)
     chosen = check_task_list(tasks, NYUD_TASKS, "nyud")
+    task_list = nyud_tasks(chosen, normals_loss)
     shape = check_size(size, "nyud")
     train_ids = read_ids(path / "gt_sets" / "train.txt", "nyud")
     test_ids = read_ids(path / "gt_sets" / "val.txt", "nyud")
@@ -159,6 +166,6 @@ def nyud(
                       "test = gt_sets/val.txt"}
     return DatasetBundle(
         "nyud", train, NYUDSplit(path, val_ids, chosen, shape),
-        NYUDSplit(path, test_ids, chosen, shape), nyud_tasks(chosen), (3, int(h), int(w)),
+        NYUDSplit(path, test_ids, chosen, shape), task_list, (3, int(h), int(w)),
         info, model="mti_net",
     )

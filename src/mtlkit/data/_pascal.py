@@ -18,7 +18,7 @@ from mtlkit.data._bundle import DatasetBundle
 from mtlkit.data._dense_tasks import edge_task, saliency_task
 from mtlkit.data._nyuv2 import require_root
 from mtlkit.data._registry import register
-from mtlkit.tasks import Task
+from mtlkit.tasks import NORMAL_LOSSES, Task
 
 PASCAL_TASKS = ("semseg", "human_parts", "sal", "normals", "edge")
 IGNORE = 255
@@ -236,18 +236,22 @@ def _normals_classes(root: Path) -> list[int] | None:
     return classes
 
 
-def pascal_tasks(tasks: Sequence[str]) -> tuple[Task, ...]:
+def pascal_tasks(tasks: Sequence[str], normals_loss: str = "l1") -> tuple[Task, ...]:
     """The survey's PASCAL-Context tasks, in the order asked.
 
-    .. note:: ``normals`` trains with mtlkit's ``1 - cos`` loss; the survey's code uses an L1
-       loss on normalised vectors. Edges use :class:`~mtlkit.data._dense_tasks.BalancedBCELoss`
+    .. note:: ``normals`` trains with ``normals_loss``: ``l1`` (default), the survey's L1 on
+       the normalised prediction (:class:`~mtlkit.tasks.NormalL1Loss`), or ``cosine``
+       (``1 - cos``). Edges use :class:`~mtlkit.data._dense_tasks.BalancedBCELoss`
        (positive weight 0.95, as the survey's code).
     """
+    if normals_loss not in NORMAL_LOSSES:
+        raise ValueError(f"normals_loss must be one of {sorted(NORMAL_LOSSES)}, got "
+                         f"{normals_loss!r}")
     table = {
         "semseg": lambda: Task.segmentation("semseg", 21, ignore_index=IGNORE),
         "human_parts": lambda: Task.segmentation("human_parts", 7, ignore_index=IGNORE),
         "sal": lambda: saliency_task("sal"),
-        "normals": lambda: Task.normals("normals"),
+        "normals": lambda: Task.normals("normals", loss=normals_loss),
         "edge": lambda: edge_task("edge"),
     }
     return tuple(table[t]() for t in tasks)
@@ -295,6 +299,7 @@ def pascal_context(
     tasks: Sequence[str] = PASCAL_TASKS,
     size: Sequence[int] | None = (512, 512),
     val_fraction: float = 0.1,
+    normals_loss: str = "l1",
 ) -> DatasetBundle:
     """PASCAL-Context with the survey's five tasks: ``semseg`` (21 classes), ``human_parts``
     (7), ``sal``, ``normals``, ``edge`` (see :class:`PascalContextSplit` for the files).
@@ -311,13 +316,15 @@ def pascal_context(
         tasks: a subset of the five tasks, in output order.
         size: ``(H, W)`` of every item (None: keep each image's size, batch size 1).
         val_fraction: fraction of the training images held out, in (0, 1).
+        normals_loss: ``l1`` (the survey's) or ``cosine`` (``1 - cos``).
 
     Raises:
-        ValueError: no root, an unknown task, a bad size or fraction.
+        ValueError: no root, an unknown task, a bad size, fraction or ``normals_loss``.
         FileNotFoundError: a split file or an image's file is missing (the message names it).
     """
     path = require_root("pascal_context", root)
     chosen = check_task_list(tasks, PASCAL_TASKS, "pascal_context")
+    task_list = pascal_tasks(chosen, normals_loss)
     shape = check_size(size, "pascal_context")
     train_ids = read_ids(path / "ImageSets" / "Context" / "train.txt", "pascal_context")
     test_ids = read_ids(path / "ImageSets" / "Context" / "val.txt", "pascal_context")
@@ -338,5 +345,5 @@ def pascal_context(
     }
     return DatasetBundle(
         "pascal_context", split(train_ids), split(val_ids), split(test_ids),
-        pascal_tasks(chosen), (3, int(h), int(w)), info, model="mti_net",
+        task_list, (3, int(h), int(w)), info, model="mti_net",
     )

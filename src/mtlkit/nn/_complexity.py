@@ -1,10 +1,10 @@
 """Parameter and FLOP counts of a model for one input size (``mtlkit models``).
 
 FLOPs here are multiply-accumulates (MACs) of the convolutions and linear layers met in one
-forward pass, the convention of the dense-prediction literature's "FLOPS" columns (e.g. the
-survey of Vandenhende et al. 2021, arXiv:2004.13379, Tables of NYUD-v2 and PASCAL-Context
-results); batch norm, activations, additions and resizing are not counted. A layer run twice
-counts twice.
+forward pass (one MAC = one multiply and one add; some papers count 2 x MACs as FLOPs, and which
+convention the dense-prediction survey of Vandenhende et al. 2021, arXiv:2004.13379, uses is not
+confirmed here); batch norm, activations, additions and resizing are not counted. A layer run
+twice counts twice.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ features), ``aux_weight`` (deep supervision of PAD-Net and MTI-Net, 1).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -229,10 +230,109 @@ def complexity_table(
         rows.append(Complexity(name, count_parameters(model), count_macs(model, input_shape)))
     return rows
 
-#: Printed under ``mtlkit models``: where to find the survey's own counts.
+@dataclass(frozen=True)
+class SurveySetup:
+    """One architecture + backbone + input size of the survey's experiments, with the
+    parameters (M) and FLOPs (G) the survey publishes for it (None: not confirmed from a source
+    by this build, printed ``n/a``).
+
+    The set-ups (backbone per dataset, input size) are those of the survey's public code,
+    github.com/SimonVandenhende/Multi-Task-Learning-PyTorch (``configs/nyud/{hrnet18,resnet50}``,
+    ``configs/pascal/{hrnet18,resnet18}``, ``utils/config.py`` for the input sizes).
+    """
+
+    dataset: str
+    model: str
+    backbone: str
+    input_shape: tuple[int, int, int]
+    options: Mapping[str, Any]
+    params_m: float | None = None
+    flops_g: float | None = None
+    source: str = ("Vandenhende et al. 2021, arXiv:2004.13379, NYUD-v2 and PASCAL-Context "
+                   "results tables: not confirmed")
+
+
+def _setups(dataset: str, size: tuple[int, int, int], resnet: str) -> tuple[SurveySetup, ...]:
+    hr = "hrnet_w18"
+    return (
+        SurveySetup(dataset, "hard_sharing", hr, size, {"backbone": hr}),
+        SurveySetup(dataset, "mti_net", hr, size, {}),
+        SurveySetup(dataset, "pad_net", hr, size, {}),
+        SurveySetup(dataset, "hard_sharing", resnet, size, {"backbone": resnet,
+                                                            "head_channels": 256}),
+        SurveySetup(dataset, "mtan", resnet, size, {"backbone": resnet, "head_channels": 256}),
+        SurveySetup(dataset, "cross_stitch", resnet, size, {"backbone": resnet}),
+        SurveySetup(dataset, "nddr", resnet, size, {"resnet": resnet}),
+    )
+
+
+#: The tasks of the survey's NYUD-v2 runs (its code's task_dictionary): two of the loader's four.
+SURVEY_NYUD_TASKS = ("semseg", "depth")
+#: The survey's set-ups: NYUD-v2 at 480 x 640 with HRNet-W18 or ResNet-50, PASCAL-Context at
+#: 512 x 512 with HRNet-W18 or ResNet-18. No published count is filled in: the survey's tables
+#: could not be read from a source this build can cite (see :data:`SURVEY_NOTE`).
+SURVEY_SETUPS: tuple[SurveySetup, ...] = (
+    *_setups("nyud", (3, 480, 640), "resnet50"),
+    *_setups("pascal_context", (3, 512, 512), "resnet18"),
+)
+
+
+def survey_block(dataset: str, input_shape: Sequence[int],
+                 counted: Mapping[tuple[str, str], Complexity] | None = None) -> str:
+    """The survey's set-ups of ``dataset`` as a Markdown table: ours (parameters, MACs; counted
+    only where ``input_shape`` is the survey's input, else ``—``; for the survey's tasks:
+    :data:`SURVEY_NYUD_TASKS` on NYUD-v2, the five on PASCAL-Context) beside the survey's
+    published parameters and FLOPs (``n/a`` where not confirmed). ``counted`` maps
+    ``(model, backbone)`` to counts already made (tests pass them; else they are counted).
+
+    Example:
+        >>> print(survey_block("nyud", (3, 8, 8)).splitlines()[2])
+        | hard_sharing | hrnet_w18 | 3x480x640 | — | — | n/a | n/a |
+    """
+    from mtlkit.data._nyud import nyud_tasks
+    from mtlkit.data._pascal import PASCAL_TASKS, pascal_tasks
+    from mtlkit.train.models import build_model
+
+    rows = [r for r in SURVEY_SETUPS if r.dataset == dataset]
+    if not rows:
+        raise ValueError(f"dataset must be one of {sorted({r.dataset for r in SURVEY_SETUPS})}, "
+                         f"got {dataset!r}")
+    counted = dict(counted or {})
+    head = ("| model | backbone | survey input | ours: parameters (M) | ours: GMACs | "
+            "survey: parameters (M) | survey: GFLOPs |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        same = tuple(input_shape) == r.input_shape
+        key = (r.model, r.backbone)
+        if same and key not in counted:
+            tasks = nyud_tasks(SURVEY_NYUD_TASKS) if dataset == "nyud" else pascal_tasks(
+                PASCAL_TASKS)
+            model = build_model(r.model, tasks, r.input_shape, **dict(r.options))
+            counted[key] = Complexity(r.model, count_parameters(model),
+                                      count_macs(model, r.input_shape))
+        ours = counted.get(key) if same else None
+        cells = [r.model, r.backbone, "x".join(str(v) for v in r.input_shape),
+                 f"{ours.parameters / 1e6:.2f}" if ours else "—",
+                 f"{ours.macs / 1e9:.2f}" if ours else "—",
+                 "n/a" if r.params_m is None else f"{r.params_m:g}",
+                 "n/a" if r.flops_g is None else f"{r.flops_g:g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+#: Printed under ``mtlkit models``.
 SURVEY_NOTE = (
-    "FLOPs are multiply-accumulates of convolutions and linear layers. The survey "
-    "(Vandenhende et al., TPAMI 2021, arXiv:2004.13379) lists parameters and FLOPs of these "
-    "models beside its NYUD-v2 and PASCAL-Context results; its numbers are not reprinted "
-    "here because this build could not check them against the paper."
+    "Ours count parameters, and multiply-accumulates (MACs: one multiply and one add) of the "
+    "convolutions and linear layers in one forward pass; batch norm, activations and resizing "
+    "are not counted. The survey (Vandenhende et al., TPAMI 2021, arXiv:2004.13379) gives "
+    "parameters and FLOPs beside its NYUD-v2 and PASCAL-Context results, but its tables could "
+    "not be read from a citable source in this build, so every published cell is n/a (not "
+    "confirmed), and whether its FLOPs count MACs or 2 x MACs is not known; when filled in, "
+    "a 2x gap between the two FLOP columns means the other convention. Ours are counted "
+    "('—': run with --input-size at the survey's input to count them) for the survey code's "
+    "set-ups (github.com/SimonVandenhende/Multi-Task-Learning-PyTorch: NYUD-v2 480x640 with "
+    "HRNet-W18 or ResNet-50, PASCAL-Context 512x512 with HRNet-W18 or ResNet-18), with "
+    "the survey's task sets (NYUD-v2: semseg and depth; PASCAL-Context: all five) and mtlkit's "
+    "own layers, which differ from the survey's code in detail (e.g. its PAD-Net fuses the "
+    "HRNet scales first); the table above uses --tasks' full task set."
 )

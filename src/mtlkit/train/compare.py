@@ -21,7 +21,7 @@ import torch
 from mtlkit import balancers
 from mtlkit.data import DatasetBundle
 from mtlkit.engine._dist import rank
-from mtlkit.experiment import Experiment
+from mtlkit.experiment import DELTA_M, Experiment
 from mtlkit.metrics import delta_m, delta_p, mean_rank
 from mtlkit.tasks import Task
 from mtlkit.train.trainer import CHECKPOINT, RESULT, RunResult, Trainer, check_same_settings
@@ -239,6 +239,12 @@ def summarise(runs: Mapping[str, list[dict[str, Any]]], tasks: Sequence[Task],
     values, to its runs' ``RunResult.to_json()``. ``given`` (``task/metric -> value``, e.g. a
     paper's single-task numbers) replaces the trained baseline of its tasks; those tasks' Δ use
     the given metrics only.
+
+    Two Δm% are kept per method: ``delta_m`` over every metric (Maninis et al. 2019) and
+    ``delta_m_per_task`` over each task's one ``primary`` metric, the definition of the
+    dense-prediction survey (Vandenhende et al. 2021, arXiv:2004.13379, Eq. 10). The
+    experiment's ``delta_m`` field (``results["config"]``) says which orders the table
+    (:func:`delta_m_key`).
     """
     given = dict(given or {})
     check_baselines(given, tasks)
@@ -258,6 +264,8 @@ def summarise(runs: Mapping[str, list[dict[str, Any]]], tasks: Sequence[Task],
                 baseline[k], baseline_std[k] = stats["mean"], stats["std"]
     # Δ is a relative change: a metric whose baseline is 0 or undefined cannot enter it
     dm_keys = [k for k in keys if math.isfinite(baseline[k]) and baseline[k] != 0]
+    primaries = [f"{t.name}/{t.primary}" for t in tasks]
+    task_keys = [k for k in primaries if k in dm_keys]  # the survey's Δm: one metric per task
     table: dict[str, dict[str, Any]] = {}
     ref_time = statistics.fmean(r["step_time"] for r in runs[REFERENCE])
     for m in methods:
@@ -266,6 +274,8 @@ def summarise(runs: Mapping[str, list[dict[str, Any]]], tasks: Sequence[Task],
             "metrics": {k: _mean_std([r["test"][k] for r in per_seed]) for k in keys},
             "delta_m": _mean_std([_delta(r["test"], baseline, higher, dm_keys, delta_m)
                                   for r in per_seed]),
+            "delta_m_per_task": _mean_std([_delta(r["test"], baseline, higher, task_keys,
+                                                  delta_m) for r in per_seed]),
             "delta_p": _mean_std([_delta(r["test"], baseline, higher, dm_keys, delta_p)
                                   for r in per_seed]),
             "time_ratio": statistics.fmean(r["step_time"] for r in per_seed) / ref_time,
@@ -292,6 +302,8 @@ def summarise(runs: Mapping[str, list[dict[str, Any]]], tasks: Sequence[Task],
         "baseline_still_improving": sum(bool(r.get("still_improving")) for r in single_runs),
         "delta_m_metrics": dm_keys,
         "delta_m_excluded": [k for k in keys if k not in dm_keys],
+        "delta_m_per_task_metrics": task_keys,
+        "delta_m_per_task_excluded": [k for k in primaries if k not in task_keys],
         "order_by": None if one_task else "delta_m",
         "single_task": one_task,
         "methods": table,
@@ -323,23 +335,68 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
 #: Marks a method's name in the table when a run was still improving at its last epoch.
 IMPROVING = "↗"
 
-DEFINITIONS = (
+_DM_ALL = (
     "Δm% is the mean over every metric of the sign-corrected relative gain over the single-task "
     "baseline, in percent (Maninis et al. 2019; Vandenhende et al. 2021; as reported by MTAN, "
-    "Nash-MTL and FAMO). Δp is the mean over tasks of each task's mean relative gain over its "
-    "metrics, in percent (LibMTL; DB-MTL); when every task has as many metrics as the others, the two are equal. "
+    "Nash-MTL and FAMO)."
+)
+_DM_PER_TASK = (
+    "Δm% is the dense-prediction survey's: the mean over tasks of the sign-corrected relative "
+    "gain of each task's one primary metric over the single-task baseline, in percent "
+    "(Vandenhende et al. 2021, arXiv:2004.13379, Eq. 10; here over {metrics}); the other metrics "
+    "are shown but not averaged."
+)
+_REST = (
+    " Δp is the mean over tasks of each task's mean relative gain over its "
+    "metrics, in percent (LibMTL; DB-MTL); when every task has as many metrics as the others, "
+    "Δp equals the Δm% over every metric. "
     "Positive is better for both. Mean rank averages each method's rank (1 = best) over the "
     "metrics, on the seed means; tied methods share the average of their ranks. "
     "`time × ew` is the median training step time divided by the plain sum's."
 )
+#: The definitions under a table whose Δm% is over every metric (the default).
+DEFINITIONS = _DM_ALL + _REST
+
+def delta_m_definition(results: Mapping[str, Any]) -> str:
+    """``all_metrics`` or ``per_task``: the experiment's ``delta_m`` (all_metrics when the
+    results carry no config)."""
+    chosen = str(results.get("config", {}).get("delta_m") or "all_metrics")
+    if chosen not in DELTA_M:
+        raise ValueError(f"results: config.delta_m must be one of {list(DELTA_M)}, got {chosen!r}")
+    return chosen
+
+
+def delta_m_key(results: Mapping[str, Any]) -> str:
+    """The per-method entry holding the Δm% that orders the table: ``delta_m`` (every metric)
+    or ``delta_m_per_task`` (one primary metric per task, the survey's).
+
+    Example:
+        >>> delta_m_key({"config": {"delta_m": "per_task"}}), delta_m_key({})
+        ('delta_m_per_task', 'delta_m')
+    """
+    return "delta_m_per_task" if delta_m_definition(results) == "per_task" else "delta_m"
+
+
+def definitions(results: Mapping[str, Any]) -> str:
+    """The text defining the table's columns, naming the Δm% definition it uses."""
+    if delta_m_key(results) == "delta_m":
+        return DEFINITIONS
+    metrics = ", ".join(results.get("delta_m_per_task_metrics", [])) or "no metric"
+    return _DM_PER_TASK.format(metrics=metrics) + _REST
+
+
+def _dm(row: Mapping[str, Any], key: str) -> Mapping[str, float]:
+    return row.get(key, {"mean": math.nan, "std": math.nan, "n": 1})
 
 
 def method_order(results: Mapping[str, Any]) -> list[str]:
-    """The table's row order: by Δm% (best first), or as configured for a single task."""
+    """The table's row order: by Δm% (best first; the definition of :func:`delta_m_key`), or
+    as configured for a single task."""
     methods = list(results["methods"])
     if results.get("order_by") is None and results.get("single_task"):
         return methods
-    return sorted(methods, key=lambda m: _nan_last(-results["methods"][m]["delta_m"]["mean"]))
+    key = delta_m_key(results)
+    return sorted(methods, key=lambda m: _nan_last(-_dm(results["methods"][m], key)["mean"]))
 
 
 def table_notes(results: Mapping[str, Any]) -> list[str]:
@@ -349,8 +406,12 @@ def table_notes(results: Mapping[str, Any]) -> list[str]:
         notes.append(f"One task only ({results['tasks'][0]}): every method trains the same single "
                      "loss, so the methods are not ranked; Δm% and Δp compare each with the "
                      "single-task baseline.")
+    elif delta_m_key(results) == "delta_m_per_task":
+        notes.append("Rows are ordered by Δm% (best first), the survey's definition: one primary "
+                     "metric per task (" + ", ".join(results.get("delta_m_per_task_metrics", []))
+                     + ").")
     else:
-        notes.append("Rows are ordered by Δm% (best first).")
+        notes.append("Rows are ordered by Δm% (best first), over every metric.")
     flagged = [m for m, row in results["methods"].items() if any(row.get("still_improving", []))]
     if flagged or results.get("baseline_still_improving"):
         who = ", ".join(f"{m} ({sum(results['methods'][m]['still_improving'])} of "
@@ -367,6 +428,11 @@ def table_notes(results: Mapping[str, Any]) -> list[str]:
     return notes
 
 
+def delta_m_label(results: Mapping[str, Any]) -> str:
+    """The Δm% column's heading: ``Δm% ↑`` (every metric) or ``Δm% per task ↑`` (the survey's)."""
+    return "Δm% per task ↑" if delta_m_key(results) == "delta_m_per_task" else "Δm% ↑"
+
+
 def format_table(results: Mapping[str, Any]) -> str:
     """The comparison as a Markdown table and its notes (from ``results.json`` only)."""
     keys = results["metrics"]
@@ -379,8 +445,9 @@ def format_table(results: Mapping[str, Any]) -> str:
         s = f"{ms['mean']:.{digits}f}"
         return s + (f" ± {ms['std']:.{digits}f}" if seeds > 1 and math.isfinite(ms["std"]) else "")
 
+    dm_key = delta_m_key(results)
     arrows = ["↑" if results["higher_is_better"][k] else "↓" for k in keys]
-    head = ["method", *[f"{k} {a}" for k, a in zip(keys, arrows)], "Δm% ↑", "Δp% ↑",
+    head = ["method", *[f"{k} {a}" for k, a in zip(keys, arrows)], delta_m_label(results), "Δp% ↑",
             *([] if one_task else ["mean rank ↓"]), "time × ew"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     std = results.get("baseline_std", {})
@@ -391,7 +458,7 @@ def format_table(results: Mapping[str, Any]) -> str:
     for m in method_order(results):
         row = results["methods"][m]
         name = m + (f" {IMPROVING}" if any(row.get("still_improving", [])) else "")
-        cells = [name, *[cell(row["metrics"][k], 4) for k in keys], cell(row["delta_m"], 2),
+        cells = [name, *[cell(row["metrics"][k], 4) for k in keys], cell(_dm(row, dm_key), 2),
                  cell(row.get("delta_p", {"mean": math.nan}), 2),
                  *([] if one_task else [f"{row['mean_rank']:.2f}"]), f"{row['time_ratio']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -401,14 +468,17 @@ def format_table(results: Mapping[str, Any]) -> str:
 def write_results_csv(results: Mapping[str, Any], path: Path) -> None:
     keys = results["metrics"]
     cols = ["method", *[f"{k}_{s}" for k in keys for s in ("mean", "std")],
-            "delta_m_mean", "delta_m_std", "delta_p_mean", "delta_p_std", "mean_rank",
+            "delta_m_mean", "delta_m_std", "delta_m_per_task_mean", "delta_m_per_task_std",
+            "delta_p_mean", "delta_p_std", "mean_rank",
             "time_ratio", "still_improving_seeds"]
     rows = [",".join(cols)]
     for m, row in results["methods"].items():
         vals = [m]
         for k in keys:
             vals += [repr(row["metrics"][k]["mean"]), repr(row["metrics"][k]["std"])]
+        per_task = _dm(row, "delta_m_per_task")
         vals += [repr(row["delta_m"]["mean"]), repr(row["delta_m"]["std"]),
+                 repr(per_task["mean"]), repr(per_task["std"]),
                  repr(row["delta_p"]["mean"]), repr(row["delta_p"]["std"]),
                  repr(row["mean_rank"]), repr(row["time_ratio"]),
                  str(sum(row["still_improving"]))]

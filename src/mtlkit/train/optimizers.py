@@ -5,7 +5,9 @@ groups. A :class:`Schedule` gives the learning rate at every optimiser step as a
 of the step (:func:`scheduled_lr`), so a resumed run needs no scheduler state beyond its step
 count. Epoch-based rules (``step``, ``multistep``) change the rate at epoch boundaries exactly
 as ``torch.optim.lr_scheduler.StepLR`` / ``MultiStepLR`` stepped once per epoch do; ``cosine``
-anneals per step over the whole run like ``CosineAnnealingLR`` with ``T_max`` = total steps.
+anneals per step over the whole run like ``CosineAnnealingLR`` with ``T_max`` = total steps;
+``poly`` sets ``lr (1 - e / E)^power`` at each epoch ``e`` of ``E`` (the dense-prediction
+survey's schedule, Vandenhende et al. 2021, arXiv:2004.13379, power 0.9).
 A linear warm-up over ``warmup_epochs`` (fractions allowed) multiplies any of them.
 
 ``plateau`` is the one rule driven by results rather than by the step: :class:`Plateau` counts
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("none", "step", "multistep", "cosine", "plateau")
+SCHEDULES = ("none", "step", "multistep", "cosine", "plateau", "poly")
 
 
 def _number(value: Any) -> bool:
@@ -39,10 +41,12 @@ class Schedule:
 
     Attributes:
         name: ``none`` (constant), ``step`` (times ``gamma`` every ``step_size`` epochs),
-            ``multistep`` (times ``gamma`` at each epoch of ``milestones``) or ``cosine``
+            ``multistep`` (times ``gamma`` at each epoch of ``milestones``), ``cosine``
             (from the base rate down to ``min_lr`` over the run, per step) or ``plateau``
             (times ``factor`` when the validation score has not improved for more than
-            ``patience`` evaluations in a row, down to ``min_lr``; see :class:`Plateau`).
+            ``patience`` evaluations in a row, down to ``min_lr``; see :class:`Plateau`) or ``poly``
+            (times ``(1 - epoch / epochs) ** power``, set at each epoch boundary; ``epochs`` is
+            the run's length in epochs, fractional when ``max_steps`` cuts it).
         step_size: epochs between decays, for ``step``.
         milestones: epochs at which the rate decays, for ``multistep``.
         gamma: decay factor, for ``step`` and ``multistep``.
@@ -52,6 +56,7 @@ class Schedule:
         factor: decay factor of ``plateau``.
         patience: evaluations without a better validation score that ``plateau`` tolerates;
             the rate drops at the next one (torch's ``ReduceLROnPlateau`` semantics).
+        power: the exponent of ``poly`` (0.9, the survey's).
 
     Example:
         >>> s = Schedule("step", step_size=100, gamma=0.5)   # MTAN's NYUv2 protocol
@@ -68,6 +73,7 @@ class Schedule:
     min_lr: float = 0.0
     factor: float = 0.1
     patience: int = 10
+    power: float = 0.9
 
     def validate(self, prefix: str = "scheduler") -> None:
         if self.name not in SCHEDULES:
@@ -97,14 +103,18 @@ class Schedule:
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) \
                 or self.patience < 0:
             raise ValueError(f"{prefix}.patience must be an integer >= 0, got {self.patience!r}")
+        if not _number(self.power) or self.power <= 0:
+            raise ValueError(f"{prefix}.power must be a number > 0, got {self.power!r}")
 
     def settings(self) -> dict[str, Any]:
         """The fields that define this schedule, as plain data (what a resumed run must
-        share): ``factor`` and ``patience`` only for ``plateau``, so checkpoints written
-        before ``plateau`` existed still resume."""
+        share): ``factor`` and ``patience`` only for ``plateau``, ``power`` only for ``poly``,
+        so checkpoints written before these schedules existed still resume."""
         out = asdict(self)
         if self.name != "plateau":
             del out["factor"], out["patience"]
+        if self.name != "poly":
+            del out["power"]
         return out
 
 
@@ -171,6 +181,9 @@ def scheduled_lr(base_lr: float, schedule: Schedule, step: int, *, steps_per_epo
     elif schedule.name == "plateau":
         # torch: new = max(old * factor, min_lr); a rate already below min_lr is left alone
         lr = max(base_lr * schedule.factor ** reductions, min(base_lr, schedule.min_lr))
+    elif schedule.name == "poly":
+        epochs = max(total_steps, 1) / steps_per_epoch
+        lr = base_lr * max(0.0, 1.0 - epoch / epochs) ** schedule.power
     else:
         lr = base_lr
     warmup = schedule.warmup_epochs * steps_per_epoch

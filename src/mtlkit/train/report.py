@@ -22,8 +22,10 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from mtlkit.train.compare import (
-    DEFINITIONS,
     IMPROVING,
+    definitions,
+    delta_m_key,
+    delta_m_label,
     format_table,
     method_order,
     run_dir,
@@ -61,9 +63,9 @@ def write_report(out_dir: str | Path) -> Path:
 
     cfg = results.get("config", {})
     intro = _intro(results)
-    md = [f"# mtlkit compare: {cfg.get('dataset', '?')}", "", intro, "", DEFINITIONS, "",
-          format_table(results), ""]
-    if results.get("delta_m_excluded"):
+    md = [f"# mtlkit compare: {cfg.get('dataset', '?')}", "", intro, "", definitions(results),
+          "", format_table(results), ""]
+    if _excluded(results):
         md += [_excluded(results), ""]
     for name, caption in PLOTS.items():
         md += [f"## {caption}", "", f"![{caption}]({name})", ""]
@@ -87,7 +89,13 @@ def _intro(results: Mapping[str, Any]) -> str:
 
 
 def _excluded(results: Mapping[str, Any]) -> str:
-    return (f"Δm% and Δp leave out {', '.join(results['delta_m_excluded'])}: the single-task "
+    """A note naming the metrics Δm% leaves out (no usable baseline), or ``""``."""
+    left = list(results.get("delta_m_excluded", []))
+    if delta_m_key(results) == "delta_m_per_task":
+        left = list(results.get("delta_m_per_task_excluded", []))
+    if not left:
+        return ""
+    return (f"Δm% and Δp leave out {', '.join(left)}: the single-task "
             "baseline is 0, undefined or not given there, so no relative change exists.")
 
 
@@ -161,13 +169,15 @@ def _plot_delta_m(results: Mapping[str, Any], methods: Sequence[str], path: Path
     fig, ax = plt.subplots(figsize=(1.5 + 0.8 * len(methods), 3.8))
     xs = range(len(methods))
     width = 0.4
-    for shift, key, label, hatch in ((-width / 2, "delta_m", "Δm%", ""),
+    dm_key = delta_m_key(results)
+    dm_label = "Δm% per task" if dm_key == "delta_m_per_task" else "Δm%"
+    for shift, key, label, hatch in ((-width / 2, dm_key, dm_label, ""),
                                      (width / 2, "delta_p", "Δp", "//")):
         rows = [results["methods"][m].get(key, {"mean": math.nan, "std": 0.0}) for m in methods]
         ax.bar([x + shift for x in xs], [r["mean"] for r in rows], width,
                yerr=[r["std"] for r in rows], capsize=3, label=label, hatch=hatch,
                color=["tab:green" if r["mean"] > 0 else "tab:red" for r in rows],
-               edgecolor="black", linewidth=0.5, alpha=0.9 if key == "delta_m" else 0.55)
+               edgecolor="black", linewidth=0.5, alpha=0.9 if key == dm_key else 0.55)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(list(xs), [m + (f" {IMPROVING}" if any(results["methods"][m].get(
         "still_improving", [])) else "") for m in methods], rotation=35, ha="right")
@@ -295,7 +305,9 @@ def _table_html(results: Mapping[str, Any]) -> str:
         (f"{k} {'↑' if higher[k] else '↓'}", 4, higher[k],
          lambda row, k=k: row["metrics"][k]) for k in keys
     ]
-    cols += [("Δm% ↑", 2, True, lambda row: row["delta_m"]),
+    dm_key = delta_m_key(results)
+    cols += [(delta_m_label(results), 2, True,
+              lambda row: row.get(dm_key, {"mean": math.nan, "n": 1})),
              ("Δp% ↑", 2, True, lambda row: row.get("delta_p", {"mean": math.nan}))]
     if not one_task:
         cols.append(("mean rank ↓", 2, False, lambda row: {"mean": row["mean_rank"], "n": 1}))
@@ -337,13 +349,13 @@ def _config_html(results: Mapping[str, Any]) -> str:
 def _html(results: Mapping[str, Any], intro: str) -> str:
     dataset = str(results.get("config", {}).get("dataset", "?"))
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in table_notes(results))
-    if results.get("delta_m_excluded"):
+    if _excluded(results):
         notes += f"<p class='note'>{html.escape(_excluded(results))}</p>"
     figs = "".join(
         f"<h2>{html.escape(cap)}</h2><img src='{name}' alt='{html.escape(cap)}'>"
         for name, cap in PLOTS.items()
     )
-    defs = html.escape(DEFINITIONS).replace("`time × ew`", "<code>time × ew</code>")
+    defs = html.escape(definitions(results)).replace("`time × ew`", "<code>time × ew</code>")
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>mtlkit compare: {html.escape(dataset)}</title>"
