@@ -181,6 +181,8 @@ class Balancer(nn.Module):
     _loss_scale: Tensor | None = None
     #: Whether the last backward's gradients were not finite (the scaler skips that step).
     _skipped: bool = False
+    #: The number of processes, read once per step by :meth:`backward`. Not state.
+    _world: int = 1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -295,7 +297,15 @@ class Balancer(nn.Module):
         if context or self.context_keys:
             self._check_context(context)
         stacked = torch.stack(items)
-        values = self._loss_values(stacked)
+        # _loss_values inlined, with the world size read once per step (this path runs every
+        # step; on the tiny suite of the speed benchmark each call and lookup here is visible).
+        values = stacked.detach()
+        world = world_size()
+        self.__dict__["_world"] = world  # (Module.__setattr__ costs more than the read)
+        if world > 1:
+            values = all_mean(values)
+        if self.check_finite:
+            self._check_finite(values)
         if self._skipped:  # (a module attribute assignment costs more than this read)
             self._skipped = False
         if scaler is None or not scaler.is_enabled():
@@ -359,6 +369,23 @@ class Balancer(nn.Module):
 
     def _loss_list(self, losses: Losses, need_grad: bool = True) -> list[Tensor]:
         """Validate the losses; return them in task order as 0-d tensors."""
+        # The common case first (a dict of 0-d tensors for exactly the tasks); anything else,
+        # valid or not, takes the full checks below, which raise the precise error.
+        if type(losses) is dict and len(losses) == len(self.tasks):
+            try:
+                items = [losses[t] for t in self.tasks]
+            except KeyError:
+                pass
+            else:
+                for loss in items:
+                    if not (isinstance(loss, Tensor) and loss.dim() == 0
+                            and (loss.requires_grad or not need_grad)):
+                        break
+                else:
+                    return items
+        return self._loss_list_checked(losses, need_grad)
+
+    def _loss_list_checked(self, losses: Losses, need_grad: bool) -> list[Tensor]:
         if isinstance(losses, Mapping):
             if len(losses) != len(self.tasks) or any(t not in losses for t in self.tasks):
                 unknown = [k for k in losses if k not in self.tasks]
@@ -412,10 +439,16 @@ class Balancer(nn.Module):
 
     def _check_finite(self, values: Tensor) -> None:
         # On the host the K values are read directly (a list read costs less than one torch
-        # operation); on an accelerator one reduction and one synchronisation.
-        if values.device.type != "cpu" and bool(torch.isfinite(values).all()):
+        # operation) and summed (finite when every value is; a non-finite or overflowing sum
+        # takes the per-task check); on an accelerator one reduction and one synchronisation.
+        if values.is_cpu:
+            host = values.tolist()
+            if math.isfinite(sum(host)):
+                return
+        elif bool(torch.isfinite(values).all()):
             return
-        host = values.tolist()
+        else:
+            host = values.tolist()
         if not all(map(math.isfinite, host)):
             bad = [t for t, v in zip(self.tasks, host) if not math.isfinite(v)]
             raise FloatingPointError(f"non-finite loss for task(s) {bad}: {host}")
@@ -525,16 +558,18 @@ class LossWeighting(Balancer):
         return self._backward_total(total, weights)
 
     def _backward_total(self, total: Tensor, weights: Tensor) -> BalanceStep:
-        (total if self._loss_scale is None else total * self._loss_scale).backward()
+        scale = self._loss_scale
+        (total if scale is None else total * scale).backward()
         total = total.detach()
-        if world_size() > 1:
+        if self._world > 1:
             # The model's gradients are DDP's to average; the balancer's own (learned weights)
             # are not part of the model.
             own = [p for p in self.parameters() if p.grad is not None]
             for p, g in zip(own, all_mean_list([p.grad for p in own])):
                 p.grad = g
             total = all_mean(total)
-        return BalanceStep(self.tasks, total, weights.detach())
+        return BalanceStep(self.tasks, total,
+                           weights.detach() if weights.requires_grad else weights)
 
 
 class LastLayerWeighting(LossWeighting):

@@ -31,8 +31,22 @@ class EqualWeighting(LossWeighting):
         tensor(5.)
     """
 
+    _ones: Tensor | None = None
+
     def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
-        return torch.ones_like(values)
+        # The same ones vector every step (one allocation, not one a step), remade when the
+        # dtype, device or number of values changes.
+        ones = self._ones
+        if (ones is None or ones.dtype != values.dtype or ones.shape != values.shape
+                or ones.device != values.device):
+            ones = self.__dict__["_ones"] = torch.ones_like(values)
+        return ones
+
+    def objective(self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
+                  ) -> tuple[Tensor, Tensor]:
+        # sum_k 1 * L_k as a plain sum: the same gradients as ``losses @ ones`` (each loss
+        # receives exactly 1), and a cheaper backward node.
+        return losses.sum(), self.loss_weights(values, context)
 
 
 @register("fixed")
