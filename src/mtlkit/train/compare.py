@@ -420,8 +420,9 @@ def table_notes(results: Mapping[str, Any]) -> list[str]:
         if results.get("baseline_still_improving"):
             who += (", " if who else "") + (f"{results['baseline_still_improving']} "
                                             "single-task run(s)")
-        notes.append(f"{IMPROVING} still improving: the validation score was still rising at the "
-                     f"last epoch, so the budget cut the run short: {who}.")
+        notes.append(f"{IMPROVING} still improving: the validation score was still rising "
+                     "within the last `patience` epochs (by more than `min_delta`, when set), so "
+                     f"the budget, not early stopping, ended the run: {who}.")
     if results.get("baseline_given"):
         notes.append("Single-task values of " + ", ".join(results["baseline_given"]) +
                      " are given in the config (published numbers), not trained (no ± std).")

@@ -81,8 +81,13 @@ def _intro(results: Mapping[str, Any]) -> str:
     if cfg.get("max_steps"):
         budget += f" or {cfg['max_steps']} steps"
     if cfg.get("patience"):
+        gain = (f" (a mean relative gain above {cfg['min_delta']:g})"
+                if cfg.get("min_delta") else "")
         budget += (f", early stopping after {cfg['patience']} epochs without a better "
-                   "validation score")
+                   f"validation score{gain}")
+    sched = cfg.get("scheduler") or {}
+    if sched.get("name", "none") != "none":
+        budget += f", {sched['name']} learning-rate schedule"
     return (f"Tasks: {', '.join(results['tasks'])}. Seeds: {cfg.get('seeds', 1)}. "
             f"Budget: {budget}. Created {results.get('created', '')}. Test metrics at the epoch "
             "selected on the validation split (never test).")
