@@ -62,6 +62,48 @@ def run(method: str, rank: int = 0, ranks: int = 1, pass_shared: bool = False) -
     return {"weights": weights, "params": params}
 
 
+class Rooted(nn.Module):
+    """The same network with a forward pass, for a root ``fully_shard`` around the trunk's and
+    the heads' (the usual FSDP set-up: the trunk is then resharded after its forward pass and
+    all-gathered again before each backward pass), and a parameter of the root used by every
+    task after the heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.heads = net().values()
+        self.scale = nn.Parameter(torch.tensor([1.5]))  # FSDP shards no 0-d tensor
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        z = self.trunk(x)
+        return [h(z).squeeze(-1) * self.scale for h in self.heads]
+
+
+def run_rooted(method: str, rank: int = 0, ranks: int = 1) -> dict:
+    model = Rooted()
+    if ranks > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (ranks,))
+        for module in [model.trunk, *model.heads, model]:
+            fully_shard(module, mesh=mesh)
+    shared = list(model.trunk.parameters())
+    b = balancers.create(method, tasks=TASKS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(2)
+    xs, ys = torch.randn(STEPS, BATCH, 5, generator=g), torch.randn(STEPS, BATCH, 3, generator=g)
+    part = slice(rank * BATCH // ranks, (rank + 1) * BATCH // ranks)
+    weights = []
+    for x, y in zip(xs[:, part], ys[:, part]):
+        opt.zero_grad()
+        losses = [(o - y[:, i]).pow(2).mean() for i, o in enumerate(model(x))]
+        weights.append(b.backward(losses, shared=shared).weight_tensor.tolist())
+        opt.step()
+    params = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten().tolist()
+              for p in model.parameters()]
+    return {"weights": weights, "params": params}
+
+
 def _worker(rank: int, ranks: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=ranks)
@@ -69,6 +111,7 @@ def _worker(rank: int, ranks: int, store: str, out: str) -> None:
         results = {m: run(m, rank, ranks) for m in METHODS}
         results.update({f"{m}+shared": run(m, rank, ranks, pass_shared=True)
                         for m in GRAM_METHODS})
+        results["upgrad+root"] = run_rooted("upgrad", rank, ranks)
         results["errors"] = _unsupported(rank, ranks)
         Path(f"{out}.{rank}").write_text(json.dumps(results))
     finally:
@@ -131,7 +174,8 @@ def test_fsdp_two_ranks_equal_one_process(two_ranks) -> None:
 @pytest.mark.slow  # the same two processes as the test above
 def test_fsdp_gram_methods_two_ranks_equal_one_process(two_ranks) -> None:
     """mgda and upgrad (Gram matrix summed over the shards), gradvac (per-block Gram matrices)
-    and ew with shared= given: the parameters after 3 SGD steps are the one-process ones."""
+    and ew with shared= given, and upgrad under a root fully_shard: the parameters after 3 SGD
+    steps are the one-process ones. What the FSDP path cannot do is refused by name."""
     for method in GRAM_METHODS:
         alone = run(method, pass_shared=True)
         got = two_ranks[f"{method}+shared"]
@@ -142,6 +186,9 @@ def test_fsdp_gram_methods_two_ranks_equal_one_process(two_ranks) -> None:
         for p, q, q0 in zip(got["params"], alone["params"], net().parameters()):
             torch.testing.assert_close(torch.tensor(p), torch.tensor(q), rtol=0, atol=1e-5)
             assert not torch.equal(torch.tensor(q), q0.detach().flatten())  # it moved
+    alone = run_rooted("upgrad")
+    for p, q in zip(two_ranks["upgrad+root"]["params"], alone["params"]):
+        torch.testing.assert_close(torch.tensor(p), torch.tensor(q), rtol=0, atol=1e-5)
     errors = two_ranks["errors"]
     assert errors[0].startswith("NotImplementedError: GradDrop reads the whole K x P Jacobian")
     assert errors[1].startswith("NotImplementedError: grad_on='features' is not supported")
