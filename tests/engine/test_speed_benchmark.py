@@ -218,3 +218,32 @@ def test_each_method_is_timed_back_to_back_with_its_peer():
                      "torchjd:upgrad", "upgrad", "sum", "uw", "sum"]  # no sum after a sum
     assert len(times.versus("upgrad")) == 2 and "uw" not in times.paired
     assert len(times.ratios["torchjd:upgrad"]) == 2
+
+
+def test_compiled_vs_eager_table():
+    """--compile adds a table per problem: each method's step compiled and eager, back to back;
+    a method that cannot run compiled (an explicit vectorised backward) has its error in the
+    row instead of stopping the run."""
+    methods = ["ew", "mgda", "mgda[strategy='batched']"]
+    text = quick("--suites", "dense", "--methods", ",".join(methods), "--no-memory",
+                 "--compile", "--compile-backend", "aot_eager")
+    assert "compiled (aot_eager) vs eager" in text
+    main, compiled = parse_tables(text)
+    assert [row["method"] for row in main] == ["sum", *methods]
+    assert list(compiled[0]) == list(speed.COMPILE_COLUMNS)
+    rows = {row["method"]: row for row in compiled}
+    assert list(rows) == ["sum", *methods]
+    for key in ("sum", "ew", "mgda"):
+        eager, comp = float(rows[key]["eager ms"]), float(rows[key]["compiled ms"])
+        ratio = float(rows[key]["compiled/eager"])
+        assert eager > 0 and comp > 0 and ratio > 0
+        lo, hi = map(float, rows[key]["range"].split("-"))
+        assert lo <= ratio <= hi
+    failed = rows["mgda[strategy='batched']"]
+    assert failed["compiled/eager"] == "-"
+    assert failed["range"].startswith("ValueError: strategy='batched' cannot run through")
+
+
+def test_unknown_compile_backend_is_named():
+    with pytest.raises(SystemExit, match="unknown --compile-backend 'nope'"):
+        speed.main(["--quick", "--compile", "--compile-backend", "nope"])

@@ -95,6 +95,7 @@ from mtlkit.engine import (
     task_jacobian,
 )
 from mtlkit.engine._dist import all_mean, all_mean_list, world_size
+from mtlkit.engine._fsdp import is_sharded
 from mtlkit.engine._grads import _task_leaves
 
 Requirement = Literal["losses", "last_shared", "gramian", "block_gramian", "jacobian"]
@@ -681,6 +682,12 @@ class GradientBalancer(Balancer):
             raise ValueError(
                 f"{type(self).__name__}(grad_on='features') needs features=<the last shared "
                 "representation> in backward()"
+            )
+        if self.requires == "jacobian" and world_size() > 1 and is_sharded(shared_list):
+            raise NotImplementedError(
+                f"{type(self).__name__} reads the whole K x P Jacobian, which no rank holds "
+                "with FSDP-sharded shared parameters (each holds its shards); use a Gram-based "
+                "method or a loss weighting"
             )
         self.block_shapes = tuple(p.shape for p in shared_list)
         # The engine gets the task losses themselves, not views of the stacked tensor: a

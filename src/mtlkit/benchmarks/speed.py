@@ -77,6 +77,15 @@ aggregator)`` with the matching aggregator, on the same model, batch and process
 TorchJD's defaults; the table prints its ratios beside ours. LibMTL's weightings are coupled to
 its trainer and are not timed; whether it imports is reported.
 
+**Compiled vs eager** (``--compile``; backend ``--compile-backend``, inductor by default): a
+second table per problem times each method's step with the model's encoder and heads
+``torch.compile``-d (in place, each its own graph) beside the same step on an eager copy of the
+model, back to back in each repeat; ``compiled/eager`` is the median over the repeats of the
+ratio of those two step times. The compiled step runs at least twice before it is timed (the
+first call compiles). Compiled with ``torch._functorch.config.donated_buffer=False``: with
+donated buffers, a compiled backward first called by a plain backward pass (the sum's) refuses
+any later pass that keeps the graph, as the per-task passes of parameters mode do.
+
 **Methods** (``--methods``; by default from the registry, see :func:`default_methods`: every
 loss weighting on ``tiny``; every gradient method and ew, uw, dwa, famo on ``dense`` and
 ``many``; a newly registered method is measured without an edit here) are registry names; ``NAME@features`` sets ``grad_on="features"``, and
@@ -87,6 +96,7 @@ Usage::
 
     mtlkit bench speed [--quick] [--device cuda] [--methods mgda,upgrad] [--peers]
     mtlkit bench speed --suites tiny --repeats 15   # the loss weightings' overhead
+    mtlkit bench speed --suites dense --methods ew,mgda,upgrad --compile   # compiled vs eager
     python bench/speed.py --quick
 """
 
@@ -256,11 +266,19 @@ class Spec:
 class Problem:
     """A model, its batch and the step functions of the methods, on one device."""
 
-    def __init__(self, suite: Suite, device: torch.device) -> None:
+    def __init__(self, suite: Suite, device: torch.device,
+                 compile_backend: str | None = None) -> None:
         torch.manual_seed(0)
         self.suite = suite
         self.device = device
         self.model = build(suite).to(device)
+        if compile_backend is not None:
+            # torch.compile of the model's modules, in place (the parameters stay the same
+            # objects): the encoder and each head is its own graph, so the features are a
+            # tensor between two compiled graphs and grad_on="features" works too.
+            self.model.encoder.compile(backend=compile_backend)
+            for head in self.model.heads.values():
+                head.compile(backend=compile_backend)
         self.batch = self.model.make_batch(suite, device)
         self.shared = list(self.model.encoder.parameters())
         #: what each of our methods ``requires`` (losses, gramian, ...), filled by step_fn
@@ -638,6 +656,91 @@ def run_suite(suite: Suite, specs: list[Spec], args: argparse.Namespace,
     return rows
 
 
+COMPILE_COLUMNS = ("method", "eager ms", "compiled ms", "compiled/eager", "range")
+
+
+def measure_compiled(eager: dict[str, Callable[[], None]],
+                     compiled: dict[str, Callable[[], None]], repeats: int, steps: int,
+                     warmup: int, min_time: float, device: torch.device
+                     ) -> dict[str, tuple[list[float], list[float]]]:
+    """Per method, the (eager, compiled) step times of each repeat, measured back to back
+    (which goes first alternates between repeats), so that their ratio cancels most of the
+    machine's drift. Both run ``warmup`` steps first, the compiled one at least two (the first
+    call compiles; a second catches a recompilation)."""
+    pairs = {key: (fn, compiled[key]) for key, fn in eager.items()}
+    n: dict[str, int] = {}
+    for key, (e, c) in pairs.items():
+        for _ in range(warmup):
+            e()
+        for _ in range(max(warmup, 2)):
+            c()
+        one = min(_timed(e, 1, device), _timed(c, 1, device))
+        n[key] = max(steps, math.ceil(min_time / one)) if one > 0 else steps
+    out: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in pairs}
+    for r in range(repeats):
+        for key, fns in pairs.items():
+            for i in ([0, 1] if r % 2 == 0 else [1, 0]):
+                out[key][i].append(_timed(fns[i], n[key], device))
+    return out
+
+
+def run_compiled(suite: Suite, specs: list[Spec], args: argparse.Namespace,
+                 device: torch.device) -> list[dict[str, Any]]:
+    """Time each method's step with the model compiled (``torch.compile`` of the encoder and of
+    each head, backend ``args.compile_backend``) beside the same step eager, on two copies of
+    the same model; print the table of compiled/eager ratios and return its rows. A method that
+    fails with the compiled model gets its error in the row."""
+    from torch._functorch import config as functorch_config
+
+    eager_problem = Problem(suite, device)
+    compiled_problem = Problem(suite, device, compile_backend=args.compile_backend)
+    eager: dict[str, Callable[[], None]] = {}
+    compiled: dict[str, Callable[[], None]] = {}
+    errors: dict[str, str] = {}
+    # Without donated buffers: AOTAutograd compiles the backward at its first call and, when
+    # that is a plain backward (the sum's, measured first), lets it overwrite saved tensors,
+    # after which a backward pass that keeps the graph (the per-task passes) is refused.
+    with _quiet(), functorch_config.patch(donated_buffer=False):
+        for s in [Spec(PLAIN_SUM), *specs]:
+            fn = compiled_problem.step_fn(s)
+            try:
+                fn()  # compiles (and shows whether the method runs compiled at all)
+            except Exception as err:  # noqa: BLE001 - reported in the row
+                errors[s.key] = f"{type(err).__name__}: {str(err).splitlines()[0][:100].strip()}"
+                continue
+            eager[s.key], compiled[s.key] = eager_problem.step_fn(s), fn
+        times = measure_compiled(eager, compiled, args.repeats, args.steps, args.warmup,
+                                 args.min_time, device)
+    rows = []
+    for s in [Spec(PLAIN_SUM), *specs]:
+        if s.key in errors:
+            rows.append({"method": s.key, "eager ms": "-", "compiled ms": "-",
+                         "compiled/eager": "-", "range": errors[s.key]})
+            continue
+        e, c = times[s.key]
+        ratios = [b / a for a, b in zip(e, c)]
+        rows.append({
+            "method": s.key,
+            "eager ms": _fmt(statistics.median(e) * 1e3),
+            "compiled ms": _fmt(statistics.median(c) * 1e3),
+            "compiled/eager": _fmt(statistics.median(ratios)),
+            "range": f"{min(ratios):.2f}-{max(ratios):.2f}",
+        })
+    clock = "wall time" if device.type == "cuda" else "process CPU time"
+    print(f"\n### {suite.describe()}: compiled ({args.compile_backend}) vs eager\n")
+    print(f"device {device}, {torch.get_num_threads()} thread(s), clock: {clock}; step times: "
+          f"median of {args.repeats} repeats; compiled/eager: median over the repeats of the "
+          "ratio of the two measurements taken back to back, range beside it; compiled with "
+          "torch._functorch.config.donated_buffer=False")
+    print()
+    print("| " + " | ".join(COMPILE_COLUMNS) + " |")
+    print("|" + "---|" * len(COMPILE_COLUMNS))
+    for r in rows:
+        print("| " + " | ".join(r[c] for c in COMPILE_COLUMNS) + " |")
+    sys.stdout.flush()
+    return rows
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``mtlkit bench speed``."""
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -665,6 +768,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads on CPU (default 1, see the module docstring)")
     parser.add_argument("--no-memory", dest="no_memory", action="store_true",
                         help="skip the peak-memory measurements")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each method with the model torch.compile-d beside "
+                             "eager (a second table per problem: compiled/eager)")
+    parser.add_argument("--compile-backend", dest="compile_backend", default="inductor",
+                        help="torch.compile backend for --compile (default inductor; "
+                             "aot_eager compiles in seconds on CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -677,6 +786,13 @@ def run(args: argparse.Namespace) -> int:
     unknown = [s for s in chosen if s not in table]
     if unknown:
         raise SystemExit(f"unknown suite(s) {unknown}; choose from {sorted(table)}")
+    if getattr(args, "compile", False):
+        from torch._dynamo import list_backends
+
+        known_backends = list_backends(exclude_tags=())
+        if args.compile_backend not in known_backends:
+            raise SystemExit(f"unknown --compile-backend {args.compile_backend!r}; choose from "
+                             f"{', '.join(sorted(known_backends))}")
     args.repeats = args.repeats or (2 if args.quick else 9)
     args.steps = args.steps or 2
     args.warmup = args.warmup if args.warmup is not None else 1
@@ -704,6 +820,8 @@ def run(args: argparse.Namespace) -> int:
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
         for name in chosen:
             run_suite(table[name], per_suite[name], args, device)
+            if getattr(args, "compile", False):
+                run_compiled(table[name], per_suite[name], args, device)
     finally:
         torch.set_num_threads(threads)
     return 0

@@ -33,6 +33,10 @@ ordinary backward pass reaches DDP's hooks) the per-task gradients are those of 
 parameter blocks and task-specific gradients are averaged over the ranks, the features-mode Gram
 matrix is summed (each rank holds other samples' features), and the features-mode update is
 averaged after each rank's trunk pass. The weights are then the same on every rank.
+
+Under FSDP (``fully_shard``; the shared parameters are DTensors) the task gradients are taken by
+K ordinary backward passes that FSDP reduce-scatters, and the Gram matrix is summed over the
+ranks' shards: see :mod:`mtlkit.engine._fsdp`.
 """
 
 from __future__ import annotations
@@ -232,6 +236,14 @@ def task_gradients(
         )
     k = len(losses)
     shared = list(shared)
+    if world_size() > 1:
+        from mtlkit.engine import _fsdp
+
+        if _fsdp.is_sharded(shared):
+            return _fsdp.sharded_task_gradients(losses, shared, features, grad_on=grad_on,
+                                                strategy=strategy)
+        if _fsdp.uses_fsdp(losses):
+            raise ValueError(_FSDP_UNSHARDED)
     explicit = strategy in ("batched", "gramian")
     gram_only = _gram_only(strategy, k, shared, grad_on, need_jacobian)
     if strategy == "auto":
@@ -352,6 +364,14 @@ def task_jacobian(
     layer, then backpropagates ``sum_k w_k L_k``). Under ``torch.distributed`` the blocks are
     averaged over the ranks (the gradients of the whole batch's mean losses).
     """
+    if world_size() > 1:
+        from mtlkit.engine import _fsdp
+
+        if _fsdp.is_sharded(inputs):
+            raise NotImplementedError(
+                "the per-task gradients of a layer (GradNorm-style methods) are not supported "
+                "with FSDP-sharded parameters; use a loss weighting or a Gram-based method"
+            )
     if chunk_size is None and len(inputs):
         chunk_size = AUTO_CHUNK.get(inputs[0].device.type, 16)
     stacked = torch.stack([_scalar(loss) for loss in losses])
@@ -360,6 +380,14 @@ def task_jacobian(
         stacked, list(inputs), None, strategy, chunk_size, outputs_are_losses=True,
         retain_graph=retain_graph,
     ))
+
+
+_FSDP_UNSHARDED = (
+    "the losses come out of FSDP (fully_shard) modules, but shared holds plain parameters, not "
+    "FSDP's sharded DTensors (a root FSDP module's parameters() gives its unsharded copies "
+    "between forward and backward), and gradients written there are never reduce-scattered; "
+    "pass the sharded parameters (those the optimiser holds, e.g. a list taken when it is built)"
+)
 
 
 def _batched_or_loop(
