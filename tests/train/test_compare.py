@@ -282,3 +282,13 @@ def test_auto_parallelism_is_one_process_per_core_on_cpu(monkeypatch) -> None:
     assert Experiment().parallelism(2) == (2, 2)
     assert Experiment(jobs=1).parallelism(13) == (1, 4)
     assert Experiment(threads=3).parallelism(13) == (4, 3)
+
+
+def test_a_failing_run_in_a_worker_is_one_line_and_stops_the_others(tmp_path, capsys) -> None:
+    # A learning rate that makes the losses overflow: the first run to fail ends the comparison
+    cfg = _config(tmp_path, methods=["ew", "mgda"], jobs=2, threads=1, epochs=3,
+                  optimizer={"name": "sgd", "lr": 1e30})
+    assert cli.main(["compare", "--config", cfg]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mtlkit: error: ") and "non-finite" in err[-1], err[-1]
+    assert not (tmp_path / "out" / "results.json").exists()

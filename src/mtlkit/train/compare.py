@@ -196,8 +196,12 @@ def _run_all(cfg: Experiment, bundle: DatasetBundle, jobs: Sequence[tuple[str, l
                                    str(run_dir(out, key, seed)), resume)
                        for key, names, method, seed in jobs]
             where = {f: (key, seed) for f, (key, _, _, seed) in zip(futures, jobs)}
-            for f in as_completed(futures):
-                report(*where[f], f.result())
+            try:
+                for f in as_completed(futures):
+                    report(*where[f], f.result())
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # a failed run ends the comparison now
+                raise
             return [f.result() for f in futures]
     finally:
         _WORKER_BUNDLE = None
