@@ -647,6 +647,8 @@ class Trainer:
             }
         if self.plateau is not None:
             state["plateau"] = self.plateau.state_dict()
+        if self.scaler is not None:  # fp16: its scale and growth tracker, for an exact resume
+            state["scaler"] = self.scaler.state_dict()
         save_checkpoint(state, self.out_dir / CHECKPOINT)
         if best:
             save_checkpoint(state, self.out_dir / BEST)
@@ -673,6 +675,11 @@ class Trainer:
             if "plateau" not in state:
                 raise ValueError(f"checkpoint {path}: holds no state of the plateau schedule")
             self.plateau.load_state_dict(state["plateau"])
+        if self.scaler is not None:
+            if "scaler" not in state:
+                raise ValueError(f"checkpoint {path}: holds no gradient-scaler state (it was "
+                                 "not written by an fp16 run)")
+            self.scaler.load_state_dict(state["scaler"])
         self.history = json.loads(state["history"])
         self.step_times = list(state["step_times"])
         self.log.truncate(self.global_step, self.epoch)
