@@ -814,7 +814,7 @@ def epochs_since_best(history: Sequence[Mapping[str, Any]], tasks: Sequence[Task
     Example:
         >>> from mtlkit.tasks import Task
         >>> t = [Task.regression("y")]
-        >>> h = [{"val": {"y/mae": v}} for v in (3.0, 2.0, 1.99, 1.98)]
+        >>> h = [{"val": {"y/mae": v}} for v in (3.0, 2.0, 1.99, 1.985)]
         >>> epochs_since_best(h, t), epochs_since_best(h, t, min_delta=0.01)
         (0, 2)
     """
