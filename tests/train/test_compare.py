@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from mtlkit import cli
@@ -292,3 +293,17 @@ def test_a_failing_run_in_a_worker_is_one_line_and_stops_the_others(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("mtlkit: error: ") and "non-finite" in err[-1], err[-1]
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_train_runs_with_the_threads_it_is_given(tmp_path, monkeypatch, capsys) -> None:
+    from mtlkit.train import trainer as trainer_module
+
+    seen = []
+    real = trainer_module.Trainer.fit
+    monkeypatch.setattr(trainer_module.Trainer, "fit",
+                        lambda self, *a, **k: (seen.append(torch.get_num_threads()),
+                                               real(self, *a, **k))[1])
+    before = torch.get_num_threads()
+    assert cli.main(["train", "--method", "ew", "--config", _config(tmp_path, threads=1),
+                     "--set", "epochs=1"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before

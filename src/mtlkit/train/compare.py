@@ -99,7 +99,12 @@ def train_one(cfg: Experiment, *, seed: int = 0, resume: bool = False) -> RunRes
     if resume and not (trainer.out_dir / CHECKPOINT).is_file():  # type: ignore[operator]
         raise FileNotFoundError(f"--resume: no checkpoint at {trainer.out_dir / CHECKPOINT} "
                                 f"(a finished run keeps one only with keep_checkpoint: last)")
-    return trainer.fit(bundle.train, bundle.val, bundle.test, resume=resume)
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.parallelism(1)[1])  # one run: every core unless `threads` says
+    try:
+        return trainer.fit(bundle.train, bundle.val, bundle.test, resume=resume)
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_methods(cfg: Experiment, methods: Sequence[str], tasks: Sequence[str]) -> None:
