@@ -113,7 +113,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -647,13 +647,18 @@ def run_suite(suite: Suite, specs: list[Spec], args: argparse.Namespace,
         for key, reason in skipped.items():
             print(f"peer {key} unavailable: {reason}")
         print(libmtl_status())
-    print()
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
-    for r in rows:
-        print("| " + " | ".join(r[c] for c in COLUMNS) + " |")
-    sys.stdout.flush()
+    _print_table(COLUMNS, rows)
     return rows
+
+
+def _print_table(columns: Sequence[str], rows: Sequence[Mapping[str, str]]) -> None:
+    """A markdown table of ``rows`` (column -> cell), after a blank line."""
+    print()
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(r[c] for c in columns) + " |")
+    sys.stdout.flush()
 
 
 COMPILE_COLUMNS = ("method", "eager ms", "compiled ms", "compiled/eager", "range")
@@ -732,12 +737,7 @@ def run_compiled(suite: Suite, specs: list[Spec], args: argparse.Namespace,
           f"median of {args.repeats} repeats; compiled/eager: median over the repeats of the "
           "ratio of the two measurements taken back to back, range beside it; compiled with "
           "torch._functorch.config.donated_buffer=False")
-    print()
-    print("| " + " | ".join(COMPILE_COLUMNS) + " |")
-    print("|" + "---|" * len(COMPILE_COLUMNS))
-    for r in rows:
-        print("| " + " | ".join(r[c] for c in COMPILE_COLUMNS) + " |")
-    sys.stdout.flush()
+    _print_table(COMPILE_COLUMNS, rows)
     return rows
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mtlkit.engine._grads import TaskGradients, _gram
+from mtlkit.engine._grads import TaskGradients, _gram, graph_has
 
 __all__ = ["is_sharded", "sharded_task_gradients"]
 
@@ -56,17 +56,8 @@ def is_sharded(shared: Sequence[Tensor]) -> bool:
 def uses_fsdp(losses: Sequence[Tensor]) -> bool:
     """Whether the autograd graph behind ``losses`` passes an FSDP2 module boundary (its
     ``RegisterPostBackwardFunction``, applied to a module's inputs that require grad)."""
-    stack = [t.grad_fn for t in losses if t.grad_fn is not None]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen or getattr(node, "variable", None) is not None:
-            continue
-        seen.add(id(node))
-        if type(node).__name__ == "RegisterPostBackwardFunctionBackward":
-            return True
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return False
+    return graph_has(losses,
+                     lambda node: type(node).__name__ == "RegisterPostBackwardFunctionBackward")
 
 
 class ShardedTaskGradients(TaskGradients):

@@ -41,7 +41,7 @@ ranks' shards: see :mod:`mtlkit.engine._fsdp`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -708,13 +708,19 @@ def _check_trunk_is_shared(features: Tensor, shared_ids: set[int]) -> bool:
 
 def _graph_is_compiled(roots: Sequence[Tensor]) -> bool:
     """Whether the autograd graph behind ``roots`` holds a ``torch.compile``-d node."""
+    return graph_has(roots, _is_compiled)
+
+
+def graph_has(roots: Sequence[Tensor], match: Callable[[Any], bool]) -> bool:
+    """Whether a node of the autograd graph behind ``roots`` (leaves excluded) satisfies
+    ``match(node)``; each node is visited once."""
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
     seen: set[int] = set()
     while stack:
         node = stack.pop()
         if id(node) in seen or getattr(node, "variable", None) is not None:
             continue
-        if _is_compiled(node):
+        if match(node):
             return True
         seen.add(id(node))
         stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
