@@ -6,12 +6,13 @@ printed table are built from that file only, so they cannot disagree.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing as mp
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -99,12 +100,8 @@ def train_one(cfg: Experiment, *, seed: int = 0, resume: bool = False) -> RunRes
     if resume and not (trainer.out_dir / CHECKPOINT).is_file():  # type: ignore[operator]
         raise FileNotFoundError(f"--resume: no checkpoint at {trainer.out_dir / CHECKPOINT} "
                                 f"(a finished run keeps one only with keep_checkpoint: last)")
-    before = torch.get_num_threads()
-    torch.set_num_threads(cfg.parallelism(1)[1])  # one run: every core unless `threads` says
-    try:
+    with _torch_threads(cfg.parallelism(1)[1]):  # one run: every core unless `threads` says
         return trainer.fit(bundle.train, bundle.val, bundle.test, resume=resume)
-    finally:
-        torch.set_num_threads(before)
 
 
 def check_methods(cfg: Experiment, methods: Sequence[str], tasks: Sequence[str]) -> None:
@@ -177,9 +174,7 @@ def _run_all(cfg: Experiment, bundle: DatasetBundle, jobs: Sequence[tuple[str, l
             f"epochs{' (still improving)' if res.get('still_improving') else ''}")
 
     if processes == 1:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with _torch_threads(threads):
             results = []
             for key, names, method, seed in jobs:
                 res = _run(cfg, bundle, _subset(bundle, names), method, seed,
@@ -187,8 +182,6 @@ def _run_all(cfg: Experiment, bundle: DatasetBundle, jobs: Sequence[tuple[str, l
                 report(key, seed, res)
                 results.append(res)
             return results
-        finally:
-            torch.set_num_threads(before)
     # A forked worker inherits everything (datasets registered at run time, the loaded data);
     # it is safe with one thread (GNU OpenMP is not fork-safe once it has started threads).
     method_ = "fork" if threads == 1 and "fork" in mp.get_all_start_methods() else "spawn"
@@ -228,6 +221,17 @@ def _run_in_worker(cfg_data: dict[str, Any], names: list[str], method: str, seed
         _WORKER_BUNDLE = cfg.load_data()
     bundle = _WORKER_BUNDLE
     return _run(cfg, bundle, _subset(bundle, names), method, seed, Path(out_dir), resume)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _subset(bundle: DatasetBundle, names: Sequence[str]) -> list[Task]:
