@@ -111,3 +111,37 @@ def test_gram_only_refuses_what_it_cannot_serve(monkeypatch) -> None:
     with pytest.raises(ValueError, match="need only the Gram matrix"):
         task_gradients(losses, list(net.trunk.parameters()), z, strategy="gramian",
                        grad_on="features")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_block_gram_is_exact_in_slices_of_a_strided_block(monkeypatch, dtype) -> None:
+    # A (K, out, in, kh, kw) block laid out as a vectorised backward hands it over (the task
+    # dimension not first in memory), with magnitudes that overflow a float32 product.
+    g = torch.Generator().manual_seed(0)
+    inner = torch.randn(5, K, 3, 2, 2, generator=g, dtype=torch.float64) * 1e20
+    block = inner.movedim(1, 0).to(dtype)
+    assert not block.is_contiguous()
+    flat = block.double().reshape(K, -1)
+    want = flat @ flat.T
+    for chunk in (1, 7, 1 << 22):  # one element a slice, a few slices, the whole block
+        monkeypatch.setattr(_grads, "GRAM_CHUNK", chunk)
+        got = _grads._gram(block)
+        assert got.dtype == torch.float64 and torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-5 if dtype != torch.bfloat16 else 1e-2,
+                                   atol=0)
+    assert torch.equal(_grads._gram(torch.zeros(K, 4)), torch.zeros(K, K, dtype=torch.float64))
+
+
+def test_block_gram_makes_no_temporary_as_large_as_the_block(monkeypatch) -> None:
+    # 40 tasks x 2**20 parameters (160 MB): with slices of 2**16 elements, every allocation
+    # _gram makes is a small fraction of the block (the earlier version copied and scaled the
+    # whole block: two 160 MB temporaries).
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setattr(_grads, "GRAM_CHUNK", 1 << 16)
+    inner = torch.randn(1024, 40, 1024)
+    block = inner.movedim(1, 0)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _grads._gram(block)
+    largest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    assert 0 < largest <= 4 * (1 << 16) * 2, largest

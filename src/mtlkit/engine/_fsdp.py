@@ -150,7 +150,7 @@ def sharded_task_gradients(
     finally:
         for p, g in zip(shared, saved):
             p.grad = g
-    block_gram = torch.stack([_gram(b.reshape(k, -1)) for b in blocks])
+    block_gram = torch.stack([_gram(b) for b in blocks])
     dist.all_reduce(block_gram, group=group)  # each rank's shards' contributions, summed
     return ShardedTaskGradients(block_gram.sum(0), blocks, shared, None, "parameters",
                                 block_gram)

@@ -345,7 +345,7 @@ def task_gradients(
         for p, g in zip(heads, blocks[len(shared) :]):
             _accumulate(p, g.sum(0), owned=True)
         blocks = blocks[: len(shared)]
-    block_gram = torch.stack([_gram(b.reshape(k, -1)) for b in blocks])
+    block_gram = torch.stack([_gram(b) for b in blocks])
     return TaskGradients(block_gram.sum(0), blocks, shared, None, grad_on, block_gram)
 
 
@@ -468,7 +468,7 @@ def _gram_pass(
 
     def tap(i: int) -> Any:
         def hook(grad: Tensor) -> Tensor:
-            block_gram[i] += _gram(_unbatched(grad, k).reshape(k, -1))
+            block_gram[i] += _gram(_unbatched(grad, k))
             return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
         return hook
 
@@ -559,18 +559,41 @@ def _scalar(loss: Tensor) -> Tensor:
     return loss if loss.dim() == 0 else loss.reshape(())
 
 
-def _gram(flat: Tensor) -> Tensor:
-    """``flat @ flat.T`` in float64, computed at a safe scale: the rows are divided by their
-    largest magnitude before the product (in the gradients' precision, at least float32) and
-    the result is rescaled in float64. A float32 Gram matrix overflows for gradients from about
-    1e19 and underflows below 1e-23; this one is finite and exact to float32 rounding for every
-    finite gradient (no host synchronisation: the scale stays on the device)."""
-    # At least float32: bf16 Gram matrices lose the small conflicts that matter.
-    f = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-    top = f.abs().amax() if f.numel() else f.new_zeros(())
+#: Elements of a (K, ...) gradient block turned into one Gram-matrix product at a time: bounds
+#: the temporaries (a copy of a strided block, its scaled rows) to 16 MB in float32, where one
+#: ResNet-18 kernel's 40 task gradients alone take 377 MB.
+GRAM_CHUNK = 1 << 22
+
+
+def _gram(block: Tensor) -> Tensor:
+    """``flat @ flat.T`` in float64 for the (K, ...) block ``block`` (``flat`` its rows, one per
+    task), computed at a safe scale: the rows are divided by their largest magnitude before the
+    product (in the gradients' precision, at least float32) and the result is rescaled in
+    float64. A float32 Gram matrix overflows for gradients from about 1e19 and underflows below
+    1e-23; this one is finite and exact to float32 rounding for every finite gradient (no host
+    synchronisation: the scale stays on the device).
+
+    The product is accumulated over slices of the block's second dimension of at most
+    :data:`GRAM_CHUNK` elements, so that no temporary as large as the block is made: a block
+    whose layout does not flatten in place (the task gradients a vectorised backward produces)
+    is copied one slice at a time."""
+    k = block.shape[0]
+    if block.dim() == 1:
+        block = block.unsqueeze(1)
+    # The largest magnitude, reduced without an |block|-sized temporary.
+    top = torch.linalg.vector_norm(block, float("inf")) if block.numel() else \
+        block.new_zeros((), dtype=torch.float32)
     scale = torch.where(top > 0, top, 1.0)
-    unit = f / scale
-    return (unit @ unit.T).double() * scale.double() ** 2
+    if scale.dtype not in (torch.float32, torch.float64):
+        scale = scale.float()  # at least float32: bf16 Gram matrices lose the small conflicts
+    row = max(1, block[0].numel())
+    width = block.shape[1]
+    step = max(1, (GRAM_CHUNK // k) // max(1, row // max(width, 1)))
+    gram = torch.zeros((k, k), dtype=torch.float64, device=block.device)
+    for start in range(0, width, step):
+        unit = block[:, start:start + step].reshape(k, -1).to(scale.dtype) / scale
+        gram += (unit @ unit.T).double()
+    return gram * scale.double() ** 2
 
 
 def _accumulate_mean(grads: list[tuple[Tensor, Tensor]]) -> None:
