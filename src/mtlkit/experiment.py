@@ -35,12 +35,13 @@ Fields (defaults in brackets):
 - ``optimizer``: ``name`` [adam] (adam, adamw, sgd), ``lr`` [0.003], ``weight_decay`` [0],
   ``momentum`` [0, sgd], ``nesterov`` [false, sgd], ``betas`` [[0.9, 0.999], adam/adamw].
   ``task_lr`` [{}]: per-task learning rates of the task-specific parameters.
-- ``scheduler``: ``name`` [cosine] (none, step, multistep, cosine, plateau, poly), ``step_size`` [1],
+- ``scheduler``: ``name`` [plateau] (none, step, multistep, cosine, plateau, poly), ``step_size`` [1],
   ``milestones`` [[]], ``gamma`` [0.1], ``warmup_epochs`` [0], ``min_lr`` [0], ``factor``
-  [0.1] and ``patience`` [10] (plateau: the rate times ``factor`` once more than ``patience``
+  [0.1] and ``patience`` [2] (plateau: the rate times ``factor`` once more than ``patience``
   evaluations in a row have not improved the validation score, never below ``min_lr``, as
   torch's ``ReduceLROnPlateau``), ``power`` [0.9, poly] (:class:`mtlkit.train.optimizers.Schedule`).
-- ``epochs`` [25], ``max_steps`` [none: whole epochs], ``batch_size`` [64], ``grad_clip``
+- ``epochs`` [40: a cap; with the default schedule, early stopping ends the default comparison's
+  runs before it], ``max_steps`` [none: whole epochs], ``batch_size`` [64], ``grad_clip``
   [none: max gradient norm], ``eval_every`` [1 epoch; the last epoch is always evaluated],
   ``cosine_every`` [25 steps; 0: never]: how often the task gradients' pairwise cosines are
   logged (K extra backward passes for methods that do not compute them anyway).
@@ -145,11 +146,13 @@ class Experiment:
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: int | list[int] = 1
-    epochs: int = 25
+    epochs: int = 40
     max_steps: int | None = None
     batch_size: int = 64
     optimizer: Optimizer = field(default_factory=Optimizer)
-    scheduler: Schedule = field(default_factory=lambda: Schedule(name="cosine"))
+    # A schedule driven by validation, not by the budget: a run that early stopping ends is then
+    # the same under any larger budget (only runs flagged as still improving can change).
+    scheduler: Schedule = field(default_factory=lambda: Schedule(name="plateau", patience=2))
     task_lr: dict[str, float] = field(default_factory=dict)
     grad_clip: float | None = None
     eval_every: int = 1

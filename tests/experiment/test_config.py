@@ -111,8 +111,8 @@ def test_help_shows_every_default_and_version(capsys):
     with pytest.raises(SystemExit):
         cli.main(["compare", "--help"])
     text = capsys.readouterr().out
-    for key, shown in (("optimizer.lr", "[0.003]"), ("scheduler.name", '["cosine"]'),
-                       ("epochs", "[25]"), ("min_delta", "[0.005]"), ("jobs", '["auto"]'), ("batch_size", "[64]"), ("eval_every", "[1]"),
+    for key, shown in (("optimizer.lr", "[0.003]"), ("scheduler.name", '["plateau"]'),
+                       ("scheduler.patience", "[2]"), ("epochs", "[40]"), ("min_delta", "[0.005]"), ("jobs", '["auto"]'), ("batch_size", "[64]"), ("eval_every", "[1]"),
                        ("patience", "[5]"),
                        ("keep_checkpoint", "[none for compare, last for train]")):
         assert re.search(rf"^  {re.escape(key)} +{re.escape(shown)}$", text, re.MULTILINE), key

@@ -107,3 +107,31 @@ def test_min_delta_ends_a_run_that_only_creeps(tmp_path, monkeypatch):
     assert res.selected_epoch == 5 and not res.still_improving  # selection: best score
     with pytest.raises(ValueError, match="min_delta must be a number >= 0"):
         TrainConfig(min_delta=-1).validate(["a", "b"])
+
+
+def _fit_schedule(out, epochs, schedule):
+    from mtlkit.train.optimizers import Schedule
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=epochs, batch_size=8, patience=2, lr=0.05, progress=False,
+                      scheduler=Schedule(schedule, patience=0, factor=0.5))
+    t = Trainer(TinyModel(), TASKS, balancers.create("rlw", tasks=["a", "b"]), cfg, out)
+    return t.fit(*DATA), [p.detach().clone() for p in t.model.parameters()]
+
+
+def test_an_unflagged_run_is_the_same_under_any_larger_budget(tmp_path, scripted_val):
+    # With a schedule that does not depend on the budget (plateau, none), a run that early
+    # stopping ended, so is not flagged, trains exactly the same steps under a budget four
+    # times larger: only flagged runs can change when the budget grows. (The default comparison
+    # relies on this; with cosine, whose length is the budget, every step's rate differs.)
+    short, w_short = _fit_schedule(tmp_path / "a", 6, "plateau")
+    assert len(short.history) == 4 and not short.still_improving
+    del scripted_val[:]
+    long, w_long = _fit_schedule(tmp_path / "b", 24, "plateau")
+    assert long.history == short.history
+    assert all(torch.equal(a, b) for a, b in zip(w_short, w_long))
+    del scripted_val[:]
+    _, c_short = _fit_schedule(tmp_path / "c", 6, "cosine")
+    del scripted_val[:]
+    _, c_long = _fit_schedule(tmp_path / "d", 24, "cosine")
+    assert not all(torch.equal(a, b) for a, b in zip(c_short, c_long))
