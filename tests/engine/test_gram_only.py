@@ -145,3 +145,77 @@ def test_block_gram_makes_no_temporary_as_large_as_the_block(monkeypatch) -> Non
         _grads._gram(block)
     largest = max((e.cpu_memory_usage for e in prof.events()), default=0)
     assert 0 < largest <= 4 * (1 << 16) * 2, largest
+
+
+class WideNet(nn.Module):
+    """Layers whose task gradients outweigh their per-layer Gram form: wide convolutions on
+    small maps (stride, padding, dilation, with and without bias), a linear layer with bias
+    and one without, then a small convolution on the input (its input needs no gradient)."""
+
+    def __init__(self, tasks: int) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.stem = nn.Conv2d(2, 24, 3, padding=1)
+        self.wide = nn.Conv2d(24, 64, 3, stride=2, padding=2, dilation=2, bias=False)
+        self.wider = nn.Conv2d(64, 48, 2)
+        self.fc = nn.Linear(48, 64)
+        self.mm = nn.Linear(64, 64, bias=False)
+        self.heads = nn.ModuleList(nn.Linear(64, 1) for _ in range(tasks))
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.relu(self.wider(torch.relu(self.wide(torch.relu(self.stem(x))))))
+        z = torch.tanh(self.fc(z.mean((2, 3))))
+        return torch.tanh(self.mm(z) if self.training else z @ self.mm.weight.T)
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        z = self.trunk(x)
+        return [(1.0 + i) * 10.0 ** (i % 5 - 2) * (h(z).squeeze(-1) - y[:, i]).pow(2).mean()
+                for i, h in enumerate(self.heads)], z
+
+
+@pytest.mark.parametrize("training", [True, False])  # linear as addmm/mm, and as x @ W.T
+def test_per_layer_gram_equals_the_jacobian_path(training) -> None:
+    tasks = 12
+    net = WideNet(tasks).train(training)
+    shared = [p for n, p in net.named_parameters() if not n.startswith("heads")]
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(2, 2, 9, 9, generator=g), torch.randn(2, tasks, generator=g)
+    losses, _ = net.losses(x, y)
+    plan = _grads._layer_gram_plan(torch.stack(losses), shared, tasks)
+    names = [n for n, p in net.named_parameters() if not n.startswith("heads")]
+    # the wide layers go per layer; the stem (input without gradient) and biases do not
+    assert sorted(names[i] for i in plan) == ["fc.weight", "mm.weight", "wide.weight",
+                                              "wider.weight"]
+    ref = copy.deepcopy(net)
+    w = torch.linspace(0.5, 2.0, tasks)
+    out = {}
+    for m, strategy in ((ref, "batched"), (net, "gramian")):
+        losses, _ = m.losses(x, y)
+        tg = task_gradients(losses, [p for n, p in m.named_parameters()
+                                     if not n.startswith("heads")], strategy=strategy)
+        tg.apply_weights(w)
+        out[strategy] = tg
+    # per-task scales 1e-2 .. 1e2: compare relative to each entry's scale
+    scale = out["batched"].block_gramians.abs().amax((1, 2), keepdim=True)
+    torch.testing.assert_close(out["gramian"].block_gramians / scale,
+                               out["batched"].block_gramians / scale, rtol=0, atol=1e-5)
+    for p, q in zip(net.parameters(), ref.parameters()):  # float32 sums in another order
+        top = q.grad.abs().max()
+        torch.testing.assert_close(p.grad / top, q.grad / top, rtol=0, atol=1e-5)
+
+
+def test_per_layer_gram_falls_back_when_a_layer_node_does_not_run(monkeypatch) -> None:
+    # A linear layer whose input needs no gradient and whose node is therefore skipped: the
+    # plan is forced to include it, the pass notices the hook never fired and redoes the
+    # parameter-hook pass, with the same result.
+    net = nn.Linear(6, 50)
+    x = torch.randn(4, 6)
+    out = net(x)
+    losses = torch.stack([out[:, i].pow(2).mean() for i in range(5)])
+    rows = torch.eye(5)
+    want, _ = _grads._gram_pass_by_parameter(losses, [net.weight, net.bias], rows, 2)
+    node = out.grad_fn
+    monkeypatch.setattr(_grads, "_layer_gram_plan",
+                        lambda outputs, shared, k: {0: _grads._Layer(node, "linear")})
+    got, _ = _grads._gram_pass(losses, [net.weight, net.bias], rows, 2)
+    torch.testing.assert_close(got, want)

@@ -462,7 +462,49 @@ def _gram_pass(
     (inside ``torch.vmap``, a batched tensor: functorch's unwrap gives the (K, ...) tensor),
     adds their Gram matrix and hands autograd a zero of stride 0 instead, so that at most one
     parameter's K gradients are alive at a time.
+
+    The weight of a convolution or linear layer whose K gradients would take more memory than
+    its per-layer form (see :func:`_layer_gram_plan`) is left out of the backward pass
+    altogether, so autograd never makes its (K, *shape) block: a hook on the layer's node
+    folds the layer's Gram matrix from its saved input and its K output gradients instead.
     """
+    k = rows.shape[0]
+    block_gram = torch.zeros((n_shared, k, k), dtype=torch.float64, device=outputs.device)
+    layers = _layer_gram_plan(outputs, inputs[:n_shared], k)
+    fired = dict.fromkeys(layers, 0)
+
+    def tap(i: int) -> Any:
+        def hook(grad: Tensor) -> Tensor:
+            block_gram[i] += _gram(_unbatched(grad, k))
+            return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+        return hook
+
+    def tap_layer(i: int, layer: _Layer) -> Any:
+        def prehook(grad_outputs: tuple[Tensor, ...]) -> None:
+            fired[i] += 1
+            block_gram[i] += layer.gram(_unbatched(grad_outputs[0], k))
+        return prehook
+
+    handles = [p.register_hook(tap(i)) for i, p in enumerate(inputs[:n_shared])
+               if i not in layers]
+    handles += [layer.node.register_prehook(tap_layer(i, layer)) for i, layer in layers.items()]
+    kept = [p for i, p in enumerate(inputs) if i not in layers]
+    try:
+        out = _vjp_rows(outputs, kept, rows, keep=True)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(n != 1 for n in fired.values()):
+        # A layer's node did not run once (nothing below it needed a gradient): fall back to
+        # the parameter hooks for every parameter (the graph is kept).
+        return _gram_pass_by_parameter(outputs, inputs, rows, n_shared)
+    return block_gram, list(out[n_shared - len(layers):])
+
+
+def _gram_pass_by_parameter(
+    outputs: Tensor, inputs: list[Tensor], rows: Tensor, n_shared: int
+) -> tuple[Tensor, list[Tensor]]:
+    """:func:`_gram_pass` with a parameter hook for every shared parameter (no layer plan)."""
     k = rows.shape[0]
     block_gram = torch.zeros((n_shared, k, k), dtype=torch.float64, device=outputs.device)
 
@@ -479,6 +521,114 @@ def _gram_pass(
         for h in handles:
             h.remove()
     return block_gram, list(out[n_shared:])
+
+
+@dataclass
+class _Layer:
+    """A convolution or linear node whose weight's task gradients are ``D_k P^T``: ``P`` (C, M)
+    the layer's inputs (unfolded patches for a convolution), ``D_k`` (O, M) task k's output
+    gradients, over the M = samples x positions of the batch. Their Gram matrix is
+    ``G[k, j] = <D_k S, D_j>`` with ``S = P^T P`` (M x M), so neither the K weight gradients
+    nor a (K, O, C) temporary is ever made."""
+
+    node: Any
+    kind: str  # "conv" or "linear"
+
+    def patches(self) -> Tensor:
+        node = self.node
+        if self.kind == "conv":
+            x = node._saved_input
+            w = node._saved_weight
+            cols = torch.nn.functional.unfold(
+                x, w.shape[2:], dilation=node._saved_dilation, padding=node._saved_padding,
+                stride=node._saved_stride)  # (N, C*kh*kw, L)
+            return cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        x = node._saved_mat1 if self.kind == "linear" else node._saved_self
+        return x.T  # (C, N)
+
+    def gram(self, grad_out: Tensor) -> Tensor:
+        k = grad_out.shape[0]
+        if self.kind == "conv":  # (K, N, O, H', W') -> (K, O, N * L)
+            d = grad_out.flatten(3).transpose(1, 2).reshape(k, grad_out.shape[2], -1)
+        else:  # (K, N, O) -> (K, O, N)
+            d = grad_out.transpose(1, 2)
+        p = self.patches()
+        dtype = torch.float64 if torch.float64 in (d.dtype, p.dtype) else torch.float32
+        # a safe scale, as _gram: unit-magnitude factors, the scales restored in float64
+        d_top = torch.linalg.vector_norm(d, float("inf")).to(dtype)
+        p_top = torch.linalg.vector_norm(p, float("inf")).to(dtype)
+        d_scale = torch.where(d_top > 0, d_top, 1.0)
+        p_scale = torch.where(p_top > 0, p_top, 1.0)
+        pu = p.to(dtype) / p_scale
+        du = (d.to(dtype) / d_scale).reshape(-1, pu.shape[1])  # (K * O, M)
+        e = (du @ (pu.T @ pu)).reshape(k, -1)  # D_k S, flattened per task
+        gram = (e @ du.reshape(k, -1).T).double()
+        return gram * (d_scale.double() * p_scale.double()) ** 2
+
+
+def _layer_gram_plan(outputs: Tensor, shared: list[Tensor], k: int) -> dict[int, _Layer]:
+    """The shared weights whose Gram matrix is cheaper per layer (:class:`_Layer`): each the
+    weight of exactly one 2-d convolution (groups 1, not transposed) or linear layer of the
+    graph, whose K task gradients (K x weight elements) would outweigh the per-layer form's
+    memory (M x M for S plus two K x O x M factors) at least twice over."""
+    index = {id(p): i for i, p in enumerate(shared)}
+    parents: dict[Any, list[tuple[Any, int]]] = {}  # node -> the (node, slot) edges into it
+    leaves: dict[int, Any] = {}  # shared parameter id -> its AccumulateGrad node
+    seen: set[Any] = set()
+    stack = [outputs.grad_fn] if outputs.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for slot, (child, _) in enumerate(node.next_functions):
+            if child is None:
+                continue
+            parents.setdefault(child, []).append((node, slot))
+            variable = getattr(child, "variable", None)
+            if variable is not None and id(variable) in index:
+                leaves[id(variable)] = child
+            stack.append(child)
+    found: dict[int, tuple[Any, str]] = {}
+    for key, leaf in leaves.items():
+        edges = parents[leaf]
+        if len(edges) != 1:
+            continue  # used twice: its Gram matrix is not a sum over the uses
+        node, slot = edges[0]
+        if node.name() == "ConvolutionBackward0" and slot == 1:
+            found[key] = (node, "conv")
+        elif (node.name() == "TBackward0" or (node.name() == "PermuteBackward0"
+                                              and tuple(node._saved_dims) == (1, 0))) \
+                and len(parents[node]) == 1:  # the weight transposed (F.linear, x @ w.T)
+            user, user_slot = parents[node][0]
+            if (user.name(), user_slot) == ("AddmmBackward0", 2):
+                found[key] = (user, "linear")
+            elif (user.name(), user_slot) == ("MmBackward0", 1):
+                found[key] = (user, "mm")
+    plan: dict[int, _Layer] = {}
+    for key, (node, kind) in found.items():
+        weight = shared[index[key]]
+        if kind == "conv":
+            if node._saved_transposed or node._saved_groups != 1 or weight.dim() != 4 \
+                    or node.next_functions[0][0] is None:
+                continue
+            x = node._saved_input
+            positions = x.shape[0]
+            for size, kernel, pad, dil, stride in zip(
+                    x.shape[2:], weight.shape[2:], node._saved_padding, node._saved_dilation,
+                    node._saved_stride):
+                positions *= (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
+            out_channels = weight.shape[0]
+        else:
+            x = node._saved_mat1 if kind == "linear" else node._saved_self
+            upstream = node.next_functions[1 if kind == "linear" else 0][0]
+            if x.dim() != 2 or upstream is None:
+                continue
+            positions, out_channels = x.shape[0], weight.shape[0]
+        per_layer = positions * positions + 2 * k * out_channels * positions
+        if 2 * per_layer < k * weight.numel():
+            plan[index[key]] = _Layer(node, kind)
+    return plan
 
 
 def _unbatched(grad: Tensor, k: int) -> Tensor:
