@@ -28,8 +28,9 @@ class BalancedBCELoss:
 
     - ``pos_weight`` a number: a fixed ``w`` (the survey's edge loss: ``w = 0.95``);
     - ``pos_weight=None``: ``w`` is the fraction of negative labelled pixels in the batch
-      (all its maps pooled; under torchrun, the batch of each process), so positives are weighted by the negatives' frequency and
-      negatives by the positives' (HED's class-balanced loss; the survey's saliency loss).
+      (all its maps pooled; under torchrun, the batch of each process), so positives are
+      weighted by the negatives' frequency and negatives by the positives' (HED's
+      class-balanced loss; the survey's saliency loss).
       ``w`` is a constant of the labels (no gradient flows through it). A batch whose
       labelled pixels are all positive has ``w = 0``, all negative ``w = 1``: the one class
       present gets weight 0, so the loss is exactly 0 with a zero gradient (finite, no

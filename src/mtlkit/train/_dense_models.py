@@ -167,8 +167,8 @@ def resnet_cross_stitch(tasks: Sequence[Task], input_shape: Sequence[int], resne
                         init: Sequence[float] = (0.9, 0.1), *, layers: Sequence[int] | None = None,
                         head_channels: int = 256) -> CrossStitch:
     """One dilated ResNet per task with per-channel cross-stitch units after each of its four
-    stages, initialised ``(0.9, 0.1)`` as in the paper; DeepLab-v3 heads (``cross_stitch``
-    with ``backbone: resnet18 | resnet50``)."""
+    stages, initialised ``init`` (default ``(0.9, 0.1)``, the paper's); DeepLab-v3 heads
+    (``cross_stitch`` with ``backbone: resnet18 | resnet50``)."""
     c, h, w = _image(input_shape, "cross_stitch")
     pair = init_pair(init)
     outputs = _outputs(tasks)
