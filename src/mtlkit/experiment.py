@@ -32,6 +32,13 @@ Fields (defaults in brackets):
 - ``model`` [none: the dataset's default model]: a name of
   ``mtlkit.train.models.available_models()`` or ``package.module:function`` called as
   ``function(tasks, input_shape, **model_options)``, returning a multi-task model.
+  ``model_options`` [{}]: the model's options (over the dataset's defaults for its default
+  model). A key that names a model (registered, or ``package.module:function``) holds a
+  mapping of options for that model alone, used only when it is the model built, so a config
+  can give each model choice its own settings (``model_options: {nddr: {init: [0.8, 0.2]}}``
+  applies with ``--model nddr`` and is ignored for any other model); the other keys apply to
+  whichever model is built and win over its section (``--set model_options.init=...``
+  overrides a config's ``nddr: {init: ...}``).
 - ``optimizer``: ``name`` [adam] (adam, adamw, sgd), ``lr`` [0.003], ``weight_decay`` [0],
   ``momentum`` [0, sgd], ``nesterov`` [false, sgd], ``betas`` [[0.9, 0.999], adam/adamw].
   ``task_lr`` [{}]: per-task learning rates of the task-specific parameters.
@@ -225,6 +232,7 @@ class Experiment:
         for name in ("dataset_options", "model_options", "hparams", "task_lr", "baselines"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a mapping, got {getattr(self, name)!r}")  # noqa: TRY004
+        _model_sections(self.model_options)
         if self.root is not None and not isinstance(self.root, (str, os.PathLike)):
             raise ValueError(f"root must be a folder path, got {self.root!r}")
         if not isinstance(self.methods, list) or not self.methods:
@@ -355,12 +363,26 @@ class Experiment:
                                             test=cut(bundle.test))
         return cut_bundle
 
+    def model_options_for(self, model: str) -> dict[str, Any]:
+        """The options of ``model_options`` that ``model`` is built with: its own section (the
+        key naming it), then the plain options, which win.
+
+        Example:
+            >>> exp = Experiment(model_options={"nddr": {"init": [0.8, 0.2]}, "layers": [1] * 4})
+            >>> exp.model_options_for("nddr"), exp.model_options_for("mtan")
+            ({'init': [0.8, 0.2], 'layers': [1, 1, 1, 1]}, {'layers': [1, 1, 1, 1]})
+        """
+        sections = _model_sections(self.model_options)
+        plain = {k: v for k, v in self.model_options.items() if k not in sections}
+        return {**copy.deepcopy(sections.get(model, {})), **plain}
+
     def model_spec(self, bundle: DatasetBundle) -> tuple[str, dict[str, Any]]:
-        """``(model, options)``: the config's, or the dataset's default (its options updated
-        by ``model_options``)."""
+        """``(model, options)``: the config's model, or the dataset's default (its options
+        updated by ``model_options``); options as :meth:`model_options_for` picks them."""
         if self.model is None:
-            return bundle.model, {**dict(bundle.model_options), **self.model_options}
-        return self.model, dict(self.model_options)
+            return bundle.model, {**dict(bundle.model_options),
+                                  **self.model_options_for(bundle.model)}
+        return self.model, self.model_options_for(self.model)
 
     def build_model(self, bundle: DatasetBundle, tasks: Sequence[Any]) -> nn.Module:
         from mtlkit.train.models import build_model
@@ -369,7 +391,8 @@ class Experiment:
         try:
             return build_model(name, tasks, bundle.input_shape, **options)
         except TypeError as err:  # a wrong option: name the field
-            raise ValueError(f"model_options: {err}") from None
+            raise ValueError(f"model_options: {err}{_section_hint(self.model_options, err)}"
+                             ) from None
 
     def run_settings(self, method: str, model: str, options: Mapping[str, Any]
                      ) -> dict[str, Any]:
@@ -576,6 +599,42 @@ def _check_spec(name: str, value: Any) -> None:
     if value not in names:
         raise ValueError(f"{name}: unknown {name} {value!r}; available: {', '.join(names)} "
                          f"(or package.module:function)")
+
+
+def _model_sections(options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-model sections of ``model_options``: keys naming a registered model or a
+    ``package.module:function``; each must be a mapping (a one-line error names it)."""
+    from mtlkit.train.models import available_models
+
+    names = set(available_models())
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"model_options: keys are option or model names, got {key!r}")
+        if key in names or ":" in key:
+            if ":" in key:
+                _check_spec(f"model_options.{key}", key)
+            if not isinstance(value, dict):
+                raise ValueError(f"model_options.{key} must be a mapping of options for the "
+                                 f"model {key!r}, got {value!r}")
+            sections[key] = value
+    return sections
+
+
+def _section_hint(options: Mapping[str, Any], err: Exception) -> str:
+    """``(did you mean ...)`` when an option the model refused looks like a misspelt model
+    section (a mapping under a name close to a registered model's)."""
+    import difflib
+
+    from mtlkit.train.models import available_models
+
+    for key, value in options.items():
+        if isinstance(value, dict) and f"'{key}'" in str(err):
+            close = difflib.get_close_matches(key, available_models(), n=1, cutoff=0.8)
+            if close:
+                return (f" (model_options.{key}: a model's own options go under its "
+                        f"registered name; did you mean {close[0]!r}?)")
+    return ""
 
 
 def _number(v: Any) -> bool:

@@ -123,3 +123,59 @@ def test_help_shows_every_default_and_version(capsys):
     import mtlkit
 
     assert capsys.readouterr().out.startswith(f"mtlkit {mtlkit.__version__} (torch ")
+
+
+def test_model_options_keyed_by_model_apply_to_that_model_only():
+    """A key naming a model holds that model's options; plain keys apply to any model and win;
+    the dataset's default model gets its section over the dataset's own options."""
+    from types import SimpleNamespace
+
+    exp = Experiment.from_dict({"model": "cross_stitch", "model_options": {
+        "cross_stitch": {"init": [0.8, 0.2], "width": 4}, "nddr": {"init": [0.7, 0.3]},
+        "width": 8}})
+    assert exp.model_options_for("cross_stitch") == {"init": [0.8, 0.2], "width": 8}
+    assert exp.model_options_for("nddr") == {"init": [0.7, 0.3], "width": 8}
+    assert exp.model_options_for("mtan") == {"width": 8}
+    bundle = SimpleNamespace(model="nddr", model_options={"resnet": "resnet18", "init": [1, 0]})
+    assert exp.model_spec(bundle) == ("cross_stitch", {"init": [0.8, 0.2], "width": 8})
+    assert exp.replace(model=None).model_spec(bundle) == (
+        "nddr", {"resnet": "resnet18", "init": [0.7, 0.3], "width": 8})
+    # --set reaches into a section; the plain form is unchanged (no section: as before)
+    exp = exp.with_overrides(["model_options.nddr.init=[0.5, 0.5]", "model=nddr"])
+    assert exp.model_spec(bundle)[1] == {"init": [0.5, 0.5], "width": 8}
+    plain = Experiment.from_dict({"model_options": {"width": 8}})
+    assert plain.model_spec(bundle) == ("nddr", {"resnet": "resnet18", "init": [1, 0],
+                                                 "width": 8})
+    # a package.module:function key is a section too
+    user = Experiment.from_dict({"model": "mymod:build",
+                                 "model_options": {"mymod:build": {"hidden": 3}}})
+    assert user.model_options_for("mymod:build") == {"hidden": 3}
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"nddr": 3}, (r"^model_options\.nddr must be a mapping of options for the model 'nddr', "
+                  r"got 3$")),
+    ({"mymod:": {}}, (r"^model_options\.mymod:: 'mymod:' is not of the form "
+                     r"package\.module:function$")),
+    ({1: 2}, r"^model_options: keys are option or model names, got 1$"),
+])
+def test_bad_model_option_sections_are_one_line_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        Experiment.from_dict({"model_options": options})
+    with pytest.raises(ValueError, match=r"model_options\.nddr must be a mapping"):
+        Experiment().with_overrides(["model_options.nddr=0.8"])
+
+
+def test_a_misspelt_model_section_is_named_when_the_model_is_built():
+    from types import SimpleNamespace
+
+    from mtlkit.tasks import Task
+
+    exp = Experiment.from_dict({"model": "cross_stitch",
+                                "model_options": {"cross_stich": {"init": [0.8, 0.2]}}})
+    bundle = SimpleNamespace(model="default", model_options={}, input_shape=(4,))
+    with pytest.raises(ValueError) as err:
+        exp.build_model(bundle, [Task.regression("a"), Task.regression("b")])
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("model_options: ")
+    assert "'cross_stich'" in text and "did you mean 'cross_stitch'?" in text

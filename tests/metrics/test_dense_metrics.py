@@ -149,3 +149,85 @@ def test_balanced_edge_loss_weights_positives_by_0_95() -> None:
     y = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]])
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     assert prior_loss(edge_task(), y) == pytest.approx(h)
+
+
+def _sp(x: float) -> float:
+    """softplus: -log sigmoid(-x), the cost of a negative pixel at logit x."""
+    return math.log1p(math.exp(x))
+
+
+def test_balanced_saliency_loss_weights_by_the_batch_frequencies() -> None:
+    """One positive in four pixels: w = 3/4 for the positive, 1/4 for each negative, mean over
+    the four pixels; the gradient of the positive pixel is -w (1 - sigmoid) / 4."""
+    from mtlkit.data._dense_tasks import BalancedBCELoss
+
+    pred = torch.tensor([[[[2.0, -1.0], [0.0, 3.0]]]], requires_grad=True)
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    loss = BalancedBCELoss(None)(pred, target)
+    hand = (0.75 * _sp(-2.0) + 0.25 * (_sp(-1.0) + _sp(0.0) + _sp(3.0))) / 4
+    assert loss.item() == pytest.approx(hand, rel=1e-6)  # 0.277236
+    assert hand == pytest.approx(0.277236, abs=1e-6)
+    loss.backward()
+    sig2 = 1 / (1 + math.exp(-2.0))
+    assert pred.grad[0, 0, 0, 0].item() == pytest.approx(-0.75 * (1 - sig2) / 4, rel=1e-5)
+    sig3 = 1 / (1 + math.exp(-3.0))
+    assert pred.grad[0, 0, 1, 1].item() == pytest.approx(0.25 * sig3 / 4, rel=1e-5)
+
+
+def test_balanced_saliency_loss_pools_the_batch_not_each_map() -> None:
+    """Maps with 1/4 and 2/4 positives: one w = 5/8 for the batch (3 positives in 8), not
+    HED's per-image 3/4 and 1/2. Logit 0 everywhere: (3 (5/8) + 5 (3/8)) log 2 / 8."""
+    from mtlkit.data._dense_tasks import BalancedBCELoss
+
+    target = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]], [[[1.0, 1.0, 0.0, 0.0]]]])
+    loss = BalancedBCELoss(None)(torch.zeros(2, 1, 1, 4), target)
+    assert loss.item() == pytest.approx(30 / 64 * math.log(2), rel=1e-6)  # 0.324913
+    per_image = ((0.75 + 3 * 0.25) + (2 * 0.5 + 2 * 0.5)) * math.log(2) / 8
+    assert loss.item() != pytest.approx(per_image)
+
+
+def test_balanced_saliency_loss_skips_unlabelled_pixels_and_maps() -> None:
+    """A masked-out map (all positive, NaN in one pixel) changes neither the frequencies nor
+    the mean; a per-pixel mask drops a pixel from both."""
+    from mtlkit.data._dense_tasks import BalancedBCELoss
+
+    loss = BalancedBCELoss(None)
+    pred = torch.tensor([[[[2.0, -1.0, 0.0, 3.0]]], [[[5.0, 5.0, -5.0, 0.0]]]],
+                        requires_grad=True)
+    target = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]], [[[1.0, 1.0, 1.0, math.nan]]]])
+    hand = (0.75 * _sp(-2.0) + 0.25 * (_sp(-1.0) + _sp(0.0) + _sp(3.0))) / 4
+    value = loss(pred, target, torch.tensor([True, False]))
+    assert value.item() == pytest.approx(hand, rel=1e-6)
+    value.backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad[1].eq(0).all()
+    # drop the logit-3 negative: 1 positive in 3 labelled pixels, w = 2/3, mean over 3
+    pixels = torch.tensor([[[[True, True, True, False]]], [[[False] * 4]]])
+    hand3 = (2 / 3 * _sp(-2.0) + 1 / 3 * (_sp(-1.0) + _sp(0.0))) / 3
+    assert loss(pred, target, pixels).item() == pytest.approx(hand3, rel=1e-6)
+
+
+@pytest.mark.parametrize("value", [1.0, 0.0])
+def test_balanced_saliency_loss_on_one_class_batches_is_zero_and_finite(value) -> None:
+    """All positive (w = 0) or all negative (w = 1): the one class present is weighted 0, so the
+    loss and its gradient are exactly 0, never NaN; no labelled pixel also gives 0."""
+    from mtlkit.data._dense_tasks import BalancedBCELoss
+
+    pred = torch.tensor([[[[2.0, -1.0], [0.0, 3.0]]]], requires_grad=True)
+    loss = BalancedBCELoss(None)(pred, torch.full((1, 1, 2, 2), value))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert pred.grad.eq(0).all()
+    none = BalancedBCELoss(None)(pred, torch.full((1, 1, 2, 2), value), torch.tensor([False]))
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_saliency_task_uses_the_batch_balanced_loss() -> None:
+    from mtlkit.data._dense_tasks import BalancedBCELoss, saliency_task
+    from mtlkit.data._pascal import pascal_tasks
+
+    (sal,) = pascal_tasks(["sal"])
+    assert sal.loss == BalancedBCELoss(None) and saliency_task().loss.pos_weight is None
+    assert saliency_task(pos_weight=0.9).loss == BalancedBCELoss(0.9)
+    for bad in (0.0, 1.0, "0.5", True):
+        with pytest.raises(ValueError, match="pos_weight must be a number in"):
+            BalancedBCELoss(bad)  # type: ignore[arg-type]

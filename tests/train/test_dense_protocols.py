@@ -7,6 +7,7 @@ import copy
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -142,3 +143,106 @@ def test_trainer_adds_the_deep_supervision_losses(tmp_path) -> None:
         moved[weight] = any(not torch.equal(before[k], v)
                             for k, v in model.initial.state_dict().items())
     assert moved == {1.0: True, 0.0: False}
+
+
+#: the survey code's cross-stitch / NDDR init (configs/{pascal/resnet18,nyud/resnet50}/
+#: {cross_stitch,nddr_cnn}.yml): alpha on a task's own column, beta from each other column
+SURVEY_INIT = {"pascal-survey.yaml": (0.8, 0.05), "nyud-survey.yaml": (0.9, 0.1)}
+
+
+def _survey_tasks(config: str):
+    from mtlkit.data._nyud import nyud_tasks
+    from mtlkit.data._pascal import PASCAL_TASKS, pascal_tasks
+
+    return nyud_tasks(["semseg", "depth"]) if "nyud" in config else pascal_tasks(PASCAL_TASKS)
+
+
+def _mixing(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every (K x K) task-mixing matrix of a cross-stitch or NDDR model, per channel."""
+    from mtlkit.nn import NDDR
+
+    if isinstance(model, NDDR):
+        out = []
+        for layer in model.layers:
+            k, c = len(layer.convs), layer.convs[0].weight.shape[0]
+            w = torch.stack([conv.weight[:, :, 0, 0].reshape(c, k, c) for conv in layer.convs])
+            # w[i, ch, j, ch2]: task i's output channel ch from task j's channel ch2
+            eye = torch.eye(c, dtype=torch.bool)
+            assert torch.all(w.permute(0, 2, 1, 3)[:, :, ~eye] == 0)  # channel-diagonal
+            out.append(torch.diagonal(w, dim1=1, dim2=3).permute(2, 0, 1))  # (C, K, K)
+        return out
+    return [u.alpha.detach().reshape(-1, *u.alpha.shape[-2:]) for u in model.units]
+
+
+def _experiment(config: str, how: str, model: str, small: list[str]) -> Experiment:
+    """The survey config with ``model`` chosen as a user would: ``--model``, or ``--set``."""
+    from mtlkit import cli
+
+    flags = ["--model", model] if how == "--model" else ["--set", f"model={model}"]
+    argv = ["train", "--config", str(CONFIGS / config), *flags, "--set", "methods=[fixed]"]
+    for item in small:
+        argv += ["--set", item]
+    args = cli.build_parser().parse_args(argv)
+    return Experiment.from_dict(cli._experiment_data(args))
+
+
+@pytest.mark.parametrize("how", ["--model", "--set"])
+@pytest.mark.parametrize("config", sorted(SURVEY_INIT))
+@pytest.mark.parametrize("model", ["cross_stitch", "nddr"])
+def test_survey_configs_start_cross_stitch_and_nddr_at_the_survey_init(config, model, how):
+    """PASCAL's five tasks: 0.8 on the diagonal, 0.05 from each of the four other tasks (each
+    row sums to 1); NYUD's two: 0.9 and 0.1. The model is built with the config's options
+    (plus test sizes in the model's own section) and its parameters are read."""
+    from mtlkit.train.models import build_model
+
+    small = {"cross_stitch": ["model_options.cross_stitch.width=4"],
+             "nddr": ["model_options.nddr.resnet=resnet18",
+                      "model_options.nddr.layers=[1, 1, 1, 1]",
+                      "model_options.nddr.head_channels=8"]}[model]
+    exp = _experiment(config, how, model, small)
+    name, options = exp.model_spec(SimpleNamespace(model="mti_net", model_options={}))
+    tasks = _survey_tasks(config)
+    net = build_model(name, tasks, (3, 16, 16), **options)
+    alpha, beta = SURVEY_INIT[config]
+    k = len(tasks)
+    want = torch.full((k, k), beta).fill_diagonal_(alpha)
+    mats = _mixing(net)
+    assert len(mats) == (2 if model == "cross_stitch" else 4)  # units / NDDR layers
+    for m in mats:
+        assert torch.allclose(m, want.expand_as(m), atol=1e-7)
+    assert torch.allclose(mats[0][0].sum(1), torch.ones(k))  # survey rows sum to 1
+
+
+def test_survey_init_reaches_the_resnet_cross_stitch_per_channel():
+    """The survey's ResNet-18 cross-stitch (per-channel units after its four stages), with the
+    PASCAL config's init: every channel's 5 x 5 mix is 0.8 / 0.05."""
+    from mtlkit.train._dense_models import resnet_cross_stitch
+
+    exp = Experiment.from_file(CONFIGS / "pascal-survey.yaml").replace(model="cross_stitch")
+    init = exp.model_spec(SimpleNamespace(model="mti_net", model_options={}))[1]["init"]
+    net = resnet_cross_stitch(_survey_tasks("pascal-survey.yaml"), (3, 16, 16), "resnet18",
+                              init, layers=[1, 1, 1, 1], head_channels=8)
+    want = torch.full((5, 5), 0.05).fill_diagonal_(0.8)
+    assert [u.alpha.shape[0] for u in net.units] == [64, 128, 256, 512]
+    for u in net.units:
+        assert torch.allclose(u.alpha.detach(), want.expand_as(u.alpha), atol=1e-7)
+
+
+@pytest.mark.parametrize("config", sorted(SURVEY_INIT))
+def test_survey_model_sections_leave_the_other_models_alone(config):
+    """Only cross_stitch and nddr get an init; the other four choices (and the default
+    mti_net) are built with exactly the options they had before; a plain --set wins."""
+    bundle = SimpleNamespace(model="mti_net", model_options={})
+    exp = Experiment.from_file(CONFIGS / config)
+    assert exp.model_spec(bundle) == ("mti_net", {})
+    for model in ("pad_net", "mtan", "hard_sharing"):
+        assert exp.replace(model=model).model_spec(bundle) == (model, {})
+        chosen = exp.with_overrides([f"model={model}", "model_options.head_channels=8"])
+        assert chosen.model_spec(bundle) == (model, {"head_channels": 8})
+    alpha, beta = SURVEY_INIT[config]
+    k = 2 if "nyud" in config else 5
+    for model in ("cross_stitch", "nddr"):
+        assert exp.replace(model=model).model_spec(bundle) == (
+            model, {"init": [alpha, beta * (k - 1)]})
+        mine = exp.with_overrides([f"model={model}", "model_options.init=[1.0, 0.0]"])
+        assert mine.model_spec(bundle)[1] == {"init": [1.0, 0.0]}

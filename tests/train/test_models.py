@@ -115,3 +115,14 @@ def test_mrn_on_tasks_of_equal_output_size():
     assert {t: tuple(y.shape) for t, y in out.items()} == {"a": (4, 1), "b": (4, 1)}
     with pytest.raises(ValueError, match="multiples of 32"):
         build_model("segnet_mtan", KINDS["dense"][0], (3, 24, 24))
+
+
+@pytest.mark.parametrize("init", [[0.8], [0.8, 0.1, 0.1], "0.8", [0.8, float("nan")], ["a", 1]])
+def test_cross_stitch_and_nddr_init_must_be_a_pair_of_numbers(init):
+    from mtlkit.train.models import build_model
+
+    tasks = [Task.regression("a"), Task.regression("b")]
+    for name, shape in (("cross_stitch", (4,)), ("nddr", (3, 8, 8))):
+        dense = [Task.segmentation("a", 2), Task.segmentation("b", 2)]
+        with pytest.raises(ValueError, match=r"^model_options\.init must be"):
+            build_model(name, tasks if name == "cross_stitch" else dense, shape, init=init)

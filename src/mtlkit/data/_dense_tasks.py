@@ -1,5 +1,6 @@
 """The tasks of the dense-prediction survey that :class:`~mtlkit.tasks.Task` has no constructor
-for: edge detection and saliency (binary maps), and depth with RMSE."""
+for: edge detection and saliency (binary maps, class-balanced cross-entropy), and depth with
+RMSE."""
 
 from __future__ import annotations
 
@@ -7,22 +8,37 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mtlkit.metrics import AbsErr, DepthRMSE, EdgeF, RelErr, SaliencyMaxF, delta_m
 from mtlkit.metrics._utils import check_tensor, expand_mask
-from mtlkit.tasks import BCEWithLogitsLoss, DepthL1Loss, MetricSet, Task, masked_mean
+from mtlkit.tasks import DepthL1Loss, MetricSet, Task, masked_mean
 
 
 @dataclass(frozen=True)
 class BalancedBCELoss:
-    """Class-balanced binary cross-entropy on logits for sparse positives (edges):
+    """Class-balanced binary cross-entropy on logits:
     ``-(w y log p + (1 - w)(1 - y) log(1 - p))``, mean over labelled pixels.
 
-    The edge loss of the dense-prediction survey (Vandenhende et al. 2021, arXiv:2004.13379)
-    with ``w = pos_weight = 0.95``, after the weighting of HED (Xie, Tu, ICCV 2015,
-    arXiv:1504.06375).
+    The weighting of HED (Xie, Tu, *Holistically-Nested Edge Detection*, ICCV 2015,
+    arXiv:1504.06375), as the dense-prediction survey (Vandenhende et al., TPAMI 2021,
+    arXiv:2004.13379) trains its binary maps:
+
+    - ``pos_weight`` a number: a fixed ``w`` (the survey's edge loss: ``w = 0.95``);
+    - ``pos_weight=None``: ``w`` is the fraction of negative labelled pixels in the batch
+      (all its maps pooled; under torchrun, the batch of each process), so positives are
+      weighted by the negatives' frequency and negatives by the positives' (HED's
+      class-balanced loss; the survey's saliency loss).
+      ``w`` is a constant of the labels (no gradient flows through it). A batch whose
+      labelled pixels are all positive has ``w = 0``, all negative ``w = 1``: the one class
+      present gets weight 0, so the loss is exactly 0 with a zero gradient (finite, no
+      NaN), as HED's formula gives; a batch with no labelled pixel also gives 0.
+
+    ``mask`` (``(N,)`` per map or the target's shape per pixel) marks the labelled pixels:
+    the others count neither in the mean nor in the frequencies. Targets are 0/1 (a soft
+    target counts as its value).
 
     Example:
         >>> import torch
@@ -31,13 +47,21 @@ class BalancedBCELoss:
         >>> loss = BalancedBCELoss(0.95)(pred, torch.tensor([[[[1.0, 0.0]]]]))
         >>> round(loss.item(), 4)  # (0.95 log 2 + 0.05 log 2) / 2
         0.3466
+        >>> y = torch.tensor([[[[1.0, 0.0, 0.0, 0.0]]]])  # 1 positive in 4: w = 3/4
+        >>> round(BalancedBCELoss(None)(torch.zeros(1, 1, 1, 4), y).item(), 4)
+        0.2599
+        >>> # that is (3/4 log 2 + 3 x 1/4 log 2) / 4
     """
 
-    pos_weight: float = 0.95
+    pos_weight: float | None = 0.95
 
     def __post_init__(self) -> None:
-        if not 0 < self.pos_weight < 1:
-            raise ValueError(f"pos_weight must be in (0, 1), got {self.pos_weight!r}")
+        w = self.pos_weight
+        if w is None:
+            return
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < 1:
+            raise ValueError(f"pos_weight must be a number in (0, 1) or None (per-batch "
+                             f"frequencies), got {w!r}")
 
     def __call__(self, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         check_tensor(pred, "pred")
@@ -47,10 +71,20 @@ class BalancedBCELoss:
                 f"pred has shape {tuple(pred.shape)} but target {tuple(target.shape)}; "
                 "they must match"
             )
-        t = target.to(pred.dtype)
-        w = self.pos_weight
+        valid = expand_mask(mask, target.shape)
+        t = target.detach().to(pred.dtype)
+        if valid is not None:  # unlabelled pixels: no loss, no count (and no NaN from them)
+            t = torch.where(valid, t, torch.zeros_like(t))
+        w: float | Tensor
+        if self.pos_weight is None:  # counted in float32 (exact to 2^24 pixels), even under amp
+            positives = t.sum(dtype=torch.float32)
+            labelled = (valid.sum(dtype=torch.float32) if valid is not None
+                        else positives.new_tensor(float(t.numel())))
+            w = (1 - positives / labelled.clamp_min(1)).to(pred.dtype)
+        else:
+            w = self.pos_weight
         per_pixel = -(w * t * F.logsigmoid(pred) + (1 - w) * (1 - t) * F.logsigmoid(-pred))
-        return masked_mean(per_pixel, expand_mask(mask, target.shape))
+        return masked_mean(per_pixel, valid)
 
 
 def edge_task(name: str = "edge", *, pos_weight: float = 0.95, tolerance: float = 0.0075,
@@ -69,17 +103,23 @@ def edge_task(name: str = "edge", *, pos_weight: float = 0.95, tolerance: float 
     return Task(name, BalancedBCELoss(pos_weight), metrics, "odsF", "binary_map", 1)
 
 
-def saliency_task(name: str = "sal", *, thresholds: int = 99) -> Task:
-    """Saliency: binary cross-entropy on ``(N, 1, H, W)`` logits (a plain BCE: the survey's
-    exact saliency loss is not reproduced); metric ``maxF`` (:class:`~mtlkit.metrics.SaliencyMaxF`).
+def saliency_task(name: str = "sal", *, pos_weight: float | None = None,
+                  thresholds: int = 99) -> Task:
+    """Saliency as in the dense-prediction survey (Vandenhende et al., TPAMI 2021,
+    arXiv:2004.13379): :class:`BalancedBCELoss` on ``(N, 1, H, W)`` logits against binary
+    ``(N, 1, H, W)`` targets, by default (``pos_weight=None``) balanced by each batch's label
+    frequencies (HED's class-balanced cross-entropy, Xie and Tu, ICCV 2015, arXiv:1504.06375);
+    a number gives a fixed positive weight instead. Metric ``maxF``
+    (:class:`~mtlkit.metrics.SaliencyMaxF`).
 
     Example:
         >>> from mtlkit.data._dense_tasks import saliency_task
-        >>> saliency_task().num_outputs
-        1
+        >>> task = saliency_task()
+        >>> task.num_outputs, task.loss.pos_weight
+        (1, None)
     """
     metrics = MetricSet.of(("maxF", SaliencyMaxF, {"thresholds": thresholds}))
-    return Task(name, BCEWithLogitsLoss(), metrics, "maxF", "binary_map", 1)
+    return Task(name, BalancedBCELoss(pos_weight), metrics, "maxF", "binary_map", 1)
 
 
 def depth_rmse_task(name: str = "depth") -> Task:

@@ -242,7 +242,8 @@ def pascal_tasks(tasks: Sequence[str], normals_loss: str = "l1") -> tuple[Task, 
     .. note:: ``normals`` trains with ``normals_loss``: ``l1`` (default), the survey's L1 on
        the normalised prediction (:class:`~mtlkit.tasks.NormalL1Loss`), or ``cosine``
        (``1 - cos``). Edges use :class:`~mtlkit.data._dense_tasks.BalancedBCELoss`
-       (positive weight 0.95, as the survey's code).
+       (positive weight 0.95, as the survey's code), saliency the same loss with weights from
+       each batch's label frequencies (``pos_weight=None``, the survey's and HED's).
     """
     if normals_loss not in NORMAL_LOSSES:
         raise ValueError(f"normals_loss must be one of {sorted(NORMAL_LOSSES)}, got "

@@ -22,7 +22,8 @@ resolution. Options here: ``hrnet`` (a dict of :class:`~mtlkit.nn.HRNet` argumen
 ``{"width": 18}``), ``pretrained`` (a local ImageNet state dict for the backbone),
 ``resnet`` (``"resnet50"`` or ``"resnet18"``), ``layers`` (ResNet stage depths, overriding
 ``resnet``'s), ``head_channels`` (DeepLab-v3 head width, 256), ``channels`` (PAD-Net's task
-features), ``aux_weight`` (deep supervision of PAD-Net and MTI-Net, 1).
+features), ``aux_weight`` (deep supervision of PAD-Net and MTI-Net, 1), ``init`` (NDDR's
+``(alpha, beta)``, ``(0.9, 0.1)``; ``cross_stitch`` takes the same).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from mtlkit.nn._complexity import Complexity, count_macs, count_parameters
 from mtlkit.nn._distill import conv_head
 from mtlkit.nn._resnet import BasicBlock, Bottleneck
 from mtlkit.tasks import Task
-from mtlkit.train.models import Resize, _need, input_kind, register_model
+from mtlkit.train.models import Resize, _need, init_pair, input_kind, register_model
 
 RESNETS = {"resnet18": (BasicBlock, (2, 2, 2, 2)), "resnet50": (Bottleneck, (3, 4, 6, 3))}
 
@@ -166,25 +167,28 @@ def resnet_cross_stitch(tasks: Sequence[Task], input_shape: Sequence[int], resne
                         init: Sequence[float] = (0.9, 0.1), *, layers: Sequence[int] | None = None,
                         head_channels: int = 256) -> CrossStitch:
     """One dilated ResNet per task with per-channel cross-stitch units after each of its four
-    stages, initialised ``(0.9, 0.1)`` as in the paper; DeepLab-v3 heads (``cross_stitch``
-    with ``backbone: resnet18 | resnet50``)."""
+    stages, initialised ``init`` (default ``(0.9, 0.1)``, the paper's); DeepLab-v3 heads
+    (``cross_stitch`` with ``backbone: resnet18 | resnet50``)."""
     c, h, w = _image(input_shape, "cross_stitch")
+    pair = init_pair(init)
     outputs = _outputs(tasks)
     column, chans = _resnet_column(c, (h, w), resnet, layers, None, head_channels, outputs)
     return CrossStitch(list(outputs), column, stitch_after=(0, 1, 2, 3), channels=chans,
-                       init=(float(init[0]), float(init[1])))
+                       init=pair)
 
 
 @register_model("nddr")
 def nddr(tasks: Sequence[Task], input_shape: Sequence[int], *, resnet: str = "resnet50",
          layers: Sequence[int] | None = None, pretrained: str | Path | None = None,
-         head_channels: int = 256) -> NDDR:
-    """One dilated ResNet per task with an NDDR layer after each of its four stages
-    (initialised ``(0.9, 0.1)`` as in the paper); DeepLab-v3 heads."""
+         head_channels: int = 256, init: Sequence[float] = (0.9, 0.1)) -> NDDR:
+    """One dilated ResNet per task with an NDDR layer after each of its four stages, initialised
+    ``init = (alpha, beta)`` (default ``(0.9, 0.1)``, the paper's; ``beta`` is split evenly
+    over the other tasks, see :class:`~mtlkit.nn.NDDRLayer`); DeepLab-v3 heads."""
     c, h, w = _image(input_shape, "nddr", tasks)
+    pair = init_pair(init)
     outputs = _outputs(tasks)
     column, chans = _resnet_column(c, (h, w), resnet, layers, pretrained, head_channels, outputs)
-    return NDDR(list(outputs), column, chans, fuse_after=(0, 1, 2, 3), init=(0.9, 0.1))
+    return NDDR(list(outputs), column, chans, fuse_after=(0, 1, 2, 3), init=pair)
 
 
 #: the model choices of the survey's protocol configs

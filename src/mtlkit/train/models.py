@@ -22,6 +22,7 @@ The default model (``default``, the datasets' choice unless a protocol names ano
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -347,6 +348,7 @@ def cross_stitch(tasks: Sequence[Task], input_shape: Sequence[int], *, width: in
     task, stitched after each of its four stages, with DeepLab-v3 heads (the dense-prediction
     survey's cross-stitch, :func:`mtlkit.train._dense_models.resnet_cross_stitch`)."""
     kind = input_kind(tasks, input_shape)
+    init_pair(init)
     if backbone in ("resnet18", "resnet50"):  # one dilated ResNet per task (the survey's)
         from mtlkit.train._dense_models import resnet_cross_stitch
 
@@ -370,8 +372,27 @@ def cross_stitch(tasks: Sequence[Task], input_shape: Sequence[int], *, width: in
         return [*conv, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                      nn.Linear(width, outs[task]))]
 
-    return CrossStitch([t.name for t in tasks], column,
-                       init=(float(init[0]), float(init[1])))
+    return CrossStitch([t.name for t in tasks], column, init=init_pair(init))
+
+
+def init_pair(init: Sequence[float]) -> tuple[float, float]:
+    """``init`` of ``cross_stitch`` / ``nddr`` as two floats ``(alpha_s, alpha_d)``; a one-line
+    error naming ``model_options.init`` otherwise.
+
+    Example:
+        >>> init_pair([0.8, 0.2])
+        (0.8, 0.2)
+    """
+    try:
+        if isinstance(init, (str, bytes)) or len(init) != 2:
+            raise TypeError
+        a, b = (float(v) for v in init)
+    except (TypeError, ValueError):
+        raise ValueError(f"model_options.init must be a pair (alpha_s, alpha_d), "
+                         f"got {init!r}") from None
+    if not (math.isfinite(a) and math.isfinite(b)):
+        raise ValueError(f"model_options.init must be finite, got {init!r}")
+    return a, b
 
 
 def _experts(name: str, cls: type, tasks: Sequence[Task], input_shape: Sequence[int],
