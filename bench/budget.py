@@ -2,11 +2,13 @@
 
 Reads the ``results.json`` of each ``mtlkit compare`` folder and prints, per method, Δm% (mean ±
 std over seeds), the seeds still improving at the end (↗), the mean number of epochs trained
-and the rank by Δm% under each budget, then the best and worst method of each. The README's
-budget table comes from this script:
+and the rank by Δm% under each budget, and how many of its seeds trained exactly the same run
+(the same validation and test history) under both; then the best and worst method of each
+budget, and whether every run that differs was flagged ↗ at the first. The README's budget
+table comes from this script:
 
     ./bin/mtlkit compare --seeds 3 --out reports/multidigits
-    ./bin/mtlkit compare --seeds 3 --set epochs=100 --out reports/multidigits-4x
+    ./bin/mtlkit compare --seeds 3 --set epochs=160 --out reports/multidigits-4x
     .venv/bin/python bench/budget.py reports/multidigits reports/multidigits-4x
 """
 
@@ -26,10 +28,16 @@ def load(folder: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def histories(folder: str, method: str) -> dict[str, list[Any]]:
+    """Each seed's history (validation and test metrics per epoch), from the run's files."""
+    runs = sorted((Path(folder) / "runs" / method).glob("seed*/result.json"),
+                  key=lambda p: int(p.parent.name.removeprefix("seed")))
+    return {p.parent.name: json.loads(p.read_text())["result"]["history"] for p in runs}
+
+
 def epochs(folder: str, method: str) -> float:
     """Mean number of epochs the method's runs trained (from their logs)."""
-    runs = sorted((Path(folder) / "runs" / method).glob("seed*/result.json"))
-    counts = [len(json.loads(p.read_text())["result"]["history"]) for p in runs]
+    counts = [len(h) for h in histories(folder, method).values()]
     return statistics.fmean(counts) if counts else float("nan")
 
 
@@ -52,14 +60,28 @@ def main(argv: list[str]) -> int:
     rs, rl = ranks(short), ranks(long_)
     budgets = [f"{res['config']['epochs']} epochs" for res in (short, long_)]
     print(f"| method | Δm% ({budgets[0]}) | rank | epochs trained | Δm% ({budgets[1]}) | rank "
-          "| epochs trained |")
-    print("|---|---|---|---|---|---|---|")
+          "| epochs trained | same runs |")
+    print("|---|---|---|---|---|---|---|---|")
+    unflagged_differ = []
     for m in sorted(methods, key=lambda m: rs[m]):
+        a, b = histories(argv[0], m), histories(argv[1], m)
+        flags = short["methods"][m].get("still_improving", [])
+        same = [seed for seed in a if b.get(seed) == a[seed]]
+        for i, seed in enumerate(a):  # in seed order, as the flags
+            if seed not in same and not (i < len(flags) and flags[i]):
+                unflagged_differ.append(f"{m} {seed}")
         print(f"| {m} | {cell(short['methods'][m])} | {rs[m]} | {epochs(argv[0], m):.1f} "
-              f"| {cell(long_['methods'][m])} | {rl[m]} | {epochs(argv[1], m):.1f} |")
+              f"| {cell(long_['methods'][m])} | {rl[m]} | {epochs(argv[1], m):.1f} "
+              f"| {len(same)}/{len(a)} |")
     for name, r in (("default", rs), ("longer", rl)):
         order = sorted(methods, key=lambda m: r[m])
         print(f"{name}: best {order[0]}, worst {order[-1]}")
+    baselines = sorted(p.name for p in (Path(argv[0]) / "runs").glob("single-*"))
+    changed = [b for b in baselines if histories(argv[0], b) != histories(argv[1], b)]
+    print(f"single-task baselines the same under both: {len(baselines) - len(changed)}/"
+          f"{len(baselines)} (↗ at the default: {short.get('baseline_still_improving', 0)})")
+    print("runs that differ without a ↗ flag at the default: "
+          + (", ".join(unflagged_differ) if unflagged_differ else "none"))
     return 0
 
 

@@ -29,15 +29,18 @@ def test_budget_table_ranks_both_budgets(tmp_path, capsys) -> None:
     spec = importlib.util.spec_from_file_location("budget", SCRIPT)
     budget = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(budget)  # type: ignore[union-attr]
-    _fake(tmp_path / "a", 25, {"ew": -2.0, "mgda": 1.0}, {"ew": [25, 23], "mgda": [10, 12]},
+    _fake(tmp_path / "a", 25, {"ew": -2.0, "mgda": 1.0}, {"ew": [25, 23], "mgda": [10, 12], "single-a": [7]},
           {"ew": [True, False], "mgda": [False, False]})
-    _fake(tmp_path / "b", 100, {"ew": 3.0, "mgda": 0.5}, {"ew": [40, 44], "mgda": [10, 12]},
+    _fake(tmp_path / "b", 100, {"ew": 3.0, "mgda": 0.5}, {"ew": [40, 44], "mgda": [10, 12], "single-a": [7]},
           {"ew": [False, False], "mgda": [False, False]})
     assert budget.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("| method | Δm% (25 epochs) | rank | epochs trained | Δm% (100 epochs)")
-    assert out[2] == "| mgda | +1.00 ± 0.50 | 1 | 11.0 | +0.50 ± 0.50 | 2 | 11.0 |"
-    assert out[3] == "| ew | -2.00 ± 0.50 ↗1 | 2 | 24.0 | +3.00 ± 0.50 | 1 | 42.0 |"
-    assert out[4:] == ["default: best mgda, worst ew", "longer: best ew, worst mgda"]
+    # mgda's runs are the same (as many epochs of {}); ew's differ, seed 0 flagged, seed 1 not
+    assert out[2] == "| mgda | +1.00 ± 0.50 | 1 | 11.0 | +0.50 ± 0.50 | 2 | 11.0 | 2/2 |"
+    assert out[3] == "| ew | -2.00 ± 0.50 ↗1 | 2 | 24.0 | +3.00 ± 0.50 | 1 | 42.0 | 0/2 |"
+    assert out[4:] == ["default: best mgda, worst ew", "longer: best ew, worst mgda",
+                       "single-task baselines the same under both: 1/1 (↗ at the default: 0)",
+                       "runs that differ without a ↗ flag at the default: ew seed1"]
     with pytest.raises(SystemExit, match="no results.json"):
         budget.main([str(tmp_path / "a"), str(tmp_path / "missing")])
