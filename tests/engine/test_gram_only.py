@@ -173,8 +173,9 @@ class WideNet(nn.Module):
                 for i, h in enumerate(self.heads)], z
 
 
+@pytest.mark.parametrize("use_features", [False, True])
 @pytest.mark.parametrize("training", [True, False])  # linear as addmm/mm, and as x @ W.T
-def test_per_layer_gram_equals_the_jacobian_path(training) -> None:
+def test_per_layer_gram_equals_the_jacobian_path(training, use_features) -> None:
     tasks = 12
     net = WideNet(tasks).train(training)
     shared = [p for n, p in net.named_parameters() if not n.startswith("heads")]
@@ -190,9 +191,10 @@ def test_per_layer_gram_equals_the_jacobian_path(training) -> None:
     w = torch.linspace(0.5, 2.0, tasks)
     out = {}
     for m, strategy in ((ref, "batched"), (net, "gramian")):
-        losses, _ = m.losses(x, y)
+        losses, z = m.losses(x, y)
         tg = task_gradients(losses, [p for n, p in m.named_parameters()
-                                     if not n.startswith("heads")], strategy=strategy)
+                                     if not n.startswith("heads")],
+                            z if use_features else None, strategy=strategy)
         tg.apply_weights(w)
         out[strategy] = tg
     # per-task scales 1e-2 .. 1e2: compare relative to each entry's scale
