@@ -452,7 +452,8 @@ def _gram_only(strategy: str, k: int, shared: list[Tensor], grad_on: str,
 
 
 def _gram_pass(
-    outputs: Tensor, inputs: list[Tensor], rows: Tensor, n_shared: int
+    outputs: Tensor, inputs: list[Tensor], rows: Tensor, n_shared: int, *,
+    per_layer: bool = True,
 ) -> tuple[Tensor, list[Tensor]]:
     """One vectorised backward over all rows that keeps, of the first ``n_shared`` inputs, only
     their Gram matrices (n_shared, K, K); the other inputs' blocks (K, *shape) are returned.
@@ -463,14 +464,15 @@ def _gram_pass(
     adds their Gram matrix and hands autograd a zero of stride 0 instead, so that at most one
     parameter's K gradients are alive at a time.
 
-    The weight of a convolution or linear layer whose K gradients would take more memory than
-    its per-layer form (see :func:`_layer_gram_plan`) is left out of the backward pass
-    altogether, so autograd never makes its (K, *shape) block: a hook on the layer's node
-    folds the layer's Gram matrix from its saved input and its K output gradients instead.
+    With ``per_layer``, the weight of a convolution or linear layer whose K gradients would
+    take more memory than its per-layer form (see :func:`_layer_gram_plan`) is left out of the
+    backward pass altogether, so autograd never makes its (K, *shape) block: a hook on the
+    layer's node folds the layer's Gram matrix from its saved input and its K output gradients
+    instead.
     """
     k = rows.shape[0]
     block_gram = torch.zeros((n_shared, k, k), dtype=torch.float64, device=outputs.device)
-    layers = _layer_gram_plan(outputs, inputs[:n_shared], k)
+    layers = _layer_gram_plan(outputs, inputs[:n_shared], k) if per_layer else {}
     fired = dict.fromkeys(layers, 0)
 
     def tap(i: int) -> Any:
@@ -495,32 +497,10 @@ def _gram_pass(
         for h in handles:
             h.remove()
     if any(n != 1 for n in fired.values()):
-        # A layer's node did not run once (nothing below it needed a gradient): fall back to
-        # the parameter hooks for every parameter (the graph is kept).
-        return _gram_pass_by_parameter(outputs, inputs, rows, n_shared)
+        # A layer's node did not run (nothing below it needed a gradient): fold every
+        # parameter by its hook instead (the graph is kept).
+        return _gram_pass(outputs, inputs, rows, n_shared, per_layer=False)
     return block_gram, list(out[n_shared - len(layers):])
-
-
-def _gram_pass_by_parameter(
-    outputs: Tensor, inputs: list[Tensor], rows: Tensor, n_shared: int
-) -> tuple[Tensor, list[Tensor]]:
-    """:func:`_gram_pass` with a parameter hook for every shared parameter (no layer plan)."""
-    k = rows.shape[0]
-    block_gram = torch.zeros((n_shared, k, k), dtype=torch.float64, device=outputs.device)
-
-    def tap(i: int) -> Any:
-        def hook(grad: Tensor) -> Tensor:
-            block_gram[i] += _gram(_unbatched(grad, k))
-            return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
-        return hook
-
-    handles = [p.register_hook(tap(i)) for i, p in enumerate(inputs[:n_shared])]
-    try:
-        out = _vjp_rows(outputs, inputs, rows, keep=True)
-    finally:
-        for h in handles:
-            h.remove()
-    return block_gram, list(out[n_shared:])
 
 
 @dataclass
@@ -532,7 +512,7 @@ class _Layer:
     nor a (K, O, C) temporary is ever made."""
 
     node: Any
-    kind: str  # "conv" or "linear"
+    kind: str  # "conv", "linear" (addmm: with a bias) or "mm"
 
     def patches(self) -> Tensor:
         node = self.node
