@@ -42,12 +42,6 @@ class EqualWeighting(LossWeighting):
             ones = self.__dict__["_ones"] = torch.ones_like(values)
         return ones
 
-    def objective(self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
-                  ) -> tuple[Tensor, Tensor]:
-        # sum_k 1 * L_k as a plain sum: the same gradients as ``losses @ ones`` (each loss
-        # receives exactly 1), and a cheaper backward node.
-        return losses.sum(), self.loss_weights(values, context)
-
 
 @register("fixed")
 class FixedWeighting(LossWeighting):
