@@ -125,7 +125,7 @@ class BalanceStep:
 
     # A plain class with slots, not a dataclass: built every step (see the tiny suite of the
     # speed benchmark, where a frozen dataclass's construction was a visible share).
-    __slots__ = ("tasks", "_loss", "weight_tensor", "gramian", "extras")
+    __slots__ = ("_loss", "extras", "gramian", "tasks", "weight_tensor")
 
     def __init__(self, tasks: tuple[str, ...], loss: Tensor | Callable[[], Tensor],
                  weight_tensor: Tensor, gramian: Tensor | None = None,
