@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -95,6 +94,11 @@ from mtlkit.engine import (
     task_jacobian,
 )
 from mtlkit.engine._dist import all_mean, all_mean_list, world_size
+
+try:  # the autograd engine's entry point behind torch.autograd.backward (torch >= 2.3)
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover - a torch without it takes the public call
+    _engine_run_backward = None
 from mtlkit.engine._fsdp import is_sharded
 from mtlkit.engine._grads import _task_leaves
 
@@ -102,7 +106,6 @@ Requirement = Literal["losses", "last_shared", "gramian", "block_gramian", "jaco
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
 
 
-@dataclass(frozen=True)
 class BalanceStep:
     """What one :meth:`Balancer.backward` call did.
 
@@ -112,17 +115,38 @@ class BalanceStep:
     Attributes:
         tasks: task names, in the balancer's order.
         loss: the detached scalar ``sum_k w_k L_k`` whose gradient the shared parameters received
-            (for learned balancers, plus their regulariser).
+            (for learned balancers, plus their regulariser). May be given as a function of no
+            arguments, computed when first read (a loss weighting's step costs no operation for
+            a value nobody reads).
         weight_tensor: effective weight of each task's gradient in the shared update, shape (K,).
         gramian: the K x K Gram matrix of the task gradients (float64), for gradient methods;
             else None.
     """
 
-    tasks: tuple[str, ...]
-    loss: Tensor
-    weight_tensor: Tensor
-    gramian: Tensor | None = None
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    # A plain class with slots, not a dataclass: built every step (see the tiny suite of the
+    # speed benchmark, where a frozen dataclass's construction was a visible share).
+    __slots__ = ("_loss", "extras", "gramian", "tasks", "weight_tensor")
+
+    def __init__(self, tasks: tuple[str, ...], loss: Tensor | Callable[[], Tensor],
+                 weight_tensor: Tensor, gramian: Tensor | None = None,
+                 extras: dict[str, Tensor] | None = None) -> None:
+        self.tasks = tasks
+        self._loss = loss
+        self.weight_tensor = weight_tensor
+        self.gramian = gramian
+        self.extras: dict[str, Tensor] = {} if extras is None else extras
+
+    @property
+    def loss(self) -> Tensor:
+        """The detached scalar whose gradient the shared parameters received."""
+        loss = self._loss
+        if not isinstance(loss, Tensor):
+            loss = self._loss = loss()
+        return loss
+
+    def __repr__(self) -> str:
+        return (f"BalanceStep(tasks={self.tasks}, loss={self.loss}, "
+                f"weight_tensor={self.weight_tensor}, gramian={self.gramian})")
 
     @property
     def weights(self) -> dict[str, float]:
@@ -184,6 +208,8 @@ class Balancer(nn.Module):
     _skipped: bool = False
     #: The number of processes, read once per step by :meth:`backward`. Not state.
     _world: int = 1
+    #: (NumPy view of the step counter's memory, the counter it views); see :meth:`_commit`.
+    _step_view: tuple[Any, Tensor] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -251,6 +277,14 @@ class Balancer(nn.Module):
         super()._apply(fn, recurse)
         self._buffers.update(kept)
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Caches tied to this object's tensors (the step counter's NumPy view, which a copy
+        # would detach from the copied counter) and generators are remade, not copied.
+        state = super().__getstate__()
+        state.pop("_step_view", None)
+        state.pop("_generators", None)
+        return state
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any,
                               **kwargs: Any) -> None:
@@ -356,9 +390,15 @@ class Balancer(nn.Module):
 
     def _commit(self) -> None:
         """The step is done: advance the counter."""
-        # In place, through the buffer dict: nn.Module's attribute lookup and assignment cost
-        # more than the addition (this runs every step; see the tiny suite of the benchmark).
-        self._buffers["step"].add_(1)  # type: ignore[union-attr]
+        # The counter is a host tensor: it is advanced through a NumPy view of its memory
+        # (0.2 us, where a tensor operation costs 2-9 us on the tiny suite of the speed
+        # benchmark, whose loss weightings' whole budget is ~45 us). The view is remade when
+        # the buffer is another tensor (assigned, or loaded as a new one).
+        step = self._buffers["step"]
+        view = self._step_view
+        if view is None or view[1] is not step:
+            view = self.__dict__["_step_view"] = (step.numpy(), step)  # type: ignore[union-attr]
+        view[0][()] += 1
 
     def _after_step(self, losses: Tensor) -> None:
         pass
@@ -509,8 +549,15 @@ class Balancer(nn.Module):
         generator state to save. ``device`` places it (draws on a CUDA tensor's device need a
         CUDA generator; the streams of different devices differ)."""
         seed = int(getattr(self, "seed", 0))
-        gen = torch.Generator() if device is None else torch.Generator(device=device)
-        gen.manual_seed((seed * 1_000_003 + int(self.step) * 7919 + salt) % (2**63 - 1))
+        # One generator per device, re-seeded at each call (creating one costs more than the
+        # draw it serves): the stream depends only on the seed set here.
+        gens = self.__dict__.setdefault("_generators", {})
+        key = None if device is None else str(device)
+        gen = gens.get(key)
+        if gen is None:
+            gen = gens[key] = torch.Generator() if device is None else torch.Generator(device=device)
+        gen.manual_seed((seed * 1_000_003 + int(self._buffers["step"]) * 7919 + salt)  # type: ignore[arg-type]
+                        % (2**63 - 1))
         return gen
 
     def __str__(self) -> str:
@@ -552,11 +599,36 @@ class LossWeighting(Balancer):
             weights = weights.to(losses.dtype)
         return losses @ weights, weights
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._constant_weights = cls.objective is LossWeighting.objective
+
+    #: Whether the class keeps the default :meth:`objective` (weights that are constants of the
+    #: backward pass), set for each subclass.
+    _constant_weights: ClassVar[bool] = True
+
     def _balance(self, items: list[Tensor], stacked: Tensor, values: Tensor,
                  shared: Iterable[Tensor] | None, features: Tensor | None,
                  context: Mapping[str, Any]) -> BalanceStep:
-        total, weights = self.objective(stacked, values, context)
-        return self._backward_total(total, weights)
+        if not self._constant_weights:
+            total, weights = self.objective(stacked, values, context)
+            return self._backward_total(total, weights)
+        # The default objective sum_k w_k L_k with constant weights: its gradient is the
+        # backward pass of the stacked losses seeded with the weights (no product node, no
+        # graph root of its own), and its value is values @ weights (the whole batch's under
+        # torch.distributed, where values are the means over the ranks).
+        weights = self.loss_weights(values, context)
+        if weights.requires_grad:
+            weights = weights.detach()
+        if weights.dtype != stacked.dtype:
+            weights = weights.to(stacked.dtype)
+        if weights.shape != stacked.shape or weights.device != stacked.device:
+            raise ValueError(
+                f"{type(self).__name__}.loss_weights returned shape {tuple(weights.shape)} on "
+                f"{weights.device}; expected {tuple(stacked.shape)} on {stacked.device}")
+        scale = self._loss_scale
+        _seeded_backward(stacked, weights if scale is None else weights * scale)
+        return BalanceStep(self.tasks, lambda: values @ weights, weights)
 
     def _backward_total(self, total: Tensor, weights: Tensor) -> BalanceStep:
         scale = self._loss_scale
@@ -775,6 +847,18 @@ class JacobianAggregator(GradientBalancer):
                  ) -> tuple[Tensor, Callable[[], None]]:
         vector, weights = self.aggregate(grads.jacobian_matrix(), values)
         return weights, lambda: grads.apply_vector(vector)
+
+
+def _seeded_backward(roots: Tensor, seed: Tensor) -> None:
+    """``roots.backward(seed)`` for a plain tensor and a seed of its shape, dtype and device
+    (checked by the caller): the engine directly, without ``torch.autograd.backward``'s
+    argument handling, whose Python cost (~10-30 us) is a visible share of a small model's
+    step (the tiny suite of the speed benchmark). Tensor subclasses take the public call."""
+    if type(roots) is Tensor and _engine_run_backward is not None:
+        _engine_run_backward((roots,), (seed,), False, False, (), allow_unreachable=True,
+                             accumulate_grad=True)
+    else:
+        torch.autograd.backward(roots, seed)
 
 
 def _written_gradients_finite(items: list[Tensor], balancer: nn.Module) -> bool:

@@ -42,12 +42,6 @@ class EqualWeighting(LossWeighting):
             ones = self.__dict__["_ones"] = torch.ones_like(values)
         return ones
 
-    def objective(self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
-                  ) -> tuple[Tensor, Tensor]:
-        # sum_k 1 * L_k as a plain sum: the same gradients as ``losses @ ones`` (each loss
-        # receives exactly 1), and a cheaper backward node.
-        return losses.sum(), self.loss_weights(values, context)
-
 
 @register("fixed")
 class FixedWeighting(LossWeighting):
@@ -137,6 +131,7 @@ class InitialLossWeighting(LossWeighting):
     def _apply(self, fn: Any, recurse: bool = True) -> InitialLossWeighting:
         # The counter stays on the host (as the step counter): reading it never syncs.
         count = self.initial_count
+        self.__dict__["_cached"] = None
         super()._apply(fn, recurse)
         self._buffers["initial_count"] = count
         return self
@@ -145,8 +140,20 @@ class InitialLossWeighting(LossWeighting):
         if int(self.initial_count) < self.num_batches:  # a host read, no device sync
             self.initial_sum += values.float()
             self.initial_count += 1
+        elif self._cached is not None and self._cached.device == values.device:
+            return self._cached  # L(0) is complete: the same weights every step
         mean = self.initial_sum / self.initial_count.clamp_min(1).to(self.initial_sum.device)
-        return 1.0 / mean.clamp_min(LOSS_FLOOR)
+        weights = 1.0 / mean.clamp_min(LOSS_FLOOR)
+        if int(self.initial_count) >= self.num_batches:
+            self.__dict__["_cached"] = weights
+        return weights
+
+    #: The weights once L(0) is complete (dropped when the state is loaded or moved).
+    _cached: Tensor | None = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_cached"] = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_batches={self.num_batches}"
