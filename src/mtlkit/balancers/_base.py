@@ -854,11 +854,15 @@ def _seeded_backward(roots: Tensor, seed: Tensor) -> None:
     (checked by the caller): the engine directly, without ``torch.autograd.backward``'s
     argument handling, whose Python cost (~10-30 us) is a visible share of a small model's
     step (the tiny suite of the speed benchmark). Tensor subclasses take the public call."""
+    global _engine_run_backward
     if type(roots) is Tensor and _engine_run_backward is not None:
-        _engine_run_backward((roots,), (seed,), False, False, (), allow_unreachable=True,
-                             accumulate_grad=True)
-    else:
-        torch.autograd.backward(roots, seed)
+        try:
+            _engine_run_backward((roots,), (seed,), False, False, (), allow_unreachable=True,
+                                 accumulate_grad=True)
+            return
+        except TypeError:  # a private function whose signature changed: the public call
+            _engine_run_backward = None
+    torch.autograd.backward(roots, seed)
 
 
 def _written_gradients_finite(items: list[Tensor], balancer: nn.Module) -> bool:
