@@ -95,7 +95,10 @@ from mtlkit.engine import (
 )
 from mtlkit.engine._dist import all_mean, all_mean_list, world_size
 
-try:  # the autograd engine's entry point behind torch.autograd.backward (torch >= 2.3)
+# The autograd engine's entry point behind torch.autograd.backward (torch >= 2.3; private, but
+# it forwards to the engine's run_backward, whose arguments have not changed since torch 1.x:
+# a change would be a TypeError raised before any gradient is written, never a silent one).
+try:
     from torch.autograd.graph import _engine_run_backward
 except ImportError:  # pragma: no cover - a torch without it takes the public call
     _engine_run_backward = None
@@ -854,15 +857,11 @@ def _seeded_backward(roots: Tensor, seed: Tensor) -> None:
     (checked by the caller): the engine directly, without ``torch.autograd.backward``'s
     argument handling, whose Python cost (~10-30 us) is a visible share of a small model's
     step (the tiny suite of the speed benchmark). Tensor subclasses take the public call."""
-    global _engine_run_backward
     if type(roots) is Tensor and _engine_run_backward is not None:
-        try:
-            _engine_run_backward((roots,), (seed,), False, False, (), allow_unreachable=True,
-                                 accumulate_grad=True)
-            return
-        except TypeError:  # a private function whose signature changed: the public call
-            _engine_run_backward = None
-    torch.autograd.backward(roots, seed)
+        _engine_run_backward((roots,), (seed,), False, False, (), allow_unreachable=True,
+                             accumulate_grad=True)
+    else:
+        torch.autograd.backward(roots, seed)
 
 
 def _written_gradients_finite(items: list[Tensor], balancer: nn.Module) -> bool:
