@@ -26,7 +26,7 @@ from mtlkit.balancers._base import (
 )
 from mtlkit.balancers._registry import register
 from mtlkit.engine import task_gradients
-from mtlkit.engine._grads import auto_strategy
+from mtlkit.engine._grads import auto_strategy, graph_has
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -110,6 +110,20 @@ def moco_step(
 
 
 # ---------------------------------------------------------------------------- two batches
+def _graphs_overlap(first: Sequence[Tensor], second: Sequence[Tensor]) -> bool:
+    """Whether the autograd graphs of two lists of losses share a node (leaves aside): a
+    backward pass that frees the first graph would then break the second's."""
+    nodes: set[Any] = set()
+    stack = [t.grad_fn for t in first if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in nodes or getattr(node, "variable", None) is not None:
+            continue
+        nodes.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return bool(nodes) and graph_has(second, lambda node: node in nodes)
+
+
 class _TwoBatchBalancer(GramianWeighting):
     """A gradient method that weighs the tasks from two independent mini-batches (see the
     module docstring): ``backward(losses, shared=..., second_losses=...)``. Hook:
@@ -149,8 +163,10 @@ class _TwoBatchBalancer(GramianWeighting):
         second = self._loss_list(context["second_losses"])
         second_values = self._loss_values(torch.stack(second).detach())
         # Halved losses: every head receives the mean of its loss's gradients on the two
-        # batches, and the weights [w, w] on the 2K halves give sum_k w_k (g1_k + g2_k) / 2.
-        # One engine call for both batches: their graphs may share nodes (the same batch twice).
+        # batches, and the weights w on each batch's halves give sum_k w_k (g1_k + g2_k) / 2.
+        # One engine call per batch: a backward pass of one batch's losses never runs through
+        # the other batch's graph. The first call keeps its graph only when the second batch's
+        # graph shares nodes with it (e.g. the same losses passed twice).
         # "auto" chooses as for the K tasks of one batch (on CPU: a loop for few tasks).
         strategy, chunk = self.strategy, self.chunk_size
         if strategy == "auto":
@@ -159,24 +175,27 @@ class _TwoBatchBalancer(GramianWeighting):
         # and the update written are scaled, the cross Gram matrix is read unscaled.
         scale = self._loss_scale
         half = 0.5 if scale is None else 0.5 * scale
-        grads = task_gradients([half * loss for loss in [*items, *second]], shared, None,
-                               grad_on="parameters", strategy=strategy, chunk_size=chunk,
-                               need_jacobian=True)
+        halves = [[half * loss for loss in batch] for batch in (items, second)]
+        grads = [task_gradients(losses, shared, None, grad_on="parameters", strategy=strategy,
+                                chunk_size=chunk, need_jacobian=True,
+                                retain_graph=i == 0 and _graphs_overlap(items, second))
+                 for i, losses in enumerate(halves)]
         with torch.no_grad():
             k = self.num_tasks
-            cross = 4 * sum(b[:k].reshape(k, -1).double() @ b[k:].reshape(k, -1).double().T
-                            for b in grads.blocks)
+            cross = 4 * sum(a.reshape(k, -1).double() @ b.reshape(k, -1).double().T
+                            for a, b in zip(grads[0].blocks, grads[1].blocks))
             if scale is not None:
                 cross = cross / scale.double() ** 2
                 if not bool(torch.isfinite(cross).all()):  # overflow: the scaler skips
-                    grads.apply_weights(torch.ones(2 * k, dtype=values.dtype,
-                                                   device=values.device))
+                    for g in grads:
+                        g.apply_weights(torch.ones(k, dtype=values.dtype, device=values.device))
                     nan = torch.full_like(values, float("nan"))
                     return BalanceStep(self.tasks, nan.sum(), nan, cross)
             weights = self.cross_weights(cross)
-            grads.apply_weights(torch.cat([weights, weights]))
+            for g in grads:
+                g.apply_weights(weights)
             weights = weights.to(values.dtype)
-            gramian = 4 * grads.gramian[:k, :k]  # of the first batch's full losses
+            gramian = 4 * grads[0].gramian  # of the first batch's full losses
             if scale is not None:
                 gramian = gramian / scale.double() ** 2
         mean_values = (values + second_values) / 2
