@@ -110,6 +110,31 @@ def moco_step(
 
 
 # ---------------------------------------------------------------------------- two batches
+def _gram_and_cross(first: Sequence[Tensor], second: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(:math:`J_1 J_1^\top`, :math:`J_1 J_2^\top`), float64, from two lists of (K, ...) blocks
+    (one per parameter). Each batch's blocks are divided by its largest magnitude before the
+    products (in the blocks' precision, at least float32), and the scales restored in float64:
+    finite for every finite gradient, with one temporary block at a time.
+
+    >>> a, b = [torch.tensor([[1.0, 0.0], [0.0, 2.0]])], [torch.tensor([[2.0, 1.0], [1.0, 1.0]])]
+    >>> [m.tolist() for m in _gram_and_cross(a, b)]
+    [[[1.0, 0.0], [0.0, 4.0]], [[2.0, 1.0], [2.0, 2.0]]]
+    """
+    k = first[0].shape[0]
+    dtype = torch.float64 if first[0].dtype == torch.float64 else torch.float32
+    top = [torch.stack(torch._foreach_norm(list(blocks), float("inf"))).max().to(dtype)
+           for blocks in (first, second)]
+    s1, s2 = (torch.where(t > 0, t, torch.ones_like(t)) for t in top)
+    gram = torch.zeros((k, k), dtype=torch.float64, device=first[0].device)
+    cross = torch.zeros_like(gram)
+    for a, b in zip(first, second):
+        a = a.reshape(k, -1).to(dtype) / s1
+        b = b.reshape(k, -1).to(dtype) / s2
+        gram += (a @ a.T).double()
+        cross += (a @ b.T).double()
+    return gram * s1.double() ** 2, cross * (s1.double() * s2.double())
+
+
 def _graphs_overlap(first: Sequence[Tensor], second: Sequence[Tensor]) -> bool:
     """Whether the autograd graphs of two lists of losses share a node (leaves aside): a
     backward pass that frees the first graph would then break the second's."""
@@ -177,13 +202,13 @@ class _TwoBatchBalancer(GramianWeighting):
         half = 0.5 if scale is None else 0.5 * scale
         halves = [[half * loss for loss in batch] for batch in (items, second)]
         grads = [task_gradients(losses, shared, None, grad_on="parameters", strategy=strategy,
-                                chunk_size=chunk, need_jacobian=True,
+                                chunk_size=chunk, need_jacobian=True, need_gramian=False,
                                 retain_graph=i == 0 and _graphs_overlap(items, second))
                  for i, losses in enumerate(halves)]
         with torch.no_grad():
             k = self.num_tasks
-            cross = 4 * sum(a.reshape(k, -1).double() @ b.reshape(k, -1).double().T
-                            for a, b in zip(grads[0].blocks, grads[1].blocks))
+            gramian, cross = _gram_and_cross(grads[0].blocks, grads[1].blocks)
+            gramian, cross = 4 * gramian, 4 * cross
             if scale is not None:
                 cross = cross / scale.double() ** 2
                 if not bool(torch.isfinite(cross).all()):  # overflow: the scaler skips
@@ -195,7 +220,6 @@ class _TwoBatchBalancer(GramianWeighting):
             for g in grads:
                 g.apply_weights(weights)
             weights = weights.to(values.dtype)
-            gramian = 4 * grads[0].gramian  # of the first batch's full losses
             if scale is not None:
                 gramian = gramian / scale.double() ** 2
         mean_values = (values + second_values) / 2

@@ -130,7 +130,7 @@ class TaskGradients:
     def jacobian_matrix(self) -> Tensor:
         """The K x P matrix of task gradients (materialised on demand)."""
         self._need_blocks()
-        k = self.gramian.shape[0]
+        k = self.blocks[0].shape[0]
         out = torch.cat([b.reshape(k, -1) for b in self.blocks], dim=1)
         if self.loss_scale is not None:
             out.div_(self.loss_scale.to(out.dtype))
@@ -209,6 +209,7 @@ def task_gradients(
     chunk_size: int | None = None,
     need_jacobian: bool = False,
     retain_graph: bool = False,
+    need_gramian: bool = True,
 ) -> TaskGradients:
     """Compute per-task gradients and give the task-specific parameters their own gradients.
 
@@ -226,6 +227,9 @@ def task_gradients(
             it, as a plain ``backward()``): a second call can then run through nodes the two
             sets of losses share (two batches' losses whose graphs may overlap). The passes
             that write the update (Gram-only and features mode) keep it too.
+        need_gramian: with ``need_jacobian``, ``False`` skips the Gram matrices of the
+            parameters-mode blocks (``gramian`` and ``block_gramians`` are then empty, 0 x 0
+            and 0 x K x K), for a caller that reads only the blocks.
 
     Returns:
         A :class:`TaskGradients`; task-specific ``.grad`` has already been accumulated.
@@ -238,6 +242,8 @@ def task_gradients(
         raise ValueError("grad_on='features' needs the features tensor")
     if features is not None and not features.requires_grad:
         raise ValueError("features does not require grad: it is not connected to the losses")
+    if not need_gramian and not need_jacobian:
+        raise ValueError("need_gramian=False needs need_jacobian=True: nothing would be read")
     if grad_on == "features" and need_jacobian and world_size() > 1:
         raise NotImplementedError(
             "a balancer that reads the task gradients themselves (not only their Gram matrix) "
@@ -362,6 +368,10 @@ def task_gradients(
         for p, g in zip(heads, blocks[len(shared):] if not vectorised else []):
             _accumulate(p, g.sum(0), owned=True)
         blocks = blocks[: len(shared)]
+    if not need_gramian:
+        none = torch.zeros((0, k, k), dtype=torch.float64, device=blocks[0].device) \
+            if blocks else torch.zeros((0, k, k), dtype=torch.float64)
+        return TaskGradients(none.new_zeros((0, 0)), blocks, shared, None, grad_on, none)
     block_gram = torch.stack([_gram(b) for b in blocks])
     return TaskGradients(block_gram.sum(0), blocks, shared, None, grad_on, block_gram)
 
