@@ -14,6 +14,7 @@ from mtlkit.balancers._stochastic import (
     MoCo,
     MoDo,
     SDMGrad,
+    _gram_and_cross,
     moco_step,
     modo_step,
     project_simplex,
@@ -240,6 +241,19 @@ def test_each_batch_is_differentiated_through_its_own_graph_once_per_task(name, 
     torch.testing.assert_close(step.weight_tensor.double(), lam_same, rtol=1e-5, atol=1e-7)
     update = torch.cat([p.grad.flatten() for p in shared]).double()
     torch.testing.assert_close(update, j1.T @ lam_same, rtol=1e-5, atol=1e-6)
+
+
+def test_gram_and_cross_are_finite_and_exact_for_huge_and_tiny_float32_blocks():
+    # Two parameter blocks of two tasks each; a float32 product of gradients of 1e25 would
+    # overflow (1e50), of 1e-25 underflow: the unit-scaled products give the float64 values.
+    j1 = [jac(2, 3, 0), jac(2, 5, 1)]
+    j2 = [jac(2, 3, 2), jac(2, 5, 3)]
+    f1, f2 = torch.cat(j1, 1), torch.cat(j2, 1)
+    for scale in (1e25, 1e-25, 1.0):
+        gram, cross = _gram_and_cross([b.float() * scale for b in j1],
+                                      [b.float() * scale for b in j2])
+        torch.testing.assert_close(gram, f1 @ f1.T * scale**2, rtol=1e-5, atol=0)
+        torch.testing.assert_close(cross, f1 @ f2.T * scale**2, rtol=1e-5, atol=0)
 
 
 # ---------------------------------------------------------------------------- state

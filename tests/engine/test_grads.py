@@ -352,3 +352,21 @@ def test_a_pass_runs_only_through_its_own_losses_graphs(strategy, chunk, passes)
     assert calls == [passes, passes]
     flat = torch.stack([torch.cat([g.flatten() for g in row]) for row in rows])
     torch.testing.assert_close(tg.jacobian_matrix(), flat, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("strategy", "chunk"), CONFIGS)
+def test_need_gramian_false_gives_the_same_blocks_without_gram_matrices(strategy, chunk):
+    model, losses, _ = model_and_losses()
+    shared = list(model.trunk.parameters())
+    rows = reference_rows(losses, shared)
+    flat = torch.stack([torch.cat([g.flatten() for g in row]) for row in rows])
+    tg = task_gradients(losses, shared, strategy=strategy, chunk_size=chunk, need_jacobian=True,
+                        need_gramian=False)
+    assert tg.gramian.shape == (0, 0) and tg.block_gramians.shape == (0, 5, 5)
+    torch.testing.assert_close(tg.jacobian_matrix(), flat, rtol=1e-5, atol=1e-7)
+    w = torch.linspace(0.5, 1.5, len(losses))
+    tg.apply_weights(w)
+    update = torch.cat([p.grad.flatten() for p in shared])
+    torch.testing.assert_close(update, w @ flat, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="need_jacobian"):
+        task_gradients(losses, shared, need_gramian=False)
