@@ -369,9 +369,9 @@ def task_gradients(
             _accumulate(p, g.sum(0), owned=True)
         blocks = blocks[: len(shared)]
     if not need_gramian:
-        none = torch.zeros((0, k, k), dtype=torch.float64, device=blocks[0].device) \
-            if blocks else torch.zeros((0, k, k), dtype=torch.float64)
-        return TaskGradients(none.new_zeros((0, 0)), blocks, shared, None, grad_on, none)
+        empty = torch.zeros((0, k, k), dtype=torch.float64,
+                            device=blocks[0].device if blocks else None)
+        return TaskGradients(empty.new_zeros((0, 0)), blocks, shared, None, grad_on, empty)
     block_gram = torch.stack([_gram(b) for b in blocks])
     return TaskGradients(block_gram.sum(0), blocks, shared, None, grad_on, block_gram)
 
