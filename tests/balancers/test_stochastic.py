@@ -14,6 +14,7 @@ from mtlkit.balancers._stochastic import (
     MoCo,
     MoDo,
     SDMGrad,
+    _gram_and_cross,
     moco_step,
     modo_step,
     project_simplex,
@@ -192,6 +193,67 @@ def test_single_task_gets_its_own_gradient(name):
         grad, _, step = two_batches(b, j, j)
         torch.testing.assert_close(grad, j[0])
     assert step.weight_tensor.tolist() == [1.0]
+
+
+@pytest.mark.parametrize("name", ["modo", "sdmgrad"])
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_each_batch_is_differentiated_through_its_own_graph_once_per_task(name, chunk_size):
+    # Two forwards through a tanh trunk, K = 3: each batch's trunk is reached by K ordinary
+    # passes (the loop) or one per chunk, never by the other batch's passes (the earlier single
+    # call over 2K losses ran every pass through both graphs). The same loss tensors passed as
+    # both batches share their graph, which the first pass must keep: the same step results.
+    torch.manual_seed(0)
+    trunk, heads = nn.Linear(4, 5), nn.Linear(5, 3)
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(6, 4, generator=gen, dtype=torch.float32) for _ in range(2)]
+    calls = [0, 0]
+
+    def losses(b: int, hook: bool = True) -> list[Tensor]:
+        z = torch.tanh(trunk(xs[b]))
+        if hook:
+            z.register_hook(lambda g: calls.__setitem__(b, calls[b] + 1))
+        out = heads(z)
+        return [(out[:, i] - i).pow(2).mean() for i in range(3)]
+
+    shared = list(trunk.parameters())
+    opts = {} if chunk_size is None else {"chunk_size": chunk_size}
+    b = balancers.create(name, tasks=list("abc"), **opts)
+    step = b.backward(losses(0), shared=shared, second_losses=losses(1))
+    assert calls == ([3, 3] if chunk_size is None else [2, 2])  # chunks of 2 + 1 tasks
+    j1 = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(v, shared, retain_graph=True)])
+                      for v in losses(0, hook=False)]).double()
+    j2 = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(v, shared, retain_graph=True)])
+                      for v in losses(1, hook=False)]).double()
+    lam = torch.full((3,), 1 / 3, dtype=F64)
+    expected = modo_step(lam, j1 @ j2.T, 1e-3, 0.1) if name == "modo" else \
+        sdmgrad_solve(lam, j1 @ j2.T, 0.3, 10.0, 0.5, 20)[1]
+    torch.testing.assert_close(step.weight_tensor.double(), expected, rtol=1e-5, atol=1e-7)
+    update = torch.cat([p.grad.flatten() for p in shared]).double()
+    torch.testing.assert_close(update, (j1 + j2).T @ expected / 2, rtol=1e-5, atol=1e-6)
+    # the same tensors twice: one graph, kept for the second batch's passes
+    for p in [*shared, *heads.parameters()]:
+        p.grad = None
+    same = losses(0, hook=False)
+    b2 = balancers.create(name, tasks=list("abc"), **opts)
+    step = b2.backward(same, shared=shared, second_losses=same)
+    lam_same = modo_step(lam, j1 @ j1.T, 1e-3, 0.1) if name == "modo" else \
+        sdmgrad_solve(lam, j1 @ j1.T, 0.3, 10.0, 0.5, 20)[1]
+    torch.testing.assert_close(step.weight_tensor.double(), lam_same, rtol=1e-5, atol=1e-7)
+    update = torch.cat([p.grad.flatten() for p in shared]).double()
+    torch.testing.assert_close(update, j1.T @ lam_same, rtol=1e-5, atol=1e-6)
+
+
+def test_gram_and_cross_are_finite_and_exact_for_huge_and_tiny_float32_blocks():
+    # Two parameter blocks of two tasks each; a float32 product of gradients of 1e25 would
+    # overflow (1e50), of 1e-25 underflow: the unit-scaled products give the float64 values.
+    j1 = [jac(2, 3, 0), jac(2, 5, 1)]
+    j2 = [jac(2, 3, 2), jac(2, 5, 3)]
+    f1, f2 = torch.cat(j1, 1), torch.cat(j2, 1)
+    for scale in (1e25, 1e-25, 1.0):
+        gram, cross = _gram_and_cross([b.float() * scale for b in j1],
+                                      [b.float() * scale for b in j2])
+        torch.testing.assert_close(gram, f1 @ f1.T * scale**2, rtol=1e-5, atol=0)
+        torch.testing.assert_close(cross, f1 @ f2.T * scale**2, rtol=1e-5, atol=0)
 
 
 # ---------------------------------------------------------------------------- state

@@ -302,3 +302,71 @@ def test_a_head_parameter_used_by_two_tasks_gets_both_gradients(grad_on):
     ls, z = losses()
     task_gradients(ls, list(trunk.parameters()), z, grad_on=grad_on)
     torch.testing.assert_close(scale.grad, expected)
+
+
+@pytest.mark.parametrize("use_features", [False, True])
+@pytest.mark.parametrize(("strategy", "chunk"), [*CONFIGS, ("gramian", None)])
+def test_retain_graph_lets_a_second_call_run_through_the_same_graph(strategy, chunk,
+                                                                     use_features):
+    model, losses, z = model_and_losses()
+    shared = list(model.trunk.parameters())
+    feats = z if use_features else None
+    rows = reference_rows(losses, shared)
+    flat = torch.stack([torch.cat([g.flatten() for g in row]) for row in rows]).double()
+    own = reference_rows([losses[0]], list(model.heads[0].parameters()))[0]
+    first = task_gradients(losses, shared, feats, strategy=strategy, chunk_size=chunk,
+                           retain_graph=True)
+    first.apply_weights(torch.ones(len(losses)))  # Gram-only: a backward pass, kept too
+    second = task_gradients(losses, shared, feats, strategy=strategy, chunk_size=chunk)
+    for tg in (first, second):
+        torch.testing.assert_close(tg.gramian, flat @ flat.T, rtol=1e-5, atol=1e-6)
+    # the heads got their gradient once per call
+    for p, g in zip(model.heads[0].parameters(), own):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=1e-5, atol=1e-7)
+    # without it the graph is freed, as by a plain backward()
+    second.apply_weights(torch.ones(len(losses)))
+    with pytest.raises(RuntimeError, match="second time"):
+        task_gradients(losses, shared, feats, strategy=strategy, chunk_size=chunk)
+
+
+@pytest.mark.parametrize(("strategy", "chunk", "passes"),
+                         [("loop", None, 2), ("batched", 2, 1), ("batched", None, 1)])
+def test_a_pass_runs_only_through_its_own_losses_graphs(strategy, chunk, passes):
+    # Losses 0-1 of one forward, 2-3 of another (two batches in one call): each chunk's
+    # backward pass reaches only its own losses' trunk, not the other's with zero gradients.
+    torch.manual_seed(0)
+    model = Model(k=4)
+    shared = list(model.trunk.parameters())
+    calls = [0, 0]
+    losses: list[Tensor] = []
+    for b in range(2):
+        x, y = data(k=4, seed=b)
+        z = model.trunk(x)
+        z.register_hook(lambda g, b=b: calls.__setitem__(b, calls[b] + 1))
+        losses += [(model.heads[2 * b + i](z).squeeze(-1) - y[:, i]).pow(2).mean()
+                   for i in range(2)]
+    rows = reference_rows(losses, shared)
+    calls[:] = [0, 0]
+    tg = task_gradients(losses, shared, strategy=strategy, chunk_size=chunk)
+    # a single vectorised chunk of all four losses runs once through both trunks
+    assert calls == [passes, passes]
+    flat = torch.stack([torch.cat([g.flatten() for g in row]) for row in rows])
+    torch.testing.assert_close(tg.jacobian_matrix(), flat, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("strategy", "chunk"), CONFIGS)
+def test_need_gramian_false_gives_the_same_blocks_without_gram_matrices(strategy, chunk):
+    model, losses, _ = model_and_losses()
+    shared = list(model.trunk.parameters())
+    rows = reference_rows(losses, shared)
+    flat = torch.stack([torch.cat([g.flatten() for g in row]) for row in rows])
+    tg = task_gradients(losses, shared, strategy=strategy, chunk_size=chunk, need_jacobian=True,
+                        need_gramian=False)
+    assert tg.gramian.shape == (0, 0) and tg.block_gramians.shape == (0, 5, 5)
+    torch.testing.assert_close(tg.jacobian_matrix(), flat, rtol=1e-5, atol=1e-7)
+    w = torch.linspace(0.5, 1.5, len(losses))
+    tg.apply_weights(w)
+    update = torch.cat([p.grad.flatten() for p in shared])
+    torch.testing.assert_close(update, w @ flat, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="need_jacobian"):
+        task_gradients(losses, shared, need_gramian=False)

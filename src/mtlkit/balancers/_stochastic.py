@@ -26,7 +26,7 @@ from mtlkit.balancers._base import (
 )
 from mtlkit.balancers._registry import register
 from mtlkit.engine import task_gradients
-from mtlkit.engine._grads import auto_strategy
+from mtlkit.engine._grads import auto_strategy, graph_has
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -110,6 +110,45 @@ def moco_step(
 
 
 # ---------------------------------------------------------------------------- two batches
+def _gram_and_cross(first: Sequence[Tensor], second: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """(:math:`J_1 J_1^\top`, :math:`J_1 J_2^\top`), float64, from two lists of (K, ...) blocks
+    (one per parameter). Each batch's blocks are divided by its largest magnitude before the
+    products (in the blocks' precision, at least float32), and the scales restored in float64:
+    finite for every finite gradient, with one temporary block at a time.
+
+    >>> a, b = [torch.tensor([[1.0, 0.0], [0.0, 2.0]])], [torch.tensor([[2.0, 1.0], [1.0, 1.0]])]
+    >>> [m.tolist() for m in _gram_and_cross(a, b)]
+    [[[1.0, 0.0], [0.0, 4.0]], [[2.0, 1.0], [2.0, 2.0]]]
+    """
+    k = first[0].shape[0]
+    dtype = torch.float64 if first[0].dtype == torch.float64 else torch.float32
+    top = [torch.stack(torch._foreach_norm(list(blocks), float("inf"))).max().to(dtype)
+           for blocks in (first, second)]
+    s1, s2 = (torch.where(t > 0, t, torch.ones_like(t)) for t in top)
+    gram = torch.zeros((k, k), dtype=torch.float64, device=first[0].device)
+    cross = torch.zeros_like(gram)
+    for a, b in zip(first, second):
+        a = a.reshape(k, -1).to(dtype) / s1
+        b = b.reshape(k, -1).to(dtype) / s2
+        gram += (a @ a.T).double()
+        cross += (a @ b.T).double()
+    return gram * s1.double() ** 2, cross * (s1.double() * s2.double())
+
+
+def _graphs_overlap(first: Sequence[Tensor], second: Sequence[Tensor]) -> bool:
+    """Whether the autograd graphs of two lists of losses share a node (leaves aside): a
+    backward pass that frees the first graph would then break the second's."""
+    nodes: set[Any] = set()
+    stack = [t.grad_fn for t in first if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in nodes or getattr(node, "variable", None) is not None:
+            continue
+        nodes.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return bool(nodes) and graph_has(second, lambda node: node in nodes)
+
+
 class _TwoBatchBalancer(GramianWeighting):
     """A gradient method that weighs the tasks from two independent mini-batches (see the
     module docstring): ``backward(losses, shared=..., second_losses=...)``. Hook:
@@ -149,8 +188,10 @@ class _TwoBatchBalancer(GramianWeighting):
         second = self._loss_list(context["second_losses"])
         second_values = self._loss_values(torch.stack(second).detach())
         # Halved losses: every head receives the mean of its loss's gradients on the two
-        # batches, and the weights [w, w] on the 2K halves give sum_k w_k (g1_k + g2_k) / 2.
-        # One engine call for both batches: their graphs may share nodes (the same batch twice).
+        # batches, and the weights w on each batch's halves give sum_k w_k (g1_k + g2_k) / 2.
+        # One engine call per batch: a backward pass of one batch's losses never runs through
+        # the other batch's graph. The first call keeps its graph only when the second batch's
+        # graph shares nodes with it (e.g. the same losses passed twice).
         # "auto" chooses as for the K tasks of one batch (on CPU: a loop for few tasks).
         strategy, chunk = self.strategy, self.chunk_size
         if strategy == "auto":
@@ -159,24 +200,26 @@ class _TwoBatchBalancer(GramianWeighting):
         # and the update written are scaled, the cross Gram matrix is read unscaled.
         scale = self._loss_scale
         half = 0.5 if scale is None else 0.5 * scale
-        grads = task_gradients([half * loss for loss in [*items, *second]], shared, None,
-                               grad_on="parameters", strategy=strategy, chunk_size=chunk,
-                               need_jacobian=True)
+        halves = [[half * loss for loss in batch] for batch in (items, second)]
+        grads = [task_gradients(losses, shared, None, grad_on="parameters", strategy=strategy,
+                                chunk_size=chunk, need_jacobian=True, need_gramian=False,
+                                retain_graph=i == 0 and _graphs_overlap(items, second))
+                 for i, losses in enumerate(halves)]
         with torch.no_grad():
             k = self.num_tasks
-            cross = 4 * sum(b[:k].reshape(k, -1).double() @ b[k:].reshape(k, -1).double().T
-                            for b in grads.blocks)
+            gramian, cross = _gram_and_cross(grads[0].blocks, grads[1].blocks)
+            gramian, cross = 4 * gramian, 4 * cross
             if scale is not None:
                 cross = cross / scale.double() ** 2
                 if not bool(torch.isfinite(cross).all()):  # overflow: the scaler skips
-                    grads.apply_weights(torch.ones(2 * k, dtype=values.dtype,
-                                                   device=values.device))
+                    for g in grads:
+                        g.apply_weights(torch.ones(k, dtype=values.dtype, device=values.device))
                     nan = torch.full_like(values, float("nan"))
                     return BalanceStep(self.tasks, nan.sum(), nan, cross)
             weights = self.cross_weights(cross)
-            grads.apply_weights(torch.cat([weights, weights]))
+            for g in grads:
+                g.apply_weights(weights)
             weights = weights.to(values.dtype)
-            gramian = 4 * grads.gramian[:k, :k]  # of the first batch's full losses
             if scale is not None:
                 gramian = gramian / scale.double() ** 2
         mean_values = (values + second_values) / 2

@@ -93,6 +93,7 @@ def sharded_task_gradients(
     *,
     grad_on: str,
     strategy: str,
+    retain_graph: bool = False,
 ) -> TaskGradients:
     """The FSDP path of :func:`mtlkit.engine.task_gradients` (see the module docstring): K
     ordinary backward passes, the shards' Gram matrices summed over the ranks."""
@@ -142,7 +143,7 @@ def sharded_task_gradients(
     try:
         for i, loss in enumerate(losses):
             # An ordinary backward pass: FSDP all-gathers, reduce-scatters and reshards.
-            loss.backward(retain_graph=i < k - 1)
+            loss.backward(retain_graph=retain_graph or i < k - 1)
             for p, block in zip(shared, blocks):
                 if p.grad is not None:
                     block[i] = p.grad.to_local()

@@ -102,6 +102,8 @@ class TaskGradients:
         loss_scale: the factor the differentiated losses carried (a gradient scaler's scale;
             see :meth:`unscale`): the blocks hold scaled gradients, and what is written is scaled
             back, for the scaler to unscale.
+        retain_graph: the backward passes that write the update (Gram-only and features mode)
+            keep the graph (see :func:`task_gradients`).
     """
 
     gramian: Tensor
@@ -112,6 +114,7 @@ class TaskGradients:
     block_gramians: Tensor
     pending: tuple[Tensor, Tensor] | None = None
     loss_scale: Tensor | None = None
+    retain_graph: bool = False
 
     def unscale(self, scale: Tensor) -> None:
         """The losses were multiplied by ``scale``: divide the Gram matrices by ``scale^2`` and,
@@ -127,7 +130,7 @@ class TaskGradients:
     def jacobian_matrix(self) -> Tensor:
         """The K x P matrix of task gradients (materialised on demand)."""
         self._need_blocks()
-        k = self.gramian.shape[0]
+        k = self.blocks[0].shape[0]
         out = torch.cat([b.reshape(k, -1) for b in self.blocks], dim=1)
         if self.loss_scale is not None:
             out.div_(self.loss_scale.to(out.dtype))
@@ -143,7 +146,7 @@ class TaskGradients:
             self.pending = None
             grad = torch.tensordot(weights.to(rows.dtype), rows, dims=1)
             out = torch.autograd.grad(outputs, self.shared, grad, allow_unused=True,
-                                      materialize_grads=True)
+                                      materialize_grads=True, retain_graph=self.retain_graph)
             for p, g in zip(self.shared, out):
                 _accumulate(p, g, owned=True)
             return
@@ -184,11 +187,13 @@ class TaskGradients:
         if self.grad_on == "features":
             assert self.features is not None
             if world_size() == 1:
-                torch.autograd.backward(self.features, combined[0], inputs=self.shared)
+                torch.autograd.backward(self.features, combined[0], inputs=self.shared,
+                                        retain_graph=self.retain_graph)
                 return
             # Each rank pushes its own samples' part through its trunk: average the results.
             grads = torch.autograd.grad(self.features, self.shared, combined[0],
-                                        allow_unused=True, materialize_grads=True)
+                                        allow_unused=True, materialize_grads=True,
+                                        retain_graph=self.retain_graph)
             combined, owned = all_mean_list(grads), True
         for p, g in zip(self.shared, combined):
             _accumulate(p, g, owned=owned)
@@ -203,6 +208,8 @@ def task_gradients(
     strategy: Strategy = "auto",
     chunk_size: int | None = None,
     need_jacobian: bool = False,
+    retain_graph: bool = False,
+    need_gramian: bool = True,
 ) -> TaskGradients:
     """Compute per-task gradients and give the task-specific parameters their own gradients.
 
@@ -216,6 +223,13 @@ def task_gradients(
         chunk_size: at most this many tasks per batched backward.
         need_jacobian: the caller will read the task gradients themselves (the blocks or
             :meth:`TaskGradients.jacobian_matrix`), not only their Gram matrix.
+        retain_graph: keep the graph of the losses (by default the last backward pass frees
+            it, as a plain ``backward()``): a second call can then run through nodes the two
+            sets of losses share (two batches' losses whose graphs may overlap). The passes
+            that write the update (Gram-only and features mode) keep it too.
+        need_gramian: with ``need_jacobian``, ``False`` skips the Gram matrices of the
+            parameters-mode blocks (``gramian`` and ``block_gramians`` are then empty, 0 x 0
+            and 0 x K x K), for a caller that reads only the blocks.
 
     Returns:
         A :class:`TaskGradients`; task-specific ``.grad`` has already been accumulated.
@@ -228,6 +242,8 @@ def task_gradients(
         raise ValueError("grad_on='features' needs the features tensor")
     if features is not None and not features.requires_grad:
         raise ValueError("features does not require grad: it is not connected to the losses")
+    if not need_gramian and not need_jacobian:
+        raise ValueError("need_gramian=False needs need_jacobian=True: nothing would be read")
     if grad_on == "features" and need_jacobian and world_size() > 1:
         raise NotImplementedError(
             "a balancer that reads the task gradients themselves (not only their Gram matrix) "
@@ -241,7 +257,7 @@ def task_gradients(
 
         if _fsdp.is_sharded(shared):
             return _fsdp.sharded_task_gradients(losses, shared, features, grad_on=grad_on,
-                                                strategy=strategy)
+                                                strategy=strategy, retain_graph=retain_graph)
         if _fsdp.uses_fsdp(losses):
             raise ValueError(_FSDP_UNSHARDED)
     explicit = strategy in ("batched", "gramian")
@@ -300,7 +316,7 @@ def task_gradients(
             # Without overlap each loss reaches only its own head (fewer inputs: a cheaper call).
             mine = heads if overlap else own_heads[i]
             out = torch.autograd.grad(
-                loss, [features, *mine], retain_graph=overlap, allow_unused=True
+                loss, [features, *mine], retain_graph=overlap or retain_graph, allow_unused=True
             )
             if out[0] is None:
                 dz_stack[i].zero_()
@@ -316,13 +332,15 @@ def task_gradients(
             gram = _gram(dz_stack.reshape(k, -1))
             if ranks > 1:
                 gram = all_mean(gram) / ranks
-            return TaskGradients(gram, [dz_stack], shared, features, grad_on, gram[None])
+            return TaskGradients(gram, [dz_stack], shared, features, grad_on, gram[None],
+                                 retain_graph=retain_graph)
         if gram_only:
             block_gram, _ = _gram_pass(features, shared, dz_stack, len(shared))
             return TaskGradients(block_gram.sum(0), [], shared, None, grad_on, block_gram,
-                                 pending=(features, dz_stack))
+                                 pending=(features, dz_stack), retain_graph=retain_graph)
         blocks = all_mean_list(_batched_or_loop(
-            features, shared, dz_stack, strategy, chunk_size, outputs_are_losses=False
+            features, shared, dz_stack, strategy, chunk_size, outputs_are_losses=False,
+            retain_graph=retain_graph,
         ))
     else:
         strategy, chunk_size = _sequential_if_compiled(strategy, chunk_size, compiled, explicit)
@@ -333,18 +351,27 @@ def task_gradients(
             for p, g in zip(heads, head_blocks):
                 _accumulate(p, g.sum(0), owned=True)
             return TaskGradients(block_gram.sum(0), [], shared, None, grad_on, block_gram,
-                                 pending=(stacked, rows))
+                                 pending=(stacked, rows), retain_graph=retain_graph)
+        # Vectorised passes: the heads receive their gradient (of the sum of the losses) from
+        # one plain pass first, so that the vectorised ones compute no per-task head gradients
+        # (K blocks of each head, mostly zeros). A loop's pass k reaches only task k's head.
+        vectorised = strategy != "loop" and k > 1 and bool(heads)
+        if vectorised:
+            _accumulate_mean(list(zip(heads, torch.autograd.grad(
+                [_scalar(loss) for loss in losses if loss.requires_grad], heads, retain_graph=True,
+                allow_unused=True, materialize_grads=True))))
+        inputs = shared if vectorised else [*shared, *heads]
         blocks = all_mean_list(_batched_or_loop(
-            torch.stack([_scalar(loss) for loss in losses]),
-            [*shared, *heads],
-            None,
-            strategy,
-            chunk_size,
-            outputs_are_losses=True,
+            losses, inputs, None, strategy, chunk_size, outputs_are_losses=True,
+            retain_graph=retain_graph,
         ))
-        for p, g in zip(heads, blocks[len(shared) :]):
+        for p, g in zip(heads, blocks[len(shared):] if not vectorised else []):
             _accumulate(p, g.sum(0), owned=True)
         blocks = blocks[: len(shared)]
+    if not need_gramian:
+        empty = torch.zeros((0, k, k), dtype=torch.float64,
+                            device=blocks[0].device if blocks else None)
+        return TaskGradients(empty.new_zeros((0, 0)), blocks, shared, None, grad_on, empty)
     block_gram = torch.stack([_gram(b) for b in blocks])
     return TaskGradients(block_gram.sum(0), blocks, shared, None, grad_on, block_gram)
 
@@ -374,10 +401,9 @@ def task_jacobian(
             )
     if chunk_size is None and len(inputs):
         chunk_size = AUTO_CHUNK.get(inputs[0].device.type, 16)
-    stacked = torch.stack([_scalar(loss) for loss in losses])
     strategy = "loop" if _graph_is_compiled(losses) else "batched"
     return all_mean_list(_batched_or_loop(
-        stacked, list(inputs), None, strategy, chunk_size, outputs_are_losses=True,
+        losses, list(inputs), None, strategy, chunk_size, outputs_are_losses=True,
         retain_graph=retain_graph,
     ))
 
@@ -391,7 +417,7 @@ _FSDP_UNSHARDED = (
 
 
 def _batched_or_loop(
-    outputs: Tensor,
+    outputs: Tensor | Sequence[Tensor],
     inputs: list[Tensor],
     grad_rows: Tensor | None,
     strategy: str,
@@ -402,15 +428,23 @@ def _batched_or_loop(
 ) -> list[Tensor]:
     """Rows of the Jacobian of ``outputs`` w.r.t. ``inputs``: one row per task.
 
-    When ``outputs_are_losses`` the rows are the unit vectors (task k's loss alone); otherwise
-    ``grad_rows[k]`` is the gradient to push back from ``outputs`` (dL_k/dz). The graph is
-    freed after the last chunk unless ``retain_graph``.
+    When ``outputs_are_losses``, ``outputs`` are the K scalar losses and the rows the unit
+    vectors (task k's loss alone); each chunk differentiates only its own losses, so that a
+    backward pass never runs through another loss's graph with zero gradients (the other heads,
+    or a second batch's whole trunk). Otherwise ``grad_rows[k]`` is the gradient to push back
+    from the tensor ``outputs`` (dL_k/dz). The graph is freed after the last chunk unless
+    ``retain_graph``.
     """
+    losses: list[Tensor] | None = None
     if outputs_are_losses:
-        k = outputs.shape[0]
-        rows = torch.eye(k, dtype=outputs.dtype, device=outputs.device)
+        losses = [_scalar(loss) for loss in outputs]
+        k = len(losses)
+        dtype = losses[0].dtype
+        for loss in losses[1:]:
+            dtype = torch.promote_types(dtype, loss.dtype)
+        rows = torch.eye(k, dtype=dtype, device=losses[0].device)
     else:
-        assert grad_rows is not None
+        assert grad_rows is not None and isinstance(outputs, Tensor)
         k = grad_rows.shape[0]
         rows = grad_rows
     sizes = chunk_sizes(k, 1 if strategy == "loop" else (chunk_size or k))
@@ -419,9 +453,15 @@ def _batched_or_loop(
     blocks: list[Tensor] | None = None
     start = 0
     for i, size in enumerate(sizes):
-        chunk = rows[start : start + size]
         keep = retain_graph or i < len(sizes) - 1
-        out = _vjp_rows(outputs, inputs, chunk, keep)
+        if losses is None:
+            assert isinstance(outputs, Tensor)
+            out = _vjp_rows(outputs, inputs, rows[start : start + size], keep)
+        else:
+            mine = torch.stack(losses[start : start + size]).to(rows.dtype)
+            chunk = rows[:size, :size]
+            out = (_vjp_rows(mine, inputs, chunk, keep) if mine.requires_grad else
+                   tuple(p.new_zeros((size, *p.shape)) for p in inputs))
         if size == k:  # a single chunk: use autograd's tensors as they are
             return list(out)
         if blocks is None:
