@@ -221,3 +221,38 @@ def test_per_layer_gram_falls_back_when_a_layer_node_does_not_run(monkeypatch) -
                         lambda outputs, shared, k: {0: _grads._Layer(node, "linear")})
     got, _ = _grads._gram_pass(losses, [net.weight, net.bias], rows, 2)
     torch.testing.assert_close(got, want)
+
+
+def test_per_layer_gram_on_a_resnet18_trunk_equals_the_jacobian_path() -> None:
+    # The real case the per-layer fold is for: batch norm, residual additions, strided and
+    # 1x1 downsampling convolutions; most of the 60 tensors stay on parameter hooks.
+    from mtlkit.nn import resnet18
+
+    tasks = 6
+    torch.manual_seed(0)
+    trunk = resnet18()
+    heads = nn.ModuleList(nn.Linear(512, 1) for _ in range(tasks))
+    x = torch.randn(2, 3, 32, 32)
+    y = (torch.rand(2, tasks) > 0.5).float()
+
+    def losses(t, h):
+        z = t(x)
+        z = z.mean((2, 3)) if z.dim() == 4 else z
+        return [10.0 ** (i % 5 - 2) * nn.functional.binary_cross_entropy_with_logits(
+            head(z).squeeze(-1), y[:, i]) for i, head in enumerate(h)]
+
+    out = {}
+    for strategy in ("gramian", "batched"):
+        t, h = copy.deepcopy(trunk), copy.deepcopy(heads)
+        ls = losses(t, h)
+        if strategy == "gramian":
+            assert len(_grads._layer_gram_plan(torch.stack(ls), list(t.parameters()), tasks)) > 5
+        tg = task_gradients(ls, list(t.parameters()), strategy=strategy)
+        tg.apply_weights(torch.linspace(0.5, 2.0, tasks))
+        out[strategy] = (tg.gramian, [p.grad for p in t.parameters()])
+    top = out["batched"][0].abs().max()
+    # float32 products over 11M parameters, summed in another order: 1e-5 of the largest entry
+    torch.testing.assert_close(out["gramian"][0] / top, out["batched"][0] / top, rtol=0, atol=1e-5)
+    for a, b in zip(out["gramian"][1], out["batched"][1]):
+        scale = b.abs().max().clamp_min(1e-30)
+        torch.testing.assert_close(a / scale, b / scale, rtol=0, atol=1e-5)
