@@ -189,17 +189,20 @@ def _write_nyuv2(root: Path, n: int, h: int, w: int) -> None:
 def test_compare_runs_on_dense_tasks_from_disk(tmp_path, capsys) -> None:
     root = tmp_path / "nyu"
     _write_nyuv2(root, 12, 16, 16)
+    # The normal task's baseline is given, with a zero metric: Δm cannot divide by it.
+    given = {"normal/mean_angle": 45.0, "normal/median_angle": 44.0, "normal/within_11.25": 0.0,
+             "normal/within_22.5": 0.1, "normal/within_30": 0.2}
     cfg = _config(tmp_path, dataset="nyuv2", root=str(root), methods=["ew", "mgda"],
-                  dataset_options={}, epochs=1, batch_size=4)
+                  dataset_options={}, epochs=1, batch_size=4, baselines=given)
     assert cli.main(["compare", "--config", cfg]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["tasks"] == ["seg", "depth", "normal"]
     assert {"seg/miou", "depth/abs_err", "normal/mean_angle"} <= set(results["metrics"])
-    # random normals: no pixel of the baseline is within 11.25 degrees, so Δm cannot use it
     assert results["baseline"]["normal/within_11.25"] == 0.0
     assert "normal/within_11.25" in results["delta_m_excluded"]
     assert "normal/within_11.25" not in results["delta_m_metrics"]
-    assert "leaves out normal/within_11.25" in (tmp_path / "out" / "report.md").read_text()
+    assert "normal/mean_angle" in results["delta_m_metrics"]
+    assert "leave out normal/within_11.25" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_an_interrupted_compare_resumes_without_retraining_finished_runs(tmp_path, monkeypatch,
