@@ -593,6 +593,12 @@ class LossWeighting(Balancer):
         detached: weights must come from them. An override may make the weights differentiable
         in the balancer's own parameters (they then learn from the same backward pass; their
         gradients are averaged over the ranks afterwards)."""
+        weights = self._constant_loss_weights(losses, values, context)
+        return losses @ weights, weights
+
+    def _constant_loss_weights(self, losses: Tensor, values: Tensor,
+                               context: Mapping[str, Any]) -> Tensor:
+        """The weights of :meth:`loss_weights` as constants in the losses' dtype."""
         # ``values`` is detached, so the weights carry no graph unless a hook reads a
         # parameter: detached then (cheaper than a no_grad context on every step).
         weights = self.loss_weights(values, context)
@@ -600,7 +606,7 @@ class LossWeighting(Balancer):
             weights = weights.detach()
         if weights.dtype != losses.dtype:
             weights = weights.to(losses.dtype)
-        return losses @ weights, weights
+        return weights
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -620,11 +626,7 @@ class LossWeighting(Balancer):
         # backward pass of the stacked losses seeded with the weights (no product node, no
         # graph root of its own), and its value is values @ weights (the whole batch's under
         # torch.distributed, where values are the means over the ranks).
-        weights = self.loss_weights(values, context)
-        if weights.requires_grad:
-            weights = weights.detach()
-        if weights.dtype != stacked.dtype:
-            weights = weights.to(stacked.dtype)
+        weights = self._constant_loss_weights(stacked, values, context)
         if weights.shape != stacked.shape or weights.device != stacked.device:
             raise ValueError(
                 f"{type(self).__name__}.loss_weights returned shape {tuple(weights.shape)} on "

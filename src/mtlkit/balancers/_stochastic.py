@@ -26,7 +26,7 @@ from mtlkit.balancers._base import (
 )
 from mtlkit.balancers._registry import register
 from mtlkit.engine import task_gradients
-from mtlkit.engine._grads import auto_strategy, graph_has
+from mtlkit.engine._grads import auto_strategy, graph_has, graph_nodes, unit_scale
 
 
 # ---------------------------------------------------------------------------- pure functions
@@ -122,9 +122,8 @@ def _gram_and_cross(first: Sequence[Tensor], second: Sequence[Tensor]) -> tuple[
     """
     k = first[0].shape[0]
     dtype = torch.float64 if first[0].dtype == torch.float64 else torch.float32
-    top = [torch.stack(torch._foreach_norm(list(blocks), float("inf"))).max().to(dtype)
-           for blocks in (first, second)]
-    s1, s2 = (torch.where(t > 0, t, torch.ones_like(t)) for t in top)
+    s1, s2 = (unit_scale(torch.stack(torch._foreach_norm(list(blocks), float("inf"))), dtype)
+              for blocks in (first, second))
     gram = torch.zeros((k, k), dtype=torch.float64, device=first[0].device)
     cross = torch.zeros_like(gram)
     for a, b in zip(first, second):
@@ -138,15 +137,8 @@ def _gram_and_cross(first: Sequence[Tensor], second: Sequence[Tensor]) -> tuple[
 def _graphs_overlap(first: Sequence[Tensor], second: Sequence[Tensor]) -> bool:
     """Whether the autograd graphs of two lists of losses share a node (leaves aside): a
     backward pass that frees the first graph would then break the second's."""
-    nodes: set[Any] = set()
-    stack = [t.grad_fn for t in first if t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in nodes or getattr(node, "variable", None) is not None:
-            continue
-        nodes.add(node)
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return bool(nodes) and graph_has(second, lambda node: node in nodes)
+    nodes = set(graph_nodes(first))
+    return bool(nodes) and graph_has(second, nodes.__contains__)
 
 
 class _TwoBatchBalancer(GramianWeighting):

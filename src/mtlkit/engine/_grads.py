@@ -41,7 +41,7 @@ ranks' shards: see :mod:`mtlkit.engine._fsdp`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -575,10 +575,7 @@ class _Layer:
         p = self.patches()
         dtype = torch.float64 if torch.float64 in (d.dtype, p.dtype) else torch.float32
         # a safe scale, as _gram: unit-magnitude factors, the scales restored in float64
-        d_top = torch.linalg.vector_norm(d, float("inf")).to(dtype)
-        p_top = torch.linalg.vector_norm(p, float("inf")).to(dtype)
-        d_scale = torch.where(d_top > 0, d_top, 1.0)
-        p_scale = torch.where(p_top > 0, p_top, 1.0)
+        d_scale, p_scale = unit_scale(d, dtype), unit_scale(p, dtype)
         pu = p.to(dtype) / p_scale
         du = (d.to(dtype) / d_scale).reshape(-1, pu.shape[1])  # (K * O, M)
         e = (du @ (pu.T @ pu)).reshape(k, -1)  # D_k S, flattened per task
@@ -594,13 +591,7 @@ def _layer_gram_plan(outputs: Tensor, shared: list[Tensor], k: int) -> dict[int,
     index = {id(p): i for i, p in enumerate(shared)}
     parents: dict[Any, list[tuple[Any, int]]] = {}  # node -> the (node, slot) edges into it
     leaves: dict[int, Any] = {}  # shared parameter id -> its AccumulateGrad node
-    seen: set[Any] = set()
-    stack = [outputs.grad_fn] if outputs.grad_fn is not None else []
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+    for node in graph_nodes([outputs]):
         for slot, (child, _) in enumerate(node.next_functions):
             if child is None:
                 continue
@@ -608,7 +599,6 @@ def _layer_gram_plan(outputs: Tensor, shared: list[Tensor], k: int) -> dict[int,
             variable = getattr(child, "variable", None)
             if variable is not None and id(variable) in index:
                 leaves[id(variable)] = child
-            stack.append(child)
     found: dict[int, tuple[Any, str]] = {}
     for key, leaf in leaves.items():
         edges = parents[leaf]
@@ -735,6 +725,20 @@ def _scalar(loss: Tensor) -> Tensor:
 GRAM_CHUNK = 1 << 22
 
 
+def unit_scale(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The largest magnitude in ``t`` (1 when ``t`` is empty or zero) as a 0-d tensor of
+    ``dtype`` (by default ``t``'s, at least float32: bf16 Gram matrices lose the small conflicts
+    that matter): ``t`` divided by it has entries of magnitude at most 1, whose products cannot
+    overflow or underflow where ``t``'s would. Reduced without a ``t``-sized temporary, and on
+    the device (no host synchronisation)."""
+    top = torch.linalg.vector_norm(t, float("inf")) if t.numel() else \
+        t.new_zeros((), dtype=torch.float32)
+    if dtype is None:
+        dtype = top.dtype if top.dtype in (torch.float32, torch.float64) else torch.float32
+    top = top.to(dtype)
+    return torch.where(top > 0, top, torch.ones_like(top))
+
+
 def _gram(block: Tensor) -> Tensor:
     """``flat @ flat.T`` in float64 for the (K, ...) block ``block`` (``flat`` its rows, one per
     task), computed at a safe scale: the rows are divided by their largest magnitude before the
@@ -750,12 +754,7 @@ def _gram(block: Tensor) -> Tensor:
     k = block.shape[0]
     if block.dim() == 1:
         block = block.unsqueeze(1)
-    # The largest magnitude, reduced without an |block|-sized temporary.
-    top = torch.linalg.vector_norm(block, float("inf")) if block.numel() else \
-        block.new_zeros((), dtype=torch.float32)
-    scale = torch.where(top > 0, top, 1.0)
-    if scale.dtype not in (torch.float32, torch.float64):
-        scale = scale.float()  # at least float32: bf16 Gram matrices lose the small conflicts
+    scale = unit_scale(block)
     row = max(1, block[0].numel())
     width = block.shape[1]
     step = max(1, (GRAM_CHUNK // k) // max(1, row // max(width, 1)))
@@ -904,20 +903,24 @@ def _graph_is_compiled(roots: Sequence[Tensor]) -> bool:
     return graph_has(roots, _is_compiled)
 
 
-def graph_has(roots: Sequence[Tensor], match: Callable[[Any], bool]) -> bool:
-    """Whether a node of the autograd graph behind ``roots`` (leaves excluded) satisfies
-    ``match(node)``; each node is visited once."""
+def graph_nodes(roots: Sequence[Tensor]) -> Iterator[Any]:
+    """The nodes of the autograd graph behind ``roots``, leaves (``AccumulateGrad``) excluded,
+    each once."""
     stack = [t.grad_fn for t in roots if t.grad_fn is not None]
     seen: set[int] = set()
     while stack:
         node = stack.pop()
         if id(node) in seen or getattr(node, "variable", None) is not None:
             continue
-        if match(node):
-            return True
         seen.add(id(node))
+        yield node
         stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return False
+
+
+def graph_has(roots: Sequence[Tensor], match: Callable[[Any], bool]) -> bool:
+    """Whether a node of the autograd graph behind ``roots`` (leaves excluded) satisfies
+    ``match(node)``; each node is visited once, and the walk stops at the first match."""
+    return any(match(node) for node in graph_nodes(roots))
 
 
 def _sequential_if_compiled(strategy: str, chunk_size: int | None, compiled: bool,
