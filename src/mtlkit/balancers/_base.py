@@ -13,9 +13,11 @@ benchmarks):
 ==========================  ===================================================  ===============
 base                        hook (all inputs detached)                           ``requires``
 ==========================  ===================================================  ===============
-:class:`LossWeighting`      ``loss_weights(values, context) -> (K,)``; learned   ``losses``
-                            weights override ``objective(losses, values,
-                            context) -> (total, weights)`` instead
+:class:`LossWeighting`      ``loss_weights(values, context) -> (K,)`` on the    ``losses``
+                            host in NumPy; learned weights implement
+                            ``learned_weights(values) -> (weights, r, grads)``
+                            ``objective(losses, values, context) -> (total,
+                            weights)`` instead
 :class:`LastLayerWeighting` ``layer_objective(losses, values, layer_grads,       ``last_shared``
                             context) -> (total, weights)``
 :class:`GramianWeighting`   ``gramian_weights(gramian (K, K), losses) -> (K,)``  ``gramian``
@@ -80,6 +82,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -572,68 +575,156 @@ class LossWeighting(Balancer):
     """Weights from the loss values; the update is one backward pass of ``sum_k w_k L_k``, like
     a plain sum. The heads receive ``w_k grad L_k``.
 
-    Hook: :meth:`loss_weights` (weights treated as constants), or, for weights that are learned
-    from this same backward pass (uncertainty weighting), :meth:`objective`.
+    Hooks (a method implements one):
+
+    * :meth:`loss_weights` for weights that are constants of the backward pass: K numbers in,
+      K numbers out, on the host in float64 NumPy. The loss values are read to the host once
+      per step (on an accelerator, the step's one synchronisation, which the finiteness check
+      needs anyway); the weights travel back once. K-sized maths costs about 0.5 us an
+      operation there, where a torch operation costs 2-9 us: on a small model the difference
+      is the method's whole overhead over a plain sum (the tiny suite of the speed benchmark).
+      The method's running state is kept in buffers that stay on the host whatever the
+      device of the balancer (read and written through ``buffer.numpy()`` views).
+    * :meth:`learned_weights` for weights that are functions of the balancer's own parameters,
+      learned from the same backward pass (uncertainty weighting, IMTL-L): the weights and the
+      closed-form gradient of the objective in those parameters.
+    * :meth:`objective` for anything else differentiable (bilevel methods): the scalar to
+      backpropagate and the effective weights.
     """
 
     requires: ClassVar[Requirement] = "losses"
-    _hooks = ("loss_weights", "objective")
+    _hooks = ("loss_weights", "learned_weights", "objective")
+    #: Whether :meth:`loss_weights` reads the loss values (False: it receives None and the
+    #: values are not read to the host, e.g. equal or fixed weights).
+    reads_values: ClassVar[bool] = True
 
-    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
-        """The K weights from the detached loss values (the whole batch's: the means over the
-        ranks under ``torch.distributed``) and the step's context."""
+    def loss_weights(self, values: np.ndarray | None, context: Mapping[str, Any]) -> Any:
+        """The K weights (a NumPy array, or anything ``np.asarray`` takes) from the K loss
+        values: float64 on the host, the whole batch's (the means over the ranks under
+        ``torch.distributed``), None when the class sets ``reads_values = False``.
+
+        A method whose weights stay the same returns the same *read-only* array each step
+        (``array.flags.writeable = False``): it is sent to the device once."""
+        raise NotImplementedError
+
+    def learned_weights(self, values: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """(weights (K,), regulariser (), gradients) for weights that are functions of the
+        balancer's own parameters, learned from the same backward pass of the objective
+        ``sum_k w_k L_k + r``: the weights and ``r`` from the current parameters (detached),
+        and the gradient of the objective in each of ``self.parameters()`` (in that order) at
+        the loss values ``values`` (detached; the whole batch's). The model receives
+        ``sum_k w_k grad L_k`` from one backward pass; the balancer's parameters receive the
+        returned gradients (accumulated into ``.grad``)."""
         raise NotImplementedError
 
     def objective(self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
                   ) -> tuple[Tensor, Tensor]:
-        """(scalar to backpropagate, effective weights (K,)). Default: ``sum_k w_k L_k`` with the
-        weights of :meth:`loss_weights`, treated as constants.
+        """(scalar to backpropagate, effective weights (K,)), for weights that need autograd.
 
         ``losses`` are this process's (stacked, differentiable); ``values`` the whole batch's,
-        detached: weights must come from them. An override may make the weights differentiable
-        in the balancer's own parameters (they then learn from the same backward pass; their
-        gradients are averaged over the ranks afterwards)."""
-        weights = self._constant_loss_weights(losses, values, context)
-        return losses @ weights, weights
+        detached: weights must come from them. The weights may be differentiable in the
+        balancer's own parameters (their gradients are averaged over the ranks afterwards)."""
+        raise NotImplementedError
 
-    def _constant_loss_weights(self, losses: Tensor, values: Tensor,
-                               context: Mapping[str, Any]) -> Tensor:
-        """The weights of :meth:`loss_weights` as constants in the losses' dtype."""
-        # ``values`` is detached, so the weights carry no graph unless a hook reads a
-        # parameter: detached then (cheaper than a no_grad context on every step).
-        weights = self.loss_weights(values, context)
-        if weights.requires_grad:
-            weights = weights.detach()
-        if weights.dtype != losses.dtype:
-            weights = weights.to(losses.dtype)
-        return weights
+    #: Which hook the class implements ("loss_weights", "learned_weights" or "objective"),
+    #: set for each subclass.
+    _hook: ClassVar[str] = "loss_weights"
+    #: (array the hook returned, its tensor): a read-only array returned again is not converted
+    #: again. Not state.
+    _weights_cache: tuple[Any, Tensor] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._constant_weights = cls.objective is LossWeighting.objective
+        cls._hook = next((h for h in ("objective", "learned_weights")
+                          if getattr(cls, h) is not getattr(LossWeighting, h)), "loss_weights")
 
-    #: Whether the class keeps the default :meth:`objective` (weights that are constants of the
-    #: backward pass), set for each subclass.
-    _constant_weights: ClassVar[bool] = True
+    def _constant(self, make: Callable[[], Any]) -> np.ndarray:
+        """``frozen(make())``, made at the first call and again after a state load: for weights
+        that change only with the state (the tensor sent to the device is then reused)."""
+        weights = self._constant_weights
+        if weights is None:
+            weights = self.__dict__["_constant_weights"] = frozen(make())
+        return weights
+
+    #: The weights of :meth:`_constant` (dropped when the state is loaded). Not state.
+    _constant_weights: np.ndarray | None = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_constant_weights"] = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LossWeighting:
+        # The state of host weights (buffers of this module and its submodules) stays on the
+        # host in its own dtype whatever the device or dtype the balancer is moved to.
+        if self._hook != "loss_weights" or type(self)._balance is not LossWeighting._balance:
+            return super()._apply(fn, recurse)
+        kept = [(m, dict(m._buffers)) for m in self.modules()]
+        super()._apply(fn, recurse)
+        for module, buffers in kept:
+            module._buffers.update(buffers)
+        return self
 
     def _balance(self, items: list[Tensor], stacked: Tensor, values: Tensor,
                  shared: Iterable[Tensor] | None, features: Tensor | None,
                  context: Mapping[str, Any]) -> BalanceStep:
-        if not self._constant_weights:
+        hook = self._hook
+        if hook == "objective":
             total, weights = self.objective(stacked, values, context)
             return self._backward_total(total, weights)
-        # The default objective sum_k w_k L_k with constant weights: its gradient is the
-        # backward pass of the stacked losses seeded with the weights (no product node, no
-        # graph root of its own), and its value is values @ weights (the whole batch's under
-        # torch.distributed, where values are the means over the ranks).
-        weights = self._constant_loss_weights(stacked, values, context)
-        if weights.shape != stacked.shape or weights.device != stacked.device:
-            raise ValueError(
-                f"{type(self).__name__}.loss_weights returned shape {tuple(weights.shape)} on "
-                f"{weights.device}; expected {tuple(stacked.shape)} on {stacked.device}")
+        if hook == "learned_weights":
+            weights, regulariser, grads = self.learned_weights(values)
+            self._accumulate_own(grads)
+            if weights.dtype != stacked.dtype:
+                weights = weights.to(stacked.dtype)
+        else:
+            # Host maths: the values as float64 NumPy (a list read: the cheapest way to the
+            # host for any dtype and device).
+            host = np.array(values.tolist()) if self.reads_values else None
+            weights = self._weights_tensor(self.loss_weights(host, context), stacked)
+            regulariser = None
+        # The objective sum_k w_k L_k (+ r) with constant weights: its gradient in the model is
+        # the backward pass of the stacked losses seeded with the weights (no product node, no
+        # graph root of its own); its value is values @ weights (+ r), the whole batch's under
+        # torch.distributed.
         scale = self._loss_scale
         _seeded_backward(stacked, weights if scale is None else weights * scale)
-        return BalanceStep(self.tasks, lambda: values @ weights, weights)
+        if regulariser is None:
+            return BalanceStep(self.tasks, lambda: values @ weights, weights)
+        return BalanceStep(self.tasks, lambda: values @ weights + regulariser, weights)
+
+    def _weights_tensor(self, weights: Any, like: Tensor) -> Tensor:
+        """The hook's K weights as a tensor of the losses' dtype and device."""
+        cached = self._weights_cache
+        if (cached is not None and cached[0] is weights and cached[1].dtype == like.dtype
+                and cached[1].device == like.device):
+            return cached[1]
+        array = np.asarray(weights, dtype=np.float64)
+        if array.shape != like.shape:
+            raise ValueError(f"{type(self).__name__}.loss_weights returned shape "
+                             f"{array.shape}; expected {tuple(like.shape)}")
+        # A copy in every case (the weights outlive the step in BalanceStep; the array may be a
+        # view of the method's state).
+        if like.dtype == torch.float32:
+            out = torch.from_numpy(array.astype(np.float32))
+        else:
+            out = torch.from_numpy(array.copy()).to(like.dtype)
+        if not like.is_cpu:
+            out = out.to(like.device)
+        if isinstance(weights, np.ndarray) and not weights.flags.writeable:
+            self.__dict__["_weights_cache"] = (weights, out)
+        return out
+
+    def _accumulate_own(self, grads: Sequence[Tensor]) -> None:
+        """Add the gradients of the balancer's own parameters (times the loss scale of a
+        gradient scaler, as a backward pass of the scaled objective would)."""
+        scale = self._loss_scale
+        for p, g in zip(self.parameters(), grads, strict=True):
+            if scale is not None:
+                g = g * scale
+            if p.grad is None:
+                p.grad = g.detach().to(p.dtype)
+            else:
+                p.grad.add_(g)
 
     def _backward_total(self, total: Tensor, weights: Tensor) -> BalanceStep:
         scale = self._loss_scale
@@ -893,6 +984,14 @@ def _blend_block_weights(per_block: Tensor, gramians: Tensor) -> Tensor:
     total = sq.sum(0)
     blended = (per_block * sq).sum(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
     return torch.where(total > 0, blended, per_block.mean(0))
+
+
+def frozen(values: Any) -> np.ndarray:
+    """A read-only float64 copy of ``values``: weights a :meth:`LossWeighting.loss_weights`
+    hook returns unchanged step after step (sent to the device once)."""
+    out = np.array(values, dtype=np.float64)
+    out.flags.writeable = False
+    return out
 
 
 def positive(name: str, value: float, *, allow_zero: bool = False) -> float:

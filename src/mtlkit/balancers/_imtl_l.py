@@ -59,10 +59,9 @@ class IMTLL(LossWeighting):
         super().__init__(tasks, **options)
         self.log_scales = nn.Parameter(torch.zeros(self.num_tasks))
 
-    def objective(self, losses: Tensor, values: Tensor,
-                   context: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        # Differentiable in the scales: they learn from this same backward pass.
-        s = self.log_scales if self.log_scales.dtype == losses.dtype else \
-            self.log_scales.to(losses.dtype)
+    def learned_weights(self, values: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        # w_k = e^{s_k}; d/ds_k of (e^{s_k} L_k - s_k) = w_k L_k - 1, from the whole batch's
+        # loss values (the objective is linear in the losses).
+        s = self.log_scales.detach()
         weights = torch.exp(s)
-        return losses @ weights - s.sum(), weights
+        return weights, -s.sum(), [weights * values.to(weights.dtype) - 1]
