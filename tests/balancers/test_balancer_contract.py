@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from _inputs import CountBackward, Net, batches, degenerate_jacobians, linear_losses, scaled_base
@@ -433,7 +434,7 @@ class _Forgetful(LossWeighting):
 
     def loss_weights(self, values, context):
         self.count += 1
-        return torch.full_like(values, 1.0 + self.count % 4)
+        return np.full_like(values, 1.0 + self.count % 4)
 
 
 class _DoubleBackward(LossWeighting):

@@ -214,8 +214,8 @@ class Balancer(nn.Module):
     _skipped: bool = False
     #: The number of processes, read once per step by :meth:`backward`. Not state.
     _world: int = 1
-    #: (NumPy view of the step counter's memory, the counter it views); see :meth:`_commit`.
-    _step_view: tuple[Any, Tensor] | None = None
+    #: Buffer name -> (NumPy view of its memory, the buffer it views); see :meth:`_view`.
+    _views: dict[str, tuple[Any, Tensor]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -285,10 +285,10 @@ class Balancer(nn.Module):
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        # Caches tied to this object's tensors (the step counter's NumPy view, which a copy
-        # would detach from the copied counter) and generators are remade, not copied.
+        # Caches tied to this object's tensors (NumPy views of buffers, which a copy would
+        # detach from the copied buffers) and generators are remade, not copied.
         state = super().__getstate__()
-        state.pop("_step_view", None)
+        state.pop("_views", None)
         state.pop("_generators", None)
         return state
 
@@ -396,15 +396,21 @@ class Balancer(nn.Module):
 
     def _commit(self) -> None:
         """The step is done: advance the counter."""
-        # The counter is a host tensor: it is advanced through a NumPy view of its memory
-        # (0.2 us, where a tensor operation costs 2-9 us on the tiny suite of the speed
-        # benchmark, whose loss weightings' whole budget is ~45 us). The view is remade when
-        # the buffer is another tensor (assigned, or loaded as a new one).
-        step = self._buffers["step"]
-        view = self._step_view
-        if view is None or view[1] is not step:
-            view = self.__dict__["_step_view"] = (step.numpy(), step)  # type: ignore[union-attr]
-        view[0][()] += 1
+        self._view("step")[()] += 1
+
+    def _view(self, name: str) -> np.ndarray:
+        """A NumPy view of the host buffer ``name`` (reads and in-place writes go to the
+        buffer), remade only when the buffer is another tensor (assigned, or moved). A view
+        costs 0.2 us where a tensor operation costs 2-9 us: the step counter and the host
+        state of loss weightings are read and written this way every step."""
+        views = self.__dict__.get("_views")
+        if views is None:
+            views = self.__dict__["_views"] = {}
+        buffer = self._buffers[name]
+        hit = views.get(name)
+        if hit is None or hit[1] is not buffer:
+            hit = views[name] = (buffer.numpy(), buffer)  # type: ignore[union-attr]
+        return hit[0]
 
     def _after_step(self, losses: Tensor) -> None:
         pass
@@ -562,7 +568,7 @@ class Balancer(nn.Module):
         gen = gens.get(key)
         if gen is None:
             gen = gens[key] = torch.Generator() if device is None else torch.Generator(device=device)
-        gen.manual_seed((seed * 1_000_003 + int(self._buffers["step"]) * 7919 + salt)  # type: ignore[arg-type]
+        gen.manual_seed((seed * 1_000_003 + int(self._view("step")) * 7919 + salt)
                         % (2**63 - 1))
         return gen
 

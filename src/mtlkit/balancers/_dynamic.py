@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import LossWeighting, positive
+from mtlkit.balancers._base import LossWeighting, frozen, positive
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._scaling import LOSS_FLOOR
-from mtlkit.engine._dist import all_mean, world_size
+from mtlkit.engine._dist import all_mean_host, world_size
 
 
 @register("dwa")
@@ -45,7 +46,6 @@ class DynamicWeightAverage(LossWeighting):
     epoch_count: Tensor
     history: Tensor
     epochs_seen: Tensor
-    current: Tensor
 
     def __init__(
         self,
@@ -62,27 +62,36 @@ class DynamicWeightAverage(LossWeighting):
         self.register_buffer("epoch_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("history", torch.ones(2, k, dtype=torch.float64))
         self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
-        # the current weights, derived from history (recomputed when it changes or is loaded)
-        self.register_buffer("current", torch.ones(k), persistent=False)
+        self._refresh()
+
+    #: The current weights (read-only), derived from ``history``: recomputed when it changes
+    #: or is loaded. Not state.
+    _current: np.ndarray
 
     def _refresh(self) -> None:
-        """Recompute ``current`` (the weights, which change only when ``history`` does)."""
-        ratio = self.history[1] / self.history[0].clamp_min(LOSS_FLOOR)
-        weights = self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
-        warm = self.epochs_seen >= 2
-        self.current.copy_(torch.where(warm, weights, torch.ones_like(weights)))
+        k = self.num_tasks
+        if int(self.epochs_seen) >= 2:
+            history = self._view("history")
+            z = history[1] / np.maximum(history[0], LOSS_FLOOR) / self.temperature
+            e = np.exp(z - z.max())
+            weights = k * e / e.sum()
+        else:
+            weights = np.ones(k)
+        self.__dict__["_current"] = frozen(weights)
 
-    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
-        out = self.current
+    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
+        out = self._current
         if self.per_batch:
-            out = out.clone()
-            self.history[0] = self.history[1]
-            self.history[1] = values
+            history = self._view("history")
+            history[0] = history[1]
+            history[1] = values
             self.epochs_seen += 1
             self._refresh()
-        else:  # the hot path: two in-place additions
-            self.epoch_sum.add_(values)
-            self.epoch_count.add_(1)
+        else:  # the hot path: two in-place additions on the host
+            total = self._view("epoch_sum")
+            total += values
+            count = self._view("epoch_count")
+            count += 1
         return out
 
     def new_epoch(self) -> None:
@@ -183,25 +192,25 @@ class DynamicTaskPrioritization(LossWeighting):
             given.append(v)
         self._kpi_given = given  # read by loss_weights in this same step
 
-    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
         given = self._kpi_given
-        kpi = torch.tensor([1.0 if v is None else v for v in given], dtype=torch.float64,
-                           device=self.kpi_avg.device)
+        kpi = np.array([1.0 if v is None else v for v in given])
         if world_size() > 1:
-            kpi = all_mean(kpi)  # the ranks' KPIs, as one batch's
+            kpi = all_mean_host(kpi)  # the ranks' KPIs, as one batch's
         if None in given:  # a task without a KPI of its own: exp(-L / L_first)
-            none = torch.tensor([v is None for v in given], device=kpi.device)
-            current = values.double().clamp_min(LOSS_FLOOR)
-            set_now = none & ~self.first_seen
-            self.first_loss.copy_(torch.where(set_now, current, self.first_loss))
-            self.first_seen |= none
-            from_loss = torch.exp(-current / self.first_loss).clamp(1e-3, 1.0)
-            kpi = torch.where(none, from_loss, kpi)
-        blended = self.alpha * kpi + (1 - self.alpha) * self.kpi_avg
-        self.kpi_avg.copy_(torch.where(self.kpi_seen, blended, kpi))
-        self.kpi_seen.fill_(True)
-        k = self.kpi_avg
-        return (-((1 - k) ** self.gamma.double()) * torch.log(k)).to(values.dtype)
+            none = np.array([v is None for v in given])
+            current = np.maximum(values, LOSS_FLOOR)
+            first, first_seen = self._view("first_loss"), self._view("first_seen")
+            new = none & ~first_seen
+            if new.any():
+                np.copyto(first, current, where=new)
+                first_seen |= none
+            from_loss = np.minimum(np.maximum(np.exp(-current / first), 1e-3), 1.0)
+            kpi = np.where(none, from_loss, kpi)
+        average, seen = self._view("kpi_avg"), self._view("kpi_seen")
+        average[:] = self.alpha * kpi + (1 - self.alpha) * average if seen else kpi
+        seen[()] = True
+        return -((1 - average) ** self._view("gamma")) * np.log(average)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma.tolist()}, alpha={self.alpha}"
@@ -237,11 +246,12 @@ class LossBalancedTaskWeighting(LossWeighting):
         self.register_buffer("epoch_initial", torch.ones(self.num_tasks, dtype=torch.float64))
         self.register_buffer("need_initial", torch.ones((), dtype=torch.bool))
 
-    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        self.epoch_initial.copy_(torch.where(self.need_initial, losses.double(), self.epoch_initial))
-        self.need_initial.fill_(False)
-        ratio = losses.double() / self.epoch_initial.clamp_min(LOSS_FLOOR)
-        return ratio.clamp_min(0).pow(self.alpha).to(losses.dtype)
+    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
+        initial, need = self._view("epoch_initial"), self._view("need_initial")
+        if need:
+            initial[:] = values
+            need[()] = False
+        return np.maximum(values / np.maximum(initial, LOSS_FLOOR), 0) ** self.alpha
 
     def new_epoch(self) -> None:
         self.need_initial.fill_(True)
@@ -270,9 +280,12 @@ class RandomLossWeighting(LossWeighting):
         super().__init__(tasks, **options)
         self.seed = int(seed)
 
-    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        z = torch.randn(self.num_tasks, generator=self._rng(), dtype=torch.float64)
-        return torch.softmax(z, dim=0).to(losses)
+    reads_values = False
+
+    def loss_weights(self, values: None, context: Mapping[str, Any]) -> np.ndarray:
+        z = torch.randn(self.num_tasks, generator=self._rng(), dtype=torch.float64).numpy()
+        e = np.exp(z - z.max())
+        return e / e.sum()
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}"

@@ -70,7 +70,7 @@ class FixedWeighting(LossWeighting):
     reads_values = False
 
     def loss_weights(self, values: None, context: Mapping[str, Any]) -> np.ndarray:
-        return self._constant(lambda: self.weight_values.numpy())
+        return self._constant(lambda: self._view("weight_values"))
 
     def extra_repr(self) -> str:
         return f"weights={dict(zip(self.tasks, self.weight_values.tolist()))}"
@@ -126,9 +126,9 @@ class InitialLossWeighting(LossWeighting):
             self.initial_count.fill_(self.num_batches)
 
     def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
-        count = self.initial_count.numpy()
+        count = self._view("initial_count")
         if count < self.num_batches:
-            total = self.initial_sum.numpy()
+            total = self._view("initial_sum")
             total += values
             count += 1
         else:  # L(0) is complete: the same weights every step
@@ -136,7 +136,7 @@ class InitialLossWeighting(LossWeighting):
         return self._weights()
 
     def _weights(self) -> np.ndarray:
-        mean = self.initial_sum.numpy() / max(int(self.initial_count), 1)
+        mean = self._view("initial_sum") / max(int(self.initial_count), 1)
         return 1.0 / np.maximum(mean, LOSS_FLOOR)
 
     def extra_repr(self) -> str:
@@ -194,7 +194,7 @@ class PriorLossWeighting(LossWeighting):
     reads_values = False
 
     def loss_weights(self, values: None, context: Mapping[str, Any]) -> np.ndarray:
-        return self._constant(lambda: 1.0 / self.priors.numpy().astype(np.float64))
+        return self._constant(lambda: 1.0 / self._view("priors").astype(np.float64))
 
     def extra_repr(self) -> str:
         return f"priors={dict(zip(self.tasks, self.priors.tolist()))}"
