@@ -1,8 +1,9 @@
 """Helpers that several balancers share: one inner optimiser and one Gram preprocessing.
 
 * :class:`InnerAdam`: Adam with bias correction for a balancer's own small parameter vector
-  (GradNorm's weights, FAMO's logits), its moments registered as buffers so that they are saved
-  with the balancer's ``state_dict()``.
+  (GradNorm's weights on the device, FAMO's logits on the host), its moments registered as
+  buffers so that they are saved with the balancer's ``state_dict()``.
+* :func:`host_views`: cached NumPy views of a module's host buffers.
 * :func:`normalize_gramian`: the Gram matrix in float64 divided by its trace (most weightings
   are invariant to that scale; dividing first keeps the solvers' tolerances meaningful).
 * :func:`cosine_gramian`: the Gram matrix of the unit task gradients, invariant to the scale of
@@ -14,6 +15,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -28,12 +32,16 @@ class InnerAdam(nn.Module):
     buffers (``m``, ``v`` of shape (n,), ``t`` a scalar), so they are part of the balancer's
     ``state_dict()`` and a resumed run continues the same trajectory.
 
+    :meth:`step` works on the device (torch tensors, no host synchronisation: GradNorm,
+    Auto-Lambda) or on the host (NumPy arrays, e.g. FAMO's logits: its buffers must then be host
+    tensors, which :meth:`step` reads and writes through NumPy views), with the same formula.
+
     Args:
         size: length of the parameter vector.
         lr: learning rate.
         betas: decay rates of the moments (default (0.9, 0.999)).
         eps: added to the square root of the second moment (default 1e-8).
-        weight_decay: L2 penalty added to the gradient, as ``torch.optim.Adam`` (default 0).
+        dtype: dtype of the moments (default float32).
 
     Example:
         >>> import torch
@@ -42,37 +50,85 @@ class InnerAdam(nn.Module):
         >>> adam.step(x, torch.tensor([3.0, -0.5]))  # the first step is lr * sign(grad)
         >>> x
         tensor([0.9000, 1.1000])
+        >>> import numpy as np
+        >>> host = InnerAdam(2, lr=0.1, dtype=torch.float64)
+        >>> y = np.ones(2)
+        >>> host.step(y, np.array([3.0, -0.5]))  # the same step on the host
+        >>> y, host.t.item()
+        (array([0.9, 1.1]), 1)
     """
 
     m: Tensor
     v: Tensor
     t: Tensor
+    #: (the buffers m, v, t, their NumPy views) for host steps; remade when a buffer is
+    #: replaced. Not state.
+    _views: tuple[tuple[Tensor, ...], tuple[np.ndarray, ...]] | None = None
 
     def __init__(self, size: int, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-8, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        self.register_buffer("m", torch.zeros(size))
-        self.register_buffer("v", torch.zeros(size))
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.register_buffer("m", torch.zeros(size, dtype=dtype))
+        self.register_buffer("v", torch.zeros(size, dtype=dtype))
         self.register_buffer("t", torch.zeros((), dtype=torch.long))
 
-    @torch.no_grad()
-    def step(self, param: Tensor, grad: Tensor) -> None:
-        """One Adam step of ``param`` (in place) along ``grad``; few in-place operations, no
-        host synchronisation (the bias corrections are computed on the device)."""
-        grad = grad.to(self.m.dtype)
-        if self.weight_decay:
-            grad = grad + self.weight_decay * param
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_views", None)  # views of this object's buffers, not of a copy's
+        return state
+
+    def step(self, param: Tensor | np.ndarray, grad: Tensor | np.ndarray) -> None:
+        """One Adam step of ``param`` (in place) along ``grad``: NumPy arrays on the host
+        (float64 maths; the step count read as an integer), or tensors on the device (few
+        in-place operations, no host synchronisation: the bias corrections are computed there).
+        """
+        if isinstance(param, np.ndarray):
+            m, v, t = host_views(self, ("m", "v", "t"))
+            t[()] = count = int(t) + 1
+            self._update(np, param, grad, m, v, count)
+        else:
+            with torch.no_grad():
+                self.t += 1
+                self._update(torch, param, grad.to(self.m.dtype), self.m, self.v,
+                             self.t.to(self.m.dtype))
+
+    def _update(self, xp: Any, param: Any, grad: Any, m: Any, v: Any, t: Any) -> None:
+        """The update in the array namespace ``xp`` (numpy or torch), with ``t`` the step count
+        after this step (an int, or a tensor on the device)."""
         b1, b2 = self.betas
-        self.t += 1
-        t = self.t.to(self.m.dtype)
-        self.m.mul_(b1).add_(grad, alpha=1 - b1)
-        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (self.v / (1 - b2**t)).sqrt_().add_(self.eps)
-        param.sub_((self.m / (1 - b1**t)).div_(denom).mul_(self.lr).to(param.dtype))
+        m *= b1
+        m += (1 - b1) * grad
+        v *= b2
+        v += (1 - b2) * grad * grad
+        denom = xp.sqrt(v / (1 - b2**t))
+        denom += self.eps
+        step = m / (1 - b1**t)
+        step /= denom
+        step *= self.lr
+        param -= step
 
     def extra_repr(self) -> str:
-        return f"lr={self.lr}, betas={self.betas}, weight_decay={self.weight_decay}"
+        return f"lr={self.lr}, betas={self.betas}"
+
+
+def host_views(module: nn.Module, names: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    """NumPy views of the named host buffers of ``module`` (writes through them update the
+    buffers), cached in ``module._views`` until one of the buffers is replaced (a view costs
+    ~1 us to make, as much as the K-sized operation it serves). A module that uses it drops
+    ``_views`` from its pickled state (a copy's views would not view the copy's buffers)."""
+    buffers = module._buffers
+    cached = module.__dict__.get("_views")
+    if cached is not None:
+        for name, tensor in zip(names, cached[0]):
+            if buffers[name] is not tensor:
+                break
+        else:
+            return cached[1]
+    tensors = tuple(buffers[n] for n in names)
+    views = tuple(t.numpy() for t in tensors)  # type: ignore[union-attr]
+    module.__dict__["_views"] = (tensors, views)
+    return views
 
 
 def normalize_gramian(gramian: Tensor) -> tuple[Tensor, Tensor]:
