@@ -105,6 +105,7 @@ try:
     from torch.autograd.graph import _engine_run_backward
 except ImportError:  # pragma: no cover - a torch without it takes the public call
     _engine_run_backward = None
+from mtlkit.balancers._functional import host_view
 from mtlkit.engine._fsdp import is_sharded
 from mtlkit.engine._grads import _task_leaves
 
@@ -214,8 +215,8 @@ class Balancer(nn.Module):
     _skipped: bool = False
     #: The number of processes, read once per step by :meth:`backward`. Not state.
     _world: int = 1
-    #: Buffer name -> (NumPy view of its memory, the buffer it views); see :meth:`_view`.
-    _views: dict[str, tuple[Any, Tensor]]
+    #: Buffer name -> (NumPy view of its memory, the buffer); see :func:`._functional.host_view`.
+    _views: dict[str, tuple[np.ndarray, Tensor]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -396,21 +397,7 @@ class Balancer(nn.Module):
 
     def _commit(self) -> None:
         """The step is done: advance the counter."""
-        self._view("step")[()] += 1
-
-    def _view(self, name: str) -> np.ndarray:
-        """A NumPy view of the host buffer ``name`` (reads and in-place writes go to the
-        buffer), remade only when the buffer is another tensor (assigned, or moved). A view
-        costs 0.2 us where a tensor operation costs 2-9 us: the step counter and the host
-        state of loss weightings are read and written this way every step."""
-        views = self.__dict__.get("_views")
-        if views is None:
-            views = self.__dict__["_views"] = {}
-        buffer = self._buffers[name]
-        hit = views.get(name)
-        if hit is None or hit[1] is not buffer:
-            hit = views[name] = (buffer.numpy(), buffer)  # type: ignore[union-attr]
-        return hit[0]
+        host_view(self, "step")[()] += 1
 
     def _after_step(self, losses: Tensor) -> None:
         pass
@@ -568,7 +555,7 @@ class Balancer(nn.Module):
         gen = gens.get(key)
         if gen is None:
             gen = gens[key] = torch.Generator() if device is None else torch.Generator(device=device)
-        gen.manual_seed((seed * 1_000_003 + int(self._view("step")) * 7919 + salt)
+        gen.manual_seed((seed * 1_000_003 + int(host_view(self, "step")) * 7919 + salt)
                         % (2**63 - 1))
         return gen
 

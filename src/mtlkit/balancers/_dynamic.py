@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, frozen, positive
+from mtlkit.balancers._functional import host_view
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._scaling import LOSS_FLOOR
 from mtlkit.engine._dist import all_mean_host, world_size
@@ -71,7 +72,7 @@ class DynamicWeightAverage(LossWeighting):
     def _refresh(self) -> None:
         k = self.num_tasks
         if int(self.epochs_seen) >= 2:
-            history = self._view("history")
+            history = host_view(self, "history")
             z = history[1] / np.maximum(history[0], LOSS_FLOOR) / self.temperature
             e = np.exp(z - z.max())
             weights = k * e / e.sum()
@@ -82,15 +83,15 @@ class DynamicWeightAverage(LossWeighting):
     def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
         out = self._current
         if self.per_batch:
-            history = self._view("history")
+            history = host_view(self, "history")
             history[0] = history[1]
             history[1] = values
             self.epochs_seen += 1
             self._refresh()
         else:  # the hot path: two in-place additions on the host
-            total = self._view("epoch_sum")
+            total = host_view(self, "epoch_sum")
             total += values
-            count = self._view("epoch_count")
+            count = host_view(self, "epoch_count")
             count += 1
         return out
 
@@ -200,17 +201,17 @@ class DynamicTaskPrioritization(LossWeighting):
         if None in given:  # a task without a KPI of its own: exp(-L / L_first)
             none = np.array([v is None for v in given])
             current = np.maximum(values, LOSS_FLOOR)
-            first, first_seen = self._view("first_loss"), self._view("first_seen")
+            first, first_seen = host_view(self, "first_loss"), host_view(self, "first_seen")
             new = none & ~first_seen
             if new.any():
                 np.copyto(first, current, where=new)
                 first_seen |= none
             from_loss = np.minimum(np.maximum(np.exp(-current / first), 1e-3), 1.0)
             kpi = np.where(none, from_loss, kpi)
-        average, seen = self._view("kpi_avg"), self._view("kpi_seen")
+        average, seen = host_view(self, "kpi_avg"), host_view(self, "kpi_seen")
         average[:] = self.alpha * kpi + (1 - self.alpha) * average if seen else kpi
         seen[()] = True
-        return -((1 - average) ** self._view("gamma")) * np.log(average)
+        return -((1 - average) ** host_view(self, "gamma")) * np.log(average)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma.tolist()}, alpha={self.alpha}"
@@ -247,7 +248,7 @@ class LossBalancedTaskWeighting(LossWeighting):
         self.register_buffer("need_initial", torch.ones((), dtype=torch.bool))
 
     def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
-        initial, need = self._view("epoch_initial"), self._view("need_initial")
+        initial, need = host_view(self, "epoch_initial"), host_view(self, "need_initial")
         if need:
             initial[:] = values
             need[()] = False

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
-from mtlkit.balancers._functional import InnerAdam, host_views
+from mtlkit.balancers._functional import InnerAdam, host_view
 from mtlkit.balancers._registry import register
 
 EPS = 1e-8  # keeps log(L - b) finite when a loss reaches its lower bound
@@ -81,9 +81,6 @@ class FAMO(LossWeighting):
     prev_losses: Tensor
     pending: Tensor
     min_losses: Tensor
-    #: NumPy views of the host buffers (see :func:`~mtlkit.balancers._functional.host_views`).
-    #: Not state.
-    _views: tuple[tuple[Tensor, ...], tuple[np.ndarray, ...]] | None = None
 
     def __init__(
         self,
@@ -108,14 +105,9 @@ class FAMO(LossWeighting):
         self.register_buffer("prev_losses", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("pending", torch.zeros((), dtype=torch.bool))
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_views", None)  # views of this object's buffers, not of a copy's
-        return state
-
     def _state(self) -> tuple[np.ndarray, ...]:
         """NumPy views of (logits, prev_losses, pending, min_losses)."""
-        return host_views(self, ("logits", "prev_losses", "pending", "min_losses"))
+        return tuple(host_view(self, n) for n in ("logits", "prev_losses", "pending", "min_losses"))
 
     def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
         state = logits, prev, pending, bounds = self._state()

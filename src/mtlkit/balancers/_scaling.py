@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
+from mtlkit.balancers._functional import host_view
 from mtlkit.balancers._registry import register
 
 #: Smallest loss a reciprocal weight divides by (keeps 1/L finite when a loss is exactly 0).
@@ -70,7 +71,7 @@ class FixedWeighting(LossWeighting):
     reads_values = False
 
     def loss_weights(self, values: None, context: Mapping[str, Any]) -> np.ndarray:
-        return self._constant(lambda: self._view("weight_values"))
+        return self._constant(lambda: host_view(self, "weight_values"))
 
     def extra_repr(self) -> str:
         return f"weights={dict(zip(self.tasks, self.weight_values.tolist()))}"
@@ -126,9 +127,9 @@ class InitialLossWeighting(LossWeighting):
             self.initial_count.fill_(self.num_batches)
 
     def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
-        count = self._view("initial_count")
+        count = host_view(self, "initial_count")
         if count < self.num_batches:
-            total = self._view("initial_sum")
+            total = host_view(self, "initial_sum")
             total += values
             count += 1
         else:  # L(0) is complete: the same weights every step
@@ -136,7 +137,7 @@ class InitialLossWeighting(LossWeighting):
         return self._weights()
 
     def _weights(self) -> np.ndarray:
-        mean = self._view("initial_sum") / max(int(self.initial_count), 1)
+        mean = host_view(self, "initial_sum") / max(int(self.initial_count), 1)
         return 1.0 / np.maximum(mean, LOSS_FLOOR)
 
     def extra_repr(self) -> str:
@@ -194,7 +195,7 @@ class PriorLossWeighting(LossWeighting):
     reads_values = False
 
     def loss_weights(self, values: None, context: Mapping[str, Any]) -> np.ndarray:
-        return self._constant(lambda: 1.0 / self._view("priors").astype(np.float64))
+        return self._constant(lambda: 1.0 / host_view(self, "priors").astype(np.float64))
 
     def extra_repr(self) -> str:
         return f"priors={dict(zip(self.tasks, self.priors.tolist()))}"
