@@ -625,6 +625,9 @@ class LossWeighting(Balancer):
     #: (array the hook returned, its tensor): a read-only array returned again is not converted
     #: again. Not state.
     _weights_cache: tuple[Any, Tensor] | None = None
+    #: The dtype of the losses of the step being computed (set before :meth:`loss_weights` is
+    #: called: the values it receives are float64 whatever the losses' dtype). Not state.
+    _loss_dtype: torch.dtype = torch.float64
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -673,6 +676,9 @@ class LossWeighting(Balancer):
             # Host maths: the values as float64 NumPy (a list read: the cheapest way to the
             # host for any dtype and device).
             host = np.array(values.tolist()) if self.reads_values else None
+            # (the losses' dtype, for hooks whose safeguards depend on it, e.g. a floor that
+            # keeps a weight finite once converted; a dict write costs less than a setattr)
+            self.__dict__["_loss_dtype"] = stacked.dtype
             weights = self._weights_tensor(self.loss_weights(host, context), stacked)
             regulariser = None
         # The objective sum_k w_k L_k (+ r) with constant weights: its gradient in the model is
