@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
+from mtlkit.balancers._functional import host_view
 from mtlkit.balancers._registry import register
 
 
@@ -180,7 +181,7 @@ class GO4Align(LossWeighting):
         losses = values.tolist()
         floor = max(max(losses) / sqrt_max, tiny)
         eta = self.step_size
-        view = self._view("omega")
+        view = host_view(self, "omega")
         safe, log_omega = [], []
         for w, x in zip(view.tolist(), losses):
             x = max(x, floor)

@@ -20,6 +20,7 @@ from numpy.typing import ArrayLike
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
+from mtlkit.balancers._functional import host_view
 from mtlkit.balancers._registry import register
 
 
@@ -202,8 +203,8 @@ class STCH(_PreferenceScalarization):
                              persistent=False)
 
     def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> list[float]:
-        return _stch(values.tolist(), self._view("preference").tolist(), self.mu,
-                     self._view("reference").tolist())
+        return _stch(values.tolist(), host_view(self, "preference").tolist(), self.mu,
+                     host_view(self, "reference").tolist())
 
     def extra_repr(self) -> str:
         return f"mu={self.mu}, preference={self.preference.tolist()}"
@@ -274,7 +275,7 @@ class COSMOS(_PreferenceScalarization):
 
     def _preference_list(self, step: int) -> list[float]:
         if self.fixed:
-            return self._view("preference").tolist()
+            return host_view(self, "preference").tolist()
         # Dirichlet(alpha) as normalised Gamma(alpha) draws, from our own generator seeded by
         # (seed, step); one generator, re-seeded at each draw (creating one costs more than
         # the draw).
@@ -288,7 +289,7 @@ class COSMOS(_PreferenceScalarization):
         return [x / total for x in g]
 
     def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> list[float]:
-        return _cosmos(values.tolist(), self._preference_list(int(self._view("step"))),
+        return _cosmos(values.tolist(), self._preference_list(int(host_view(self, "step"))),
                        self.penalty)
 
     def extra_repr(self) -> str:
@@ -351,8 +352,8 @@ class PBI(_PreferenceScalarization):
 
     def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> list[float]:
         # On the ray within the rounding of the losses' own dtype (the values are float64).
-        return _pbi(values.tolist(), self._view("preference").tolist(), self.theta,
-                    self._view("reference").tolist(), _eps(self._loss_dtype))
+        return _pbi(values.tolist(), host_view(self, "preference").tolist(), self.theta,
+                    host_view(self, "reference").tolist(), _eps(self._loss_dtype))
 
     def extra_repr(self) -> str:
         return f"theta={self.theta}, preference={self.preference.tolist()}"
