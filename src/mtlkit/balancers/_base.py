@@ -571,13 +571,15 @@ class LossWeighting(Balancer):
     Hooks (a method implements one):
 
     * :meth:`loss_weights` for weights that are constants of the backward pass: K numbers in,
-      K numbers out, on the host in float64 NumPy. The loss values are read to the host once
+      K numbers out, on the host as Python floats. The loss values are read to the host once
       per step (on an accelerator, the step's one synchronisation, which the finiteness check
-      needs anyway); the weights travel back once. K-sized maths costs about 0.5 us an
-      operation there, where a torch operation costs 2-9 us: on a small model the difference
-      is the method's whole overhead over a plain sum (the tiny suite of the speed benchmark).
-      The method's running state is kept in buffers that stay on the host whatever the
-      device of the balancer (read and written through ``buffer.numpy()`` views).
+      needs anyway); the weights travel back once. Inside a training step, where the model's
+      own work keeps the caches cold, a torch or a NumPy operation on K numbers costs about
+      4 us and a Python float operation next to nothing (measured on the tiny suite of the
+      speed benchmark): on a small model that difference is the method's whole overhead over
+      a plain sum. The method's running state is kept in buffers that stay on the host
+      whatever the device of the balancer (read and written through
+      :func:`~mtlkit.balancers._functional.host_view`).
     * :meth:`learned_weights` for weights that are functions of the balancer's own parameters,
       learned from the same backward pass (uncertainty weighting, IMTL-L): the weights and the
       closed-form gradient of the objective in those parameters.
@@ -591,10 +593,10 @@ class LossWeighting(Balancer):
     #: values are not read to the host, e.g. equal or fixed weights).
     reads_values: ClassVar[bool] = True
 
-    def loss_weights(self, values: np.ndarray | None, context: Mapping[str, Any]) -> Any:
-        """The K weights (a NumPy array, or anything ``np.asarray`` takes) from the K loss
-        values: float64 on the host, the whole batch's (the means over the ranks under
-        ``torch.distributed``), None when the class sets ``reads_values = False``.
+    def loss_weights(self, values: list[float] | None, context: Mapping[str, Any]) -> Any:
+        """The K weights (a list of floats, or a NumPy array) from the K loss values: Python
+        floats, the whole batch's (the means over the ranks under ``torch.distributed``), None
+        when the class sets ``reads_values = False``.
 
         A method whose weights stay the same returns the same *read-only* array each step
         (``array.flags.writeable = False``): it is sent to the device once."""
@@ -604,8 +606,9 @@ class LossWeighting(Balancer):
         """(weights (K,), regulariser (), gradients) for weights that are functions of the
         balancer's own parameters, learned from the same backward pass of the objective
         ``sum_k w_k L_k + r``: the weights and ``r`` from the current parameters (detached),
-        and the gradient of the objective in each of ``self.parameters()`` (in that order) at
-        the loss values ``values`` (detached; the whole batch's). The model receives
+        and the gradient of the objective (new tensors) in each parameter registered on the
+        balancer itself (``self._parameters``, in that order) at the loss values ``values``
+        (detached; the whole batch's). The model receives
         ``sum_k w_k grad L_k`` from one backward pass; the balancer's parameters receive the
         returned gradients (accumulated into ``.grad``)."""
         raise NotImplementedError
@@ -673,9 +676,9 @@ class LossWeighting(Balancer):
             if weights.dtype != stacked.dtype:
                 weights = weights.to(stacked.dtype)
         else:
-            # Host maths: the values as float64 NumPy (a list read: the cheapest way to the
-            # host for any dtype and device).
-            host = np.array(values.tolist()) if self.reads_values else None
+            # Host maths: the values as Python floats (the cheapest way to the host for any
+            # dtype and device).
+            host = values.tolist() if self.reads_values else None
             # (the losses' dtype, for hooks whose safeguards depend on it, e.g. a floor that
             # keeps a weight finite once converted; a dict write costs less than a setattr)
             self.__dict__["_loss_dtype"] = stacked.dtype
@@ -697,19 +700,14 @@ class LossWeighting(Balancer):
         if (cached is not None and cached[0] is weights and cached[1].dtype == like.dtype
                 and cached[1].device == like.device):
             return cached[1]
-        array = np.asarray(weights, dtype=np.float64)
-        if array.shape != like.shape:
+        # A new tensor in every case (the weights outlive the step in BalanceStep; an array
+        # may be a view of the method's state), made in one call from a list.
+        listed = weights if type(weights) is list else np.asarray(weights, np.float64).tolist()
+        out = torch.tensor(listed, dtype=like.dtype, device=like.device)
+        if out.shape != like.shape:
             raise ValueError(f"{type(self).__name__}.loss_weights returned shape "
-                             f"{array.shape}; expected {tuple(like.shape)}")
-        # A copy in every case (the weights outlive the step in BalanceStep; the array may be a
-        # view of the method's state).
-        if like.dtype == torch.float32:
-            out = torch.from_numpy(array.astype(np.float32))
-        else:
-            out = torch.from_numpy(array.copy()).to(like.dtype)
-        if not like.is_cpu:
-            out = out.to(like.device)
-        if isinstance(weights, np.ndarray) and not weights.flags.writeable:
+                             f"{tuple(out.shape)}; expected {tuple(like.shape)}")
+        if type(weights) is np.ndarray and not weights.flags.writeable:
             self.__dict__["_weights_cache"] = (weights, out)
         return out
 
@@ -717,13 +715,13 @@ class LossWeighting(Balancer):
         """Add the gradients of the balancer's own parameters (times the loss scale of a
         gradient scaler, as a backward pass of the scaled objective would)."""
         scale = self._loss_scale
-        for p, g in zip(self.parameters(), grads, strict=True):
+        for p, g in zip(self._parameters.values(), grads, strict=True):
             if scale is not None:
                 g = g * scale
-            if p.grad is None:
-                p.grad = g.detach().to(p.dtype)
+            if p.grad is None:  # type: ignore[union-attr]
+                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)  # type: ignore[union-attr]
             else:
-                p.grad.add_(g)
+                p.grad.add_(g)  # type: ignore[union-attr]
 
     def _backward_total(self, total: Tensor, weights: Tensor) -> BalanceStep:
         scale = self._loss_scale

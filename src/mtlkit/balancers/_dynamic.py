@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, frozen, positive
-from mtlkit.balancers._functional import host_view
+from mtlkit.balancers._functional import host_view, softmax
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._scaling import LOSS_FLOOR
 from mtlkit.engine._dist import all_mean_host, world_size
@@ -80,7 +81,7 @@ class DynamicWeightAverage(LossWeighting):
             weights = np.ones(k)
         self.__dict__["_current"] = frozen(weights)
 
-    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> np.ndarray:
         out = self._current
         if self.per_batch:
             history = host_view(self, "history")
@@ -165,6 +166,7 @@ class DynamicTaskPrioritization(LossWeighting):
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
         self.register_buffer("gamma", gammas, persistent=False)
+        self._gammas: list[float] = gammas.tolist()
         self.register_buffer("kpi_avg", torch.ones(self.num_tasks, dtype=torch.float64))
         self.register_buffer("kpi_seen", torch.zeros((), dtype=torch.bool))
         self.register_buffer("first_loss", torch.ones(self.num_tasks, dtype=torch.float64))
@@ -193,25 +195,27 @@ class DynamicTaskPrioritization(LossWeighting):
             given.append(v)
         self._kpi_given = given  # read by loss_weights in this same step
 
-    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
+        # K-sized maths in Python floats (see mtlkit.balancers._functional.softmax)
         given = self._kpi_given
-        kpi = np.array([1.0 if v is None else v for v in given])
+        kpi = [1.0 if v is None else v for v in given]
         if world_size() > 1:
-            kpi = all_mean_host(kpi)  # the ranks' KPIs, as one batch's
+            kpi = all_mean_host(np.array(kpi)).tolist()  # the ranks' KPIs, as one batch's
         if None in given:  # a task without a KPI of its own: exp(-L / L_first)
-            none = np.array([v is None for v in given])
-            current = np.maximum(values, LOSS_FLOOR)
             first, first_seen = host_view(self, "first_loss"), host_view(self, "first_seen")
-            new = none & ~first_seen
-            if new.any():
-                np.copyto(first, current, where=new)
-                first_seen |= none
-            from_loss = np.minimum(np.maximum(np.exp(-current / first), 1e-3), 1.0)
-            kpi = np.where(none, from_loss, kpi)
+            for k, (v, loss) in enumerate(zip(given, values)):
+                if v is None:
+                    loss = max(loss, LOSS_FLOOR)
+                    if not first_seen[k]:
+                        first[k], first_seen[k] = loss, True
+                    kpi[k] = min(max(math.exp(-loss / first[k]), 1e-3), 1.0)
         average, seen = host_view(self, "kpi_avg"), host_view(self, "kpi_seen")
-        average[:] = self.alpha * kpi + (1 - self.alpha) * average if seen else kpi
+        if seen:
+            a = self.alpha
+            kpi = [a * k + (1 - a) * m for k, m in zip(kpi, average.tolist())]
+        average[:] = kpi
         seen[()] = True
-        return -((1 - average) ** host_view(self, "gamma")) * np.log(average)
+        return [-((1 - k) ** g) * math.log(k) for k, g in zip(kpi, self._gammas)]
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma.tolist()}, alpha={self.alpha}"
@@ -247,12 +251,14 @@ class LossBalancedTaskWeighting(LossWeighting):
         self.register_buffer("epoch_initial", torch.ones(self.num_tasks, dtype=torch.float64))
         self.register_buffer("need_initial", torch.ones((), dtype=torch.bool))
 
-    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
         initial, need = host_view(self, "epoch_initial"), host_view(self, "need_initial")
         if need:
             initial[:] = values
             need[()] = False
-        return np.maximum(values / np.maximum(initial, LOSS_FLOOR), 0) ** self.alpha
+        alpha = self.alpha
+        return [max(v / max(i, LOSS_FLOOR), 0.0) ** alpha
+                for v, i in zip(values, initial.tolist())]
 
     def new_epoch(self) -> None:
         self.need_initial.fill_(True)
@@ -283,10 +289,9 @@ class RandomLossWeighting(LossWeighting):
 
     reads_values = False
 
-    def loss_weights(self, values: None, context: Mapping[str, Any]) -> np.ndarray:
-        z = torch.randn(self.num_tasks, generator=self._rng(), dtype=torch.float64).numpy()
-        e = np.exp(z - z.max())
-        return e / e.sum()
+    def loss_weights(self, values: None, context: Mapping[str, Any]) -> list[float]:
+        return softmax(torch.randn(self.num_tasks, generator=self._rng(),
+                                   dtype=torch.float64).tolist())
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}"

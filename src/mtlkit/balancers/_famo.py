@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
-from mtlkit.balancers._functional import InnerAdam, host_view
+from mtlkit.balancers._functional import InnerAdam, host_view, softmax
 from mtlkit.balancers._registry import register
 
 EPS = 1e-8  # keeps log(L - b) finite when a loss reaches its lower bound
@@ -109,16 +109,17 @@ class FAMO(LossWeighting):
         """NumPy views of (logits, prev_losses, pending, min_losses)."""
         return tuple(host_view(self, n) for n in ("logits", "prev_losses", "pending", "min_losses"))
 
-    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
         state = logits, prev, pending, bounds = self._state()
-        gap = _gaps(values.tolist(), bounds.tolist())
+        gap = _gaps(values, bounds.tolist())
         if pending and not self.needs_after_step:
             self._move_logits(gap, state)  # next_batch: these losses are L(t+1)
-        # w = (z / gap) / sum(z / gap) with z = softmax(logits), whose normaliser cancels
-        ratio = [e / d for e, d in zip(_exp_shifted(logits.tolist()), gap)]
+        # w = (z / gap) / sum(z / gap) with z = softmax(logits)
+        ratio = [e / d for e, d in zip(softmax(logits.tolist()), gap)]
         prev[:] = values
         pending[()] = True
-        return np.array(ratio) / sum(ratio)
+        total = sum(ratio)
+        return [r / total for r in ratio]
 
     def _after_step(self, losses: Tensor) -> None:
         state = self._state()
@@ -132,15 +133,12 @@ class FAMO(LossWeighting):
         K-sized maths in Python floats, ~0.05 us an operation: this runs every step.)"""
         logits, prev, pending, bounds = state
         delta = [math.log(d0 / d1) for d0, d1 in zip(_gaps(prev.tolist(), bounds.tolist()), gap)]
-        e = _exp_shifted(logits.tolist())
-        total = sum(e)
-        z = [x / total for x in e]
+        z = softmax(logits.tolist())
         mean = sum(map(operator.mul, z, delta))
         # softmax Jacobian (symmetric) times delta, plus the L2 weight decay (as torch.optim.Adam
         # adds it to the gradient)
         gamma = self.gamma
-        grad = np.array([zk * (dk - mean) + gamma * xk
-                         for zk, dk, xk in zip(z, delta, logits.tolist())])
+        grad = [zk * (dk - mean) + gamma * xk for zk, dk, xk in zip(z, delta, logits.tolist())]
         self._modules["adam"].step(logits, grad)  # type: ignore[union-attr]
         pending[()] = False
 
@@ -151,9 +149,3 @@ class FAMO(LossWeighting):
 def _gaps(losses: list[float], bounds: list[float]) -> list[float]:
     """D_k = max(L_k - b_k, 0) + eps."""
     return [max(v - b, 0.0) + EPS for v, b in zip(losses, bounds)]
-
-
-def _exp_shifted(logits: list[float]) -> list[float]:
-    """exp(logits - max logits): proportional to the softmax, never overflows."""
-    top = max(logits)
-    return [math.exp(x - top) for x in logits]

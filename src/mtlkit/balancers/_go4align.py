@@ -6,7 +6,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -173,17 +172,16 @@ class GO4Align(LossWeighting):
         self.register_buffer("omega", torch.full((self.num_tasks,), 1.0 / self.num_tasks,
                                                  dtype=torch.float64))
 
-    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> list[float]:
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
         # K numbers, in Python floats (cheaper than array operations for a few values).
         sqrt_max, tiny = _limits(self._loss_dtype)
         # A loss below the largest over sqrt(float max) of the losses' dtype counts as that
         # floor: beta_k = sum / L_k stays finite in that dtype (a zero would make it infinite).
-        losses = values.tolist()
-        floor = max(max(losses) / sqrt_max, tiny)
+        floor = max(max(values) / sqrt_max, tiny)
         eta = self.step_size
         view = host_view(self, "omega")
         safe, log_omega = [], []
-        for w, x in zip(view.tolist(), losses):
+        for w, x in zip(view.tolist(), values):
             x = max(x, floor)
             safe.append(x)
             # Multiplicative update in log space: exp(-eta L) underflows for huge losses.

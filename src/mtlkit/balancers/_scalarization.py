@@ -202,8 +202,8 @@ class STCH(_PreferenceScalarization):
         self.register_buffer("reference", self._task_values(reference, "reference").double(),
                              persistent=False)
 
-    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> list[float]:
-        return _stch(values.tolist(), host_view(self, "preference").tolist(), self.mu,
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
+        return _stch(values, host_view(self, "preference").tolist(), self.mu,
                      host_view(self, "reference").tolist())
 
     def extra_repr(self) -> str:
@@ -288,8 +288,8 @@ class COSMOS(_PreferenceScalarization):
         total = sum(g)
         return [x / total for x in g]
 
-    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> list[float]:
-        return _cosmos(values.tolist(), self._preference_list(int(host_view(self, "step"))),
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
+        return _cosmos(values, self._preference_list(int(host_view(self, "step"))),
                        self.penalty)
 
     def extra_repr(self) -> str:
@@ -350,9 +350,9 @@ class PBI(_PreferenceScalarization):
         self.register_buffer("reference", self._task_values(reference, "reference").double(),
                              persistent=False)
 
-    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> list[float]:
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
         # On the ray within the rounding of the losses' own dtype (the values are float64).
-        return _pbi(values.tolist(), host_view(self, "preference").tolist(), self.theta,
+        return _pbi(values, host_view(self, "preference").tolist(), self.theta,
                     host_view(self, "reference").tolist(), _eps(self._loss_dtype))
 
     def extra_repr(self) -> str:

@@ -64,7 +64,7 @@ class FixedWeighting(LossWeighting):
         if not isinstance(weights, Mapping):
             raise TypeError("weights must be a mapping task -> weight")
         values = self._task_values(weights, "weights")
-        for t, v in zip(self.tasks, values.tolist()):
+        for t, v in zip(self.tasks, values):
             positive(f"weights[{t!r}]", v, allow_zero=True)
         self.register_buffer("weight_values", values)
 
@@ -74,7 +74,7 @@ class FixedWeighting(LossWeighting):
         return self._constant(lambda: host_view(self, "weight_values"))
 
     def extra_repr(self) -> str:
-        return f"weights={dict(zip(self.tasks, self.weight_values.tolist()))}"
+        return f"weights={dict(zip(self.tasks, self.weight_values))}"
 
 
 @register("initial_loss")
@@ -121,12 +121,12 @@ class InitialLossWeighting(LossWeighting):
         self.register_buffer("initial_count", torch.zeros((), dtype=torch.long))
         if initial is not None:
             values = self._task_values(initial, "initial")
-            for t, v in zip(self.tasks, values.tolist()):
+            for t, v in zip(self.tasks, values):
                 positive(f"initial[{t!r}]", v)
             self.initial_sum.copy_(values * self.num_batches)
             self.initial_count.fill_(self.num_batches)
 
-    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> np.ndarray:
         count = host_view(self, "initial_count")
         if count < self.num_batches:
             total = host_view(self, "initial_sum")
@@ -177,7 +177,7 @@ class PriorLossWeighting(LossWeighting):
         if not isinstance(priors, Mapping):
             raise TypeError("priors must be a mapping task -> prior loss")
         values = self._task_values(priors, "priors")
-        for t, v in zip(self.tasks, values.tolist()):
+        for t, v in zip(self.tasks, values):
             positive(f"priors[{t!r}]", v)
         self.register_buffer("priors", values)
 
@@ -221,8 +221,8 @@ class GeometricWeighting(LossWeighting):
         {'a': 0.25, 'b': 2.0}
     """
 
-    def loss_weights(self, values: np.ndarray, context: Mapping[str, Any]) -> np.ndarray:
-        return 1.0 / np.maximum(values, LOSS_FLOOR)
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
+        return [1.0 / max(v, LOSS_FLOOR) for v in values]
 
 
 def prior_loss(labels: Tensor, kind: str) -> float:
