@@ -109,6 +109,9 @@ from mtlkit.balancers._functional import host_view
 from mtlkit.engine._fsdp import is_sharded
 from mtlkit.engine._grads import _task_leaves
 
+#: Steps per block of random draws made on the host (see :meth:`Balancer._host_draws`).
+DRAW_BLOCK = 64
+
 Requirement = Literal["losses", "last_shared", "gramian", "block_gramian", "jacobian"]
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
 
@@ -543,10 +546,12 @@ class Balancer(nn.Module):
                 raise ValueError(f"{what} for task {t!r} must be finite, got {v}")
         return torch.tensor(out, dtype=torch.float32)
 
-    def _rng(self, salt: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+    def _rng(self, salt: int = 0, device: torch.device | str | None = None,
+             counter: int | None = None) -> torch.Generator:
         """A generator derived from (seed, step): reproducible, and exact on resume with no
         generator state to save. ``device`` places it (draws on a CUDA tensor's device need a
-        CUDA generator; the streams of different devices differ)."""
+        CUDA generator; the streams of different devices differ); ``counter`` replaces the
+        step (see :meth:`_host_draws`)."""
         seed = int(getattr(self, "seed", 0))
         # One generator per device, re-seeded at each call (creating one costs more than the
         # draw it serves): the stream depends only on the seed set here.
@@ -555,9 +560,24 @@ class Balancer(nn.Module):
         gen = gens.get(key)
         if gen is None:
             gen = gens[key] = torch.Generator() if device is None else torch.Generator(device=device)
-        gen.manual_seed((seed * 1_000_003 + int(host_view(self, "step")) * 7919 + salt)
-                        % (2**63 - 1))
+        if counter is None:
+            counter = int(host_view(self, "step"))
+        gen.manual_seed((seed * 1_000_003 + counter * 7919 + salt) % (2**63 - 1))
         return gen
+
+    def _host_draws(self, step: int, draw: Callable[[torch.Generator, int], Tensor]
+                    ) -> list[float]:
+        """Row ``step`` of random draws made on the host ``DRAW_BLOCK`` steps at a time:
+        ``draw(generator, n)`` returns n rows, from a generator seeded by (seed, step //
+        DRAW_BLOCK), so a run draws the same rows whatever step it starts or resumes at.
+        (Seeding a generator and drawing cost ~30 us inside a training step, as much as a
+        small model's whole budget for its loss weighting; a row of a block costs nothing.)"""
+        block, row = divmod(step, DRAW_BLOCK)
+        cached = self.__dict__.get("_draw_block")
+        if cached is None or cached[0] != block:
+            rows = draw(self._rng(counter=block), DRAW_BLOCK).tolist()
+            cached = self.__dict__["_draw_block"] = (block, rows)
+        return cached[1][row]
 
     def __str__(self) -> str:
         return self.name or type(self).__name__
@@ -603,9 +623,10 @@ class LossWeighting(Balancer):
         raise NotImplementedError
 
     def learned_weights(self, values: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """(weights (K,), regulariser (), gradients) for weights that are functions of the
+        """(weights (K,), regulariser, gradients) for weights that are functions of the
         balancer's own parameters, learned from the same backward pass of the objective
-        ``sum_k w_k L_k + r``: the weights and ``r`` from the current parameters (detached),
+        ``sum_k w_k L_k + r``: the weights and ``r`` from the current parameters (detached;
+        ``r`` a 0-d tensor or a function of no arguments that computes it when first read),
         and the gradient of the objective (new tensors) in each parameter registered on the
         balancer itself (``self._parameters``, in that order) at the loss values ``values``
         (detached; the whole batch's). The model receives
@@ -692,7 +713,8 @@ class LossWeighting(Balancer):
         _seeded_backward(stacked, weights if scale is None else weights * scale)
         if regulariser is None:
             return BalanceStep(self.tasks, lambda: values @ weights, weights)
-        return BalanceStep(self.tasks, lambda: values @ weights + regulariser, weights)
+        return BalanceStep(self.tasks, lambda: values @ weights + (
+            regulariser() if callable(regulariser) else regulariser), weights)
 
     def _weights_tensor(self, weights: Any, like: Tensor) -> Tensor:
         """The hook's K weights as a tensor of the losses' dtype and device."""

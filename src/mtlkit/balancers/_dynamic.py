@@ -174,6 +174,14 @@ class DynamicTaskPrioritization(LossWeighting):
         self._kpi_given: list[float | None] = []
 
     def _validate_context(self, context: Mapping[str, Any]) -> None:
+        # The common case first (a dict of floats in (0, 1] or None for exactly the tasks):
+        # this runs every step; anything else takes the checks below, which name the error.
+        kpi = context.get("kpi")
+        if type(kpi) is dict and len(kpi) == len(self.tasks):
+            given = [kpi.get(t, False) for t in self.tasks]
+            if all(v is None or (type(v) is float and 0.0 < v <= 1.0) for v in given):
+                self._kpi_given = given
+                return
         if "kpi" not in context:
             raise ValueError("dtp needs kpi={task: value in (0, 1] or None} in every backward() "
                              "call")
@@ -290,8 +298,9 @@ class RandomLossWeighting(LossWeighting):
     reads_values = False
 
     def loss_weights(self, values: None, context: Mapping[str, Any]) -> list[float]:
-        return softmax(torch.randn(self.num_tasks, generator=self._rng(),
-                                   dtype=torch.float64).tolist())
+        step = int(host_view(self, "step"))
+        return softmax(self._host_draws(step, lambda gen, n: torch.randn(
+            n, self.num_tasks, generator=gen, dtype=torch.float64)))
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -61,11 +61,16 @@ class IMTLL(LossWeighting):
         self.log_scales = nn.Parameter(torch.zeros(self.num_tasks))
         self.register_buffer("minus_ones", torch.full((self.num_tasks,), -1.0), persistent=False)
 
-    def learned_weights(self, values: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def learned_weights(self, values: Tensor) -> tuple[Tensor, Callable[[], Tensor],
+                                                       list[Tensor]]:
         # w_k = e^{s_k}; d/ds_k of (e^{s_k} L_k - s_k) = w_k L_k - 1, from the whole batch's
-        # loss values (the objective is linear in the losses). Four operations: this is the
-        # whole overhead over a plain sum.
-        s = self.log_scales.detach()
+        # loss values (the objective is linear in the losses). Three operations: this is the
+        # whole overhead over a plain sum (the regulariser -sum_k s_k is computed from the
+        # weights, and only when read).
+        s = self._parameters["log_scales"].detach()  # type: ignore[union-attr]
+        minus_ones = self._buffers["minus_ones"]
         weights = torch.exp(s)
-        grad = torch.addcmul(self.minus_ones, weights, values.to(s.dtype))
-        return weights, self.minus_ones @ s, [grad]
+        if values.dtype != s.dtype:
+            values = values.to(s.dtype)
+        grad = torch.addcmul(minus_ones, weights, values)  # type: ignore[arg-type]
+        return weights, lambda: minus_ones @ weights.log(), [grad]  # type: ignore[operator]

@@ -276,15 +276,10 @@ class COSMOS(_PreferenceScalarization):
     def _preference_list(self, step: int) -> list[float]:
         if self.fixed:
             return host_view(self, "preference").tolist()
-        # Dirichlet(alpha) as normalised Gamma(alpha) draws, from our own generator seeded by
-        # (seed, step); one generator, re-seeded at each draw (creating one costs more than
-        # the draw).
-        gens = self.__dict__.setdefault("_generators", {})
-        gen = gens.get("preference")
-        if gen is None:
-            gen = gens["preference"] = torch.Generator()
-        gen.manual_seed((self.seed * 1_000_003 + step * 7919) % (2**63 - 1))
-        g = torch._standard_gamma(self._concentration, generator=gen).tolist()
+        # Dirichlet(alpha) as normalised Gamma(alpha) draws (counter-based: the same for a
+        # step whatever step the run started or resumed at).
+        g = self._host_draws(step, lambda gen, n: torch._standard_gamma(
+            self._concentration.expand(n, -1).contiguous(), generator=gen))
         total = sum(g)
         return [x / total for x in g]
 
