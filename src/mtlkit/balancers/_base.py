@@ -112,6 +112,9 @@ from mtlkit.engine._grads import _task_leaves
 #: Steps per block of random draws made on the host (see :meth:`Balancer._host_draws`).
 DRAW_BLOCK = 64
 
+#: NumPy's dtype of a torch dtype, where it has one (bfloat16 has none).
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
 Requirement = Literal["losses", "last_shared", "gramian", "block_gramian", "jacobian"]
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
 
@@ -723,9 +726,14 @@ class LossWeighting(Balancer):
                 and cached[1].device == like.device):
             return cached[1]
         # A new tensor in every case (the weights outlive the step in BalanceStep; an array
-        # may be a view of the method's state), made in one call from a list.
+        # may be a view of the method's state): on the host through NumPy (two calls, a third
+        # of torch.tensor's cost), else made on the device in one call.
         listed = weights if type(weights) is list else np.asarray(weights, np.float64).tolist()
-        out = torch.tensor(listed, dtype=like.dtype, device=like.device)
+        dtype = _NUMPY_DTYPES.get(like.dtype)
+        if dtype is not None and like.is_cpu:
+            out = torch.from_numpy(np.array(listed, dtype))
+        else:
+            out = torch.tensor(listed, dtype=like.dtype, device=like.device)
         if out.shape != like.shape:
             raise ValueError(f"{type(self).__name__}.loss_weights returned shape "
                              f"{tuple(out.shape)}; expected {tuple(like.shape)}")

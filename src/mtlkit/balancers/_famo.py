@@ -107,7 +107,8 @@ class FAMO(LossWeighting):
 
     def _state(self) -> tuple[np.ndarray, ...]:
         """NumPy views of (logits, prev_losses, pending, min_losses)."""
-        return tuple(host_view(self, n) for n in ("logits", "prev_losses", "pending", "min_losses"))
+        return (host_view(self, "logits"), host_view(self, "prev_losses"),
+                host_view(self, "pending"), host_view(self, "min_losses"))
 
     def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
         state = logits, prev, pending, bounds = self._state()

@@ -87,7 +87,7 @@ class InnerAdam(nn.Module):
         step count read as an integer), or on the device (tensors: no host synchronisation,
         the bias corrections are computed there)."""
         if isinstance(param, np.ndarray):
-            m, v, t = (host_view(self, n) for n in ("m", "v", "t"))
+            m, v, t = host_view(self, "m"), host_view(self, "v"), host_view(self, "t")
             t[()] = count = int(t) + 1
             steps = [self._update(x, g, a, b, count, math.sqrt)
                      for x, g, a, b in zip(param.tolist(), grad, m.tolist(), v.tolist())]
