@@ -3,6 +3,9 @@ gradients (see ``mtlkit.balancers._base.LossWeighting``)."""
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 
@@ -128,3 +131,50 @@ def test_weights_of_the_wrong_shape_are_an_error_naming_the_method():
     with pytest.raises(ValueError, match=r"_WrongShape.loss_weights returned shape \(2,\); "
                                          r"expected \(3,\)"):
         _WrongShape(TASKS).backward(_losses(VALUES)[1])
+
+
+@pytest.mark.parametrize("name", ["rlw", "cosmos"])
+def test_block_draws_resume_exactly_across_block_boundaries(name):
+    """Random draws made 64 steps at a time: a run resumed mid-block from its state (into a
+    fresh balancer) draws exactly the rows of an uninterrupted run, on both sides of a block
+    boundary; no row repeats."""
+    def weights(b, steps):
+        return [b.backward(_losses(VALUES)[1]).weight_tensor.tolist() for _ in range(steps)]
+
+    whole = weights(balancers.create(name, TASKS, seed=5), 140)
+    first = balancers.create(name, TASKS, seed=5)
+    head = weights(first, 70)
+    resumed = balancers.create(name, TASKS, seed=5)
+    resumed.load_state_dict(first.state_dict())
+    assert head + weights(resumed, 70) == whole
+    assert len({tuple(w) for w in whole}) == len(whole)
+
+
+def test_a_copied_balancer_keeps_its_own_host_state():
+    """Views of host buffers are not carried into a copy (they would write into the
+    original's buffers)."""
+
+
+    original = balancers.create("famo", TASKS, update="next_batch")
+    original.backward(_losses(VALUES)[1])
+    twin = copy.deepcopy(original)
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    for _ in range(3):
+        twin.backward(_losses(VALUES * 0.5)[1])
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in before.items())
+    assert not torch.equal(twin.logits, original.logits)
+
+
+def test_inner_adam_on_host_floats_equals_inner_adam_on_tensors():
+    from mtlkit.balancers._functional import InnerAdam
+
+    host, device = (InnerAdam(3, lr=0.05, dtype=torch.float64) for _ in range(2))
+    x, y = np.array([0.1, -0.2, 0.3]), torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        g = torch.randn(3, generator=gen, dtype=torch.float64) * 1e3
+        host.step(x, g.tolist())
+        device.step(y, g)
+    np.testing.assert_allclose(x, y.numpy(), rtol=1e-13, atol=0)
+    np.testing.assert_allclose(host.v.numpy(), device.v.numpy(), rtol=1e-13)
+    assert int(host.t) == int(device.t) == 20

@@ -14,7 +14,7 @@ benchmarks):
 base                        hook (all inputs detached)                           ``requires``
 ==========================  ===================================================  ===============
 :class:`LossWeighting`      ``loss_weights(values, context) -> (K,)`` on the    ``losses``
-                            host in NumPy; learned weights implement
+                            host in Python floats; learned weights implement
                             ``learned_weights(values) -> (weights, r, grads)``
                             ``objective(losses, values, context) -> (total,
                             weights)`` instead
@@ -621,11 +621,12 @@ class LossWeighting(Balancer):
         floats, the whole batch's (the means over the ranks under ``torch.distributed``), None
         when the class sets ``reads_values = False``.
 
-        A method whose weights stay the same returns the same *read-only* array each step
-        (``array.flags.writeable = False``): it is sent to the device once."""
+        A method whose weights stay the same returns ``self._constant(make)`` (the same
+        read-only array each step, remade after a state load): it is sent to the device once."""
         raise NotImplementedError
 
-    def learned_weights(self, values: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def learned_weights(self, values: Tensor
+                        ) -> tuple[Tensor, Tensor | Callable[[], Tensor], list[Tensor]]:
         """(weights (K,), regulariser, gradients) for weights that are functions of the
         balancer's own parameters, learned from the same backward pass of the objective
         ``sum_k w_k L_k + r``: the weights and ``r`` from the current parameters (detached;
@@ -653,7 +654,8 @@ class LossWeighting(Balancer):
     #: again. Not state.
     _weights_cache: tuple[Any, Tensor] | None = None
     #: The dtype of the losses of the step being computed (set before :meth:`loss_weights` is
-    #: called: the values it receives are float64 whatever the losses' dtype). Not state.
+    #: called, which receives Python floats whatever the losses' dtype: for safeguards that
+    #: depend on it, e.g. a floor that keeps a weight finite in that dtype). Not state.
     _loss_dtype: torch.dtype = torch.float64
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -703,9 +705,7 @@ class LossWeighting(Balancer):
             # Host maths: the values as Python floats (the cheapest way to the host for any
             # dtype and device).
             host = values.tolist() if self.reads_values else None
-            # (the losses' dtype, for hooks whose safeguards depend on it, e.g. a floor that
-            # keeps a weight finite once converted; a dict write costs less than a setattr)
-            self.__dict__["_loss_dtype"] = stacked.dtype
+            self.__dict__["_loss_dtype"] = stacked.dtype  # (cheaper than Module.__setattr__)
             weights = self._weights_tensor(self.loss_weights(host, context), stacked)
             regulariser = None
         # The objective sum_k w_k L_k (+ r) with constant weights: its gradient in the model is

@@ -14,7 +14,7 @@ from mtlkit.balancers._base import LossWeighting, frozen, positive
 from mtlkit.balancers._functional import host_view, softmax
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._scaling import LOSS_FLOOR
-from mtlkit.engine._dist import all_mean_host, world_size
+from mtlkit.engine._dist import all_mean_host
 
 
 @register("dwa")
@@ -180,7 +180,7 @@ class DynamicTaskPrioritization(LossWeighting):
         if type(kpi) is dict and len(kpi) == len(self.tasks):
             given = [kpi.get(t, False) for t in self.tasks]
             if all(v is None or (type(v) is float and 0.0 < v <= 1.0) for v in given):
-                self._kpi_given = given
+                self.__dict__["_kpi_given"] = given  # (cheaper than Module.__setattr__)
                 return
         if "kpi" not in context:
             raise ValueError("dtp needs kpi={task: value in (0, 1] or None} in every backward() "
@@ -207,7 +207,7 @@ class DynamicTaskPrioritization(LossWeighting):
         # K-sized maths in Python floats (see mtlkit.balancers._functional.softmax)
         given = self._kpi_given
         kpi = [1.0 if v is None else v for v in given]
-        if world_size() > 1:
+        if self._world > 1:  # (read by backward() this step)
             kpi = all_mean_host(np.array(kpi)).tolist()  # the ranks' KPIs, as one batch's
         if None in given:  # a task without a KPI of its own: exp(-L / L_first)
             first, first_seen = host_view(self, "first_loss"), host_view(self, "first_seen")

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -112,6 +113,12 @@ class InnerAdam(nn.Module):
 
     def extra_repr(self) -> str:
         return f"lr={self.lr}, betas={self.betas}"
+
+
+@functools.cache
+def finfo(dtype: torch.dtype) -> torch.finfo:
+    """``torch.finfo(dtype)``, cached (it costs more than a step's K-sized host maths)."""
+    return torch.finfo(dtype)
 
 
 def softmax(values: list[float]) -> list[float]:

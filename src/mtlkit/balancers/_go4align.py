@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
-from mtlkit.balancers._functional import host_view
+from mtlkit.balancers._functional import finfo, host_view
 from mtlkit.balancers._registry import register
 
 
@@ -100,18 +100,6 @@ def group_means(indicators: Tensor, labels: Tensor) -> Tensor:
     return (total / count)[labels]
 
 
-_LIMITS: dict[torch.dtype, tuple[float, float]] = {}
-
-
-def _limits(dtype: torch.dtype) -> tuple[float, float]:
-    """(sqrt of the largest float, smallest normal float) of a torch dtype, cached."""
-    limits = _LIMITS.get(dtype)
-    if limits is None:
-        info = torch.finfo(dtype)
-        limits = _LIMITS[dtype] = (math.sqrt(info.max), info.tiny)
-    return limits
-
-
 @register("go4align")
 class GO4Align(LossWeighting):
     r"""GO4Align: weight tasks by group, grouping tasks whose risk-guided indicators agree.
@@ -174,7 +162,8 @@ class GO4Align(LossWeighting):
 
     def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
         # K numbers, in Python floats (cheaper than array operations for a few values).
-        sqrt_max, tiny = _limits(self._loss_dtype)
+        info = finfo(self._loss_dtype)
+        sqrt_max, tiny = math.sqrt(info.max), info.tiny
         # A loss below the largest over sqrt(float max) of the losses' dtype counts as that
         # floor: beta_k = sum / L_k stays finite in that dtype (a zero would make it infinite).
         floor = max(max(values) / sqrt_max, tiny)

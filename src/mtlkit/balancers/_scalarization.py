@@ -20,7 +20,7 @@ from numpy.typing import ArrayLike
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
-from mtlkit.balancers._functional import host_view
+from mtlkit.balancers._functional import finfo, host_view, softmax
 from mtlkit.balancers._registry import register
 
 
@@ -35,12 +35,9 @@ def _floats(x: ArrayLike) -> list[float]:
 
 
 def _stch(losses: list[float], pref: list[float], mu: float, ref: list[float]) -> list[float]:
-    x = [p * (v - z) / mu for v, p, z in zip(losses, pref, ref)]
-    # The softmax after subtracting the maximum: finite for any finite losses and any mu > 0.
-    top = max(x)
-    e = [math.exp(v - top) for v in x]
-    total = sum(e)
-    return [p * (v / total) for p, v in zip(pref, e)]
+    # (the softmax subtracts the maximum: finite for any finite losses and any mu > 0)
+    x = softmax([p * (v - z) / mu for v, p, z in zip(losses, pref, ref)])
+    return [p * v for p, v in zip(pref, x)]
 
 
 def stch_weights(losses: ArrayLike, preference: ArrayLike, mu: float,
@@ -122,17 +119,6 @@ def pbi_weights(losses: ArrayLike, preference: ArrayLike, theta: float, referenc
 
 
 # ---------------------------------------------------------------------------- classes
-_EPS: dict[torch.dtype, float] = {}
-
-
-def _eps(dtype: torch.dtype) -> float:
-    """The machine epsilon of a torch dtype (cached: torch.finfo costs more than PBI's maths)."""
-    eps = _EPS.get(dtype)
-    if eps is None:
-        eps = _EPS[dtype] = torch.finfo(dtype).eps
-    return eps
-
-
 class _PreferenceScalarization(LossWeighting):
     """Shared validation of a preference vector (one positive number per task)."""
 
@@ -348,7 +334,7 @@ class PBI(_PreferenceScalarization):
     def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
         # On the ray within the rounding of the losses' own dtype (the values are float64).
         return _pbi(values, host_view(self, "preference").tolist(), self.theta,
-                    host_view(self, "reference").tolist(), _eps(self._loss_dtype))
+                    host_view(self, "reference").tolist(), finfo(self._loss_dtype).eps)
 
     def extra_repr(self) -> str:
         return f"theta={self.theta}, preference={self.preference.tolist()}"
