@@ -294,28 +294,20 @@ class Problem:
 
     def step_fn(self, spec: Spec) -> Callable[[], None]:
         model, batch, shared = self.model, self.batch, self.shared
-        if spec.key == PLAIN_SUM:
+        if spec.key in (PLAIN_SUM, SUM_FORWARD):
             opt = torch.optim.SGD(model.parameters(), lr=0.0)
+            forward_after = spec.key == SUM_FORWARD
 
             def plain() -> None:
                 opt.zero_grad(set_to_none=True)
                 losses, _ = model.losses(*batch)
                 sum(losses.values()).backward()
                 opt.step()
+                if forward_after:
+                    with torch.no_grad():
+                        model.losses(*batch)
 
             return plain
-        if spec.key == SUM_FORWARD:
-            opt = torch.optim.SGD(model.parameters(), lr=0.0)
-
-            def plain_and_forward() -> None:
-                opt.zero_grad(set_to_none=True)
-                losses, _ = model.losses(*batch)
-                sum(losses.values()).backward()
-                opt.step()
-                with torch.no_grad():
-                    model.losses(*batch)
-
-            return plain_and_forward
         if spec.peer and spec.name in SCALARIZER_PEERS:
             scalarizer = PEERS[spec.name](len(self.suite.tasks)).to(self.device)
             opt = torch.optim.SGD([*model.parameters(), *scalarizer.parameters()], lr=0.0)
