@@ -65,8 +65,7 @@ class InnerAdam(nn.Module):
     m: Tensor
     v: Tensor
     t: Tensor
-    #: (the buffers m, v, t, their NumPy views) for host steps; remade when a buffer is
-    #: replaced. Not state.
+    #: Buffer name -> (NumPy view, buffer) for host steps (see :func:`host_view`). Not state.
     _views: dict[str, tuple[np.ndarray, Tensor]]
 
     def __init__(self, size: int, lr: float, betas: tuple[float, float] = (0.9, 0.999),
