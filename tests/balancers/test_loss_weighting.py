@@ -192,7 +192,8 @@ def test_famo_weights_and_logit_update_by_hand():
     b.after_step([torch.tensor(0.5), torch.tensor(3.5)])
     # delta = (log 2, log(4/3.5)); grad = z * (delta - z.delta): a positive, b negative.
     # Adam's first step is lr * sign(grad) -> logits (-0.1, +0.1)
-    torch.testing.assert_close(b.logits, torch.tensor([-0.1, 0.1]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.logits, torch.tensor([-0.1, 0.1], dtype=torch.float64), rtol=0,
+                               atol=1e-6)
     za, zb = math.exp(-0.1), math.exp(0.1)
     w2 = step(b, [1.0, 1.0]).weights
     assert close(w2, [za / (za + zb), zb / (za + zb)])

@@ -142,6 +142,10 @@ def test_peak_memory_columns():
     ("gradnorm", "last_shared", 3, (1.4, None, None), "-"),
     ("db_mtl", "gramian", 3, (1.4, None, None), "-"),  # no TorchJD peer
     ("sum", None, 3, (1.0, None, None), "-"),
+    ("sum+forward", None, 3, (1.3, None, None), "-"),
+    # a method with an after-step forward against the sum+forward reference (time/sum 1.30)
+    ("famo", "losses", 3, (1.36, None, None, 1.30), "PASS"),
+    ("famo", "losses", 3, (1.37, None, None, 1.30), "MISS"),
 ])
 def test_verdicts(spec, requires, k, numbers, expected):
     assert speed.verdict(speed.Spec(spec), requires, k, *numbers)[1] == expected
@@ -176,9 +180,13 @@ def test_default_methods_come_from_the_registry():
 def test_tiny_suite_runs_the_loss_weightings_with_one_backward_each():
     (table,) = parse_tables(quick("--suites", "tiny", "--methods", "ew,dtp,famo", "--no-memory"))
     rows = {row["method"]: row for row in table}
-    assert set(rows) == {"sum", "ew", "dtp", "famo"}
+    # famo's step has a no-grad forward after the optimiser step: sum+forward is measured
+    assert set(rows) == {"sum", "sum+forward", "ew", "dtp", "famo"}
     assert all(row["trunk passes"] == "1" for row in rows.values())
     assert rows["ew"]["target"] == "time/sum <= 1.05"
+    assert rows["famo"]["target"] == "time/(sum+forward) <= 1.05"
+    (table,) = parse_tables(quick("--suites", "tiny", "--methods", "ew", "--no-memory"))
+    assert [row["method"] for row in table] == ["sum", "ew"]  # only when a method needs it
 
 
 def test_default_sizes_are_the_documented_ones():

@@ -13,9 +13,11 @@ benchmarks):
 ==========================  ===================================================  ===============
 base                        hook (all inputs detached)                           ``requires``
 ==========================  ===================================================  ===============
-:class:`LossWeighting`      ``loss_weights(values, context) -> (K,)``; learned   ``losses``
-                            weights override ``objective(losses, values,
-                            context) -> (total, weights)`` instead
+:class:`LossWeighting`      ``loss_weights(values, context) -> (K,)`` on the    ``losses``
+                            host in Python floats; learned weights implement
+                            ``learned_weights(values) -> (weights, r, grads)``
+                            ``objective(losses, values, context) -> (total,
+                            weights)`` instead
 :class:`LastLayerWeighting` ``layer_objective(losses, values, layer_grads,       ``last_shared``
                             context) -> (total, weights)``
 :class:`GramianWeighting`   ``gramian_weights(gramian (K, K), losses) -> (K,)``  ``gramian``
@@ -80,6 +82,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -102,8 +105,15 @@ try:
     from torch.autograd.graph import _engine_run_backward
 except ImportError:  # pragma: no cover - a torch without it takes the public call
     _engine_run_backward = None
+from mtlkit.balancers._functional import host_view
 from mtlkit.engine._fsdp import is_sharded
 from mtlkit.engine._grads import _task_leaves
+
+#: Steps per block of random draws made on the host (see :meth:`Balancer._host_draws`).
+DRAW_BLOCK = 64
+
+#: NumPy's dtype of a torch dtype, where it has one (bfloat16 has none).
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
 
 Requirement = Literal["losses", "last_shared", "gramian", "block_gramian", "jacobian"]
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
@@ -211,8 +221,8 @@ class Balancer(nn.Module):
     _skipped: bool = False
     #: The number of processes, read once per step by :meth:`backward`. Not state.
     _world: int = 1
-    #: (NumPy view of the step counter's memory, the counter it views); see :meth:`_commit`.
-    _step_view: tuple[Any, Tensor] | None = None
+    #: Buffer name -> (NumPy view of its memory, the buffer); see :func:`._functional.host_view`.
+    _views: dict[str, tuple[np.ndarray, Tensor]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -282,10 +292,10 @@ class Balancer(nn.Module):
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        # Caches tied to this object's tensors (the step counter's NumPy view, which a copy
-        # would detach from the copied counter) and generators are remade, not copied.
+        # Caches tied to this object's tensors (NumPy views of buffers, which a copy would
+        # detach from the copied buffers) and generators are remade, not copied.
         state = super().__getstate__()
-        state.pop("_step_view", None)
+        state.pop("_views", None)
         state.pop("_generators", None)
         return state
 
@@ -393,15 +403,7 @@ class Balancer(nn.Module):
 
     def _commit(self) -> None:
         """The step is done: advance the counter."""
-        # The counter is a host tensor: it is advanced through a NumPy view of its memory
-        # (0.2 us, where a tensor operation costs 2-9 us on the tiny suite of the speed
-        # benchmark, whose loss weightings' whole budget is ~45 us). The view is remade when
-        # the buffer is another tensor (assigned, or loaded as a new one).
-        step = self._buffers["step"]
-        view = self._step_view
-        if view is None or view[1] is not step:
-            view = self.__dict__["_step_view"] = (step.numpy(), step)  # type: ignore[union-attr]
-        view[0][()] += 1
+        host_view(self, "step")[()] += 1
 
     def _after_step(self, losses: Tensor) -> None:
         pass
@@ -547,10 +549,12 @@ class Balancer(nn.Module):
                 raise ValueError(f"{what} for task {t!r} must be finite, got {v}")
         return torch.tensor(out, dtype=torch.float32)
 
-    def _rng(self, salt: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+    def _rng(self, salt: int = 0, device: torch.device | str | None = None,
+             counter: int | None = None) -> torch.Generator:
         """A generator derived from (seed, step): reproducible, and exact on resume with no
         generator state to save. ``device`` places it (draws on a CUDA tensor's device need a
-        CUDA generator; the streams of different devices differ)."""
+        CUDA generator; the streams of different devices differ); ``counter`` replaces the
+        step (see :meth:`_host_draws`)."""
         seed = int(getattr(self, "seed", 0))
         # One generator per device, re-seeded at each call (creating one costs more than the
         # draw it serves): the stream depends only on the seed set here.
@@ -559,9 +563,24 @@ class Balancer(nn.Module):
         gen = gens.get(key)
         if gen is None:
             gen = gens[key] = torch.Generator() if device is None else torch.Generator(device=device)
-        gen.manual_seed((seed * 1_000_003 + int(self._buffers["step"]) * 7919 + salt)  # type: ignore[arg-type]
-                        % (2**63 - 1))
+        if counter is None:
+            counter = int(host_view(self, "step"))
+        gen.manual_seed((seed * 1_000_003 + counter * 7919 + salt) % (2**63 - 1))
         return gen
+
+    def _host_draws(self, step: int, draw: Callable[[torch.Generator, int], Tensor]
+                    ) -> list[float]:
+        """Row ``step`` of random draws made on the host ``DRAW_BLOCK`` steps at a time:
+        ``draw(generator, n)`` returns n rows, from a generator seeded by (seed, step //
+        DRAW_BLOCK), so a run draws the same rows whatever step it starts or resumes at.
+        (Seeding a generator and drawing cost ~30 us inside a training step, as much as a
+        small model's whole budget for its loss weighting; a row of a block costs nothing.)"""
+        block, row = divmod(step, DRAW_BLOCK)
+        cached = self.__dict__.get("_draw_block")
+        if cached is None or cached[0] != block:
+            rows = draw(self._rng(counter=block), DRAW_BLOCK).tolist()
+            cached = self.__dict__["_draw_block"] = (block, rows)
+        return cached[1][row]
 
     def __str__(self) -> str:
         return self.name or type(self).__name__
@@ -572,68 +591,167 @@ class LossWeighting(Balancer):
     """Weights from the loss values; the update is one backward pass of ``sum_k w_k L_k``, like
     a plain sum. The heads receive ``w_k grad L_k``.
 
-    Hook: :meth:`loss_weights` (weights treated as constants), or, for weights that are learned
-    from this same backward pass (uncertainty weighting), :meth:`objective`.
+    Hooks (a method implements one):
+
+    * :meth:`loss_weights` for weights that are constants of the backward pass: K numbers in,
+      K numbers out, on the host as Python floats. The loss values are read to the host once
+      per step (on an accelerator, the step's one synchronisation, which the finiteness check
+      needs anyway); the weights travel back once. Inside a training step, where the model's
+      own work keeps the caches cold, a torch or a NumPy operation on K numbers costs about
+      4 us and a Python float operation next to nothing (measured on the tiny suite of the
+      speed benchmark): on a small model that difference is the method's whole overhead over
+      a plain sum. The method's running state is kept in buffers that stay on the host
+      whatever the device of the balancer (read and written through
+      :func:`~mtlkit.balancers._functional.host_view`).
+    * :meth:`learned_weights` for weights that are functions of the balancer's own parameters,
+      learned from the same backward pass (uncertainty weighting, IMTL-L): the weights and the
+      closed-form gradient of the objective in those parameters.
+    * :meth:`objective` for anything else differentiable (bilevel methods): the scalar to
+      backpropagate and the effective weights.
     """
 
     requires: ClassVar[Requirement] = "losses"
-    _hooks = ("loss_weights", "objective")
+    _hooks = ("loss_weights", "learned_weights", "objective")
+    #: Whether :meth:`loss_weights` reads the loss values (False: it receives None and the
+    #: values are not read to the host, e.g. equal or fixed weights).
+    reads_values: ClassVar[bool] = True
 
-    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
-        """The K weights from the detached loss values (the whole batch's: the means over the
-        ranks under ``torch.distributed``) and the step's context."""
+    def loss_weights(self, values: list[float] | None, context: Mapping[str, Any]) -> Any:
+        """The K weights (a list of floats, or a NumPy array) from the K loss values: Python
+        floats, the whole batch's (the means over the ranks under ``torch.distributed``), None
+        when the class sets ``reads_values = False``.
+
+        A method whose weights stay the same returns ``self._constant(make)`` (the same
+        read-only array each step, remade after a state load): it is sent to the device once."""
+        raise NotImplementedError
+
+    def learned_weights(self, values: Tensor
+                        ) -> tuple[Tensor, Tensor | Callable[[], Tensor], list[Tensor]]:
+        """(weights (K,), regulariser, gradients) for weights that are functions of the
+        balancer's own parameters, learned from the same backward pass of the objective
+        ``sum_k w_k L_k + r``: the weights and ``r`` from the current parameters (detached;
+        ``r`` a 0-d tensor or a function of no arguments that computes it when first read),
+        and the gradient of the objective (new tensors) in each parameter registered on the
+        balancer itself (``self._parameters``, in that order) at the loss values ``values``
+        (detached; the whole batch's). The model receives
+        ``sum_k w_k grad L_k`` from one backward pass; the balancer's parameters receive the
+        returned gradients (accumulated into ``.grad``)."""
         raise NotImplementedError
 
     def objective(self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
                   ) -> tuple[Tensor, Tensor]:
-        """(scalar to backpropagate, effective weights (K,)). Default: ``sum_k w_k L_k`` with the
-        weights of :meth:`loss_weights`, treated as constants.
+        """(scalar to backpropagate, effective weights (K,)), for weights that need autograd.
 
         ``losses`` are this process's (stacked, differentiable); ``values`` the whole batch's,
-        detached: weights must come from them. An override may make the weights differentiable
-        in the balancer's own parameters (they then learn from the same backward pass; their
-        gradients are averaged over the ranks afterwards)."""
-        weights = self._constant_loss_weights(losses, values, context)
-        return losses @ weights, weights
+        detached: weights must come from them. The weights may be differentiable in the
+        balancer's own parameters (their gradients are averaged over the ranks afterwards)."""
+        raise NotImplementedError
 
-    def _constant_loss_weights(self, losses: Tensor, values: Tensor,
-                               context: Mapping[str, Any]) -> Tensor:
-        """The weights of :meth:`loss_weights` as constants in the losses' dtype."""
-        # ``values`` is detached, so the weights carry no graph unless a hook reads a
-        # parameter: detached then (cheaper than a no_grad context on every step).
-        weights = self.loss_weights(values, context)
-        if weights.requires_grad:
-            weights = weights.detach()
-        if weights.dtype != losses.dtype:
-            weights = weights.to(losses.dtype)
-        return weights
+    #: Which hook the class implements ("loss_weights", "learned_weights" or "objective"),
+    #: set for each subclass.
+    _hook: ClassVar[str] = "loss_weights"
+    #: (array the hook returned, its tensor): a read-only array returned again is not converted
+    #: again. Not state.
+    _weights_cache: tuple[Any, Tensor] | None = None
+    #: The dtype of the losses of the step being computed (set before :meth:`loss_weights` is
+    #: called, which receives Python floats whatever the losses' dtype: for safeguards that
+    #: depend on it, e.g. a floor that keeps a weight finite in that dtype). Not state.
+    _loss_dtype: torch.dtype = torch.float64
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls._constant_weights = cls.objective is LossWeighting.objective
+        cls._hook = next((h for h in ("objective", "learned_weights")
+                          if getattr(cls, h) is not getattr(LossWeighting, h)), "loss_weights")
 
-    #: Whether the class keeps the default :meth:`objective` (weights that are constants of the
-    #: backward pass), set for each subclass.
-    _constant_weights: ClassVar[bool] = True
+    def _constant(self, make: Callable[[], Any]) -> np.ndarray:
+        """``frozen(make())``, made at the first call and again after a state load: for weights
+        that change only with the state (the tensor sent to the device is then reused)."""
+        weights = self._constant_weights
+        if weights is None:
+            weights = self.__dict__["_constant_weights"] = frozen(make())
+        return weights
+
+    #: The weights of :meth:`_constant` (dropped when the state is loaded). Not state.
+    _constant_weights: np.ndarray | None = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.__dict__["_constant_weights"] = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LossWeighting:
+        # The state of host weights (buffers of this module and its submodules) stays on the
+        # host in its own dtype whatever the device or dtype the balancer is moved to.
+        if self._hook != "loss_weights" or type(self)._balance is not LossWeighting._balance:
+            return super()._apply(fn, recurse)
+        kept = [(m, dict(m._buffers)) for m in self.modules()]
+        super()._apply(fn, recurse)
+        for module, buffers in kept:
+            module._buffers.update(buffers)
+        return self
 
     def _balance(self, items: list[Tensor], stacked: Tensor, values: Tensor,
                  shared: Iterable[Tensor] | None, features: Tensor | None,
                  context: Mapping[str, Any]) -> BalanceStep:
-        if not self._constant_weights:
+        hook = self._hook
+        if hook == "objective":
             total, weights = self.objective(stacked, values, context)
             return self._backward_total(total, weights)
-        # The default objective sum_k w_k L_k with constant weights: its gradient is the
-        # backward pass of the stacked losses seeded with the weights (no product node, no
-        # graph root of its own), and its value is values @ weights (the whole batch's under
-        # torch.distributed, where values are the means over the ranks).
-        weights = self._constant_loss_weights(stacked, values, context)
-        if weights.shape != stacked.shape or weights.device != stacked.device:
-            raise ValueError(
-                f"{type(self).__name__}.loss_weights returned shape {tuple(weights.shape)} on "
-                f"{weights.device}; expected {tuple(stacked.shape)} on {stacked.device}")
+        if hook == "learned_weights":
+            weights, regulariser, grads = self.learned_weights(values)
+            self._accumulate_own(grads)
+            if weights.dtype != stacked.dtype:
+                weights = weights.to(stacked.dtype)
+        else:
+            # Host maths: the values as Python floats (the cheapest way to the host for any
+            # dtype and device).
+            host = values.tolist() if self.reads_values else None
+            self.__dict__["_loss_dtype"] = stacked.dtype  # (cheaper than Module.__setattr__)
+            weights = self._weights_tensor(self.loss_weights(host, context), stacked)
+            regulariser = None
+        # The objective sum_k w_k L_k (+ r) with constant weights: its gradient in the model is
+        # the backward pass of the stacked losses seeded with the weights (no product node, no
+        # graph root of its own); its value is values @ weights (+ r), the whole batch's under
+        # torch.distributed.
         scale = self._loss_scale
         _seeded_backward(stacked, weights if scale is None else weights * scale)
-        return BalanceStep(self.tasks, lambda: values @ weights, weights)
+        if regulariser is None:
+            return BalanceStep(self.tasks, lambda: values @ weights, weights)
+        return BalanceStep(self.tasks, lambda: values @ weights + (
+            regulariser() if callable(regulariser) else regulariser), weights)
+
+    def _weights_tensor(self, weights: Any, like: Tensor) -> Tensor:
+        """The hook's K weights as a tensor of the losses' dtype and device."""
+        cached = self._weights_cache
+        if (cached is not None and cached[0] is weights and cached[1].dtype == like.dtype
+                and cached[1].device == like.device):
+            return cached[1]
+        # A new tensor in every case (the weights outlive the step in BalanceStep; an array
+        # may be a view of the method's state): on the host through NumPy (two calls, a third
+        # of torch.tensor's cost), else made on the device in one call.
+        listed = weights if type(weights) is list else np.asarray(weights, np.float64).tolist()
+        dtype = _NUMPY_DTYPES.get(like.dtype)
+        if dtype is not None and like.is_cpu:
+            out = torch.from_numpy(np.array(listed, dtype))
+        else:
+            out = torch.tensor(listed, dtype=like.dtype, device=like.device)
+        if out.shape != like.shape:
+            raise ValueError(f"{type(self).__name__}.loss_weights returned shape "
+                             f"{tuple(out.shape)}; expected {tuple(like.shape)}")
+        if type(weights) is np.ndarray and not weights.flags.writeable:
+            self.__dict__["_weights_cache"] = (weights, out)
+        return out
+
+    def _accumulate_own(self, grads: Sequence[Tensor]) -> None:
+        """Add the gradients of the balancer's own parameters (times the loss scale of a
+        gradient scaler, as a backward pass of the scaled objective would)."""
+        scale = self._loss_scale
+        for p, g in zip(self._parameters.values(), grads, strict=True):
+            if scale is not None:
+                g = g * scale
+            if p.grad is None:  # type: ignore[union-attr]
+                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)  # type: ignore[union-attr]
+            else:
+                p.grad.add_(g)  # type: ignore[union-attr]
 
     def _backward_total(self, total: Tensor, weights: Tensor) -> BalanceStep:
         scale = self._loss_scale
@@ -893,6 +1011,14 @@ def _blend_block_weights(per_block: Tensor, gramians: Tensor) -> Tensor:
     total = sq.sum(0)
     blended = (per_block * sq).sum(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
     return torch.where(total > 0, blended, per_block.mean(0))
+
+
+def frozen(values: Any) -> np.ndarray:
+    """A read-only float64 copy of ``values``: weights a :meth:`LossWeighting.loss_weights`
+    hook returns unchanged step after step (sent to the device once)."""
+    out = np.array(values, dtype=np.float64)
+    out.flags.writeable = False
+    return out
 
 
 def positive(name: str, value: float, *, allow_zero: bool = False) -> float:

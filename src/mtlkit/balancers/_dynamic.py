@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from mtlkit.balancers._base import LossWeighting, positive
+from mtlkit.balancers._base import LossWeighting, frozen, positive
+from mtlkit.balancers._functional import host_view, softmax
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._scaling import LOSS_FLOOR
-from mtlkit.engine._dist import all_mean, world_size
+from mtlkit.engine._dist import all_mean_host
 
 
 @register("dwa")
@@ -45,7 +48,6 @@ class DynamicWeightAverage(LossWeighting):
     epoch_count: Tensor
     history: Tensor
     epochs_seen: Tensor
-    current: Tensor
 
     def __init__(
         self,
@@ -62,27 +64,36 @@ class DynamicWeightAverage(LossWeighting):
         self.register_buffer("epoch_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("history", torch.ones(2, k, dtype=torch.float64))
         self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.long))
-        # the current weights, derived from history (recomputed when it changes or is loaded)
-        self.register_buffer("current", torch.ones(k), persistent=False)
+        self._refresh()
+
+    #: The current weights (read-only), derived from ``history``: recomputed when it changes
+    #: or is loaded. Not state.
+    _current: np.ndarray
 
     def _refresh(self) -> None:
-        """Recompute ``current`` (the weights, which change only when ``history`` does)."""
-        ratio = self.history[1] / self.history[0].clamp_min(LOSS_FLOOR)
-        weights = self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)
-        warm = self.epochs_seen >= 2
-        self.current.copy_(torch.where(warm, weights, torch.ones_like(weights)))
+        k = self.num_tasks
+        if int(self.epochs_seen) >= 2:
+            history = host_view(self, "history")
+            z = history[1] / np.maximum(history[0], LOSS_FLOOR) / self.temperature
+            e = np.exp(z - z.max())
+            weights = k * e / e.sum()
+        else:
+            weights = np.ones(k)
+        self.__dict__["_current"] = frozen(weights)
 
-    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
-        out = self.current
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> np.ndarray:
+        out = self._current
         if self.per_batch:
-            out = out.clone()
-            self.history[0] = self.history[1]
-            self.history[1] = values
+            history = host_view(self, "history")
+            history[0] = history[1]
+            history[1] = values
             self.epochs_seen += 1
             self._refresh()
-        else:  # the hot path: two in-place additions
-            self.epoch_sum.add_(values)
-            self.epoch_count.add_(1)
+        else:  # the hot path: two in-place additions on the host
+            total = host_view(self, "epoch_sum")
+            total += values
+            count = host_view(self, "epoch_count")
+            count += 1
         return out
 
     def new_epoch(self) -> None:
@@ -155,6 +166,7 @@ class DynamicTaskPrioritization(LossWeighting):
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
         self.register_buffer("gamma", gammas, persistent=False)
+        self._gammas: list[float] = gammas.tolist()
         self.register_buffer("kpi_avg", torch.ones(self.num_tasks, dtype=torch.float64))
         self.register_buffer("kpi_seen", torch.zeros((), dtype=torch.bool))
         self.register_buffer("first_loss", torch.ones(self.num_tasks, dtype=torch.float64))
@@ -162,6 +174,14 @@ class DynamicTaskPrioritization(LossWeighting):
         self._kpi_given: list[float | None] = []
 
     def _validate_context(self, context: Mapping[str, Any]) -> None:
+        # The common case first (a dict of floats in (0, 1] or None for exactly the tasks):
+        # this runs every step; anything else takes the checks below, which name the error.
+        kpi = context.get("kpi")
+        if type(kpi) is dict and len(kpi) == len(self.tasks):
+            given = [kpi.get(t, False) for t in self.tasks]
+            if all(v is None or (type(v) is float and 0.0 < v <= 1.0) for v in given):
+                self.__dict__["_kpi_given"] = given  # (cheaper than Module.__setattr__)
+                return
         if "kpi" not in context:
             raise ValueError("dtp needs kpi={task: value in (0, 1] or None} in every backward() "
                              "call")
@@ -183,25 +203,27 @@ class DynamicTaskPrioritization(LossWeighting):
             given.append(v)
         self._kpi_given = given  # read by loss_weights in this same step
 
-    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
+        # K-sized maths in Python floats (see mtlkit.balancers._functional.softmax)
         given = self._kpi_given
-        kpi = torch.tensor([1.0 if v is None else v for v in given], dtype=torch.float64,
-                           device=self.kpi_avg.device)
-        if world_size() > 1:
-            kpi = all_mean(kpi)  # the ranks' KPIs, as one batch's
+        kpi = [1.0 if v is None else v for v in given]
+        if self._world > 1:  # (read by backward() this step)
+            kpi = all_mean_host(np.array(kpi)).tolist()  # the ranks' KPIs, as one batch's
         if None in given:  # a task without a KPI of its own: exp(-L / L_first)
-            none = torch.tensor([v is None for v in given], device=kpi.device)
-            current = values.double().clamp_min(LOSS_FLOOR)
-            set_now = none & ~self.first_seen
-            self.first_loss.copy_(torch.where(set_now, current, self.first_loss))
-            self.first_seen |= none
-            from_loss = torch.exp(-current / self.first_loss).clamp(1e-3, 1.0)
-            kpi = torch.where(none, from_loss, kpi)
-        blended = self.alpha * kpi + (1 - self.alpha) * self.kpi_avg
-        self.kpi_avg.copy_(torch.where(self.kpi_seen, blended, kpi))
-        self.kpi_seen.fill_(True)
-        k = self.kpi_avg
-        return (-((1 - k) ** self.gamma.double()) * torch.log(k)).to(values.dtype)
+            first, first_seen = host_view(self, "first_loss"), host_view(self, "first_seen")
+            for k, (v, loss) in enumerate(zip(given, values)):
+                if v is None:
+                    loss = max(loss, LOSS_FLOOR)
+                    if not first_seen[k]:
+                        first[k], first_seen[k] = loss, True
+                    kpi[k] = min(max(math.exp(-loss / first[k]), 1e-3), 1.0)
+        average, seen = host_view(self, "kpi_avg"), host_view(self, "kpi_seen")
+        if seen:
+            a = self.alpha
+            kpi = [a * k + (1 - a) * m for k, m in zip(kpi, average.tolist())]
+        average[:] = kpi
+        seen[()] = True
+        return [-((1 - k) ** g) * math.log(k) for k, g in zip(kpi, self._gammas)]
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma.tolist()}, alpha={self.alpha}"
@@ -237,11 +259,14 @@ class LossBalancedTaskWeighting(LossWeighting):
         self.register_buffer("epoch_initial", torch.ones(self.num_tasks, dtype=torch.float64))
         self.register_buffer("need_initial", torch.ones((), dtype=torch.bool))
 
-    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        self.epoch_initial.copy_(torch.where(self.need_initial, losses.double(), self.epoch_initial))
-        self.need_initial.fill_(False)
-        ratio = losses.double() / self.epoch_initial.clamp_min(LOSS_FLOOR)
-        return ratio.clamp_min(0).pow(self.alpha).to(losses.dtype)
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
+        initial, need = host_view(self, "epoch_initial"), host_view(self, "need_initial")
+        if need:
+            initial[:] = values
+            need[()] = False
+        alpha = self.alpha
+        return [max(v / max(i, LOSS_FLOOR), 0.0) ** alpha
+                for v, i in zip(values, initial.tolist())]
 
     def new_epoch(self) -> None:
         self.need_initial.fill_(True)
@@ -270,9 +295,12 @@ class RandomLossWeighting(LossWeighting):
         super().__init__(tasks, **options)
         self.seed = int(seed)
 
-    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        z = torch.randn(self.num_tasks, generator=self._rng(), dtype=torch.float64)
-        return torch.softmax(z, dim=0).to(losses)
+    reads_values = False
+
+    def loss_weights(self, values: None, context: Mapping[str, Any]) -> list[float]:
+        step = int(host_view(self, "step"))
+        return softmax(self._host_draws(step, lambda gen, n: torch.randn(
+            n, self.num_tasks, generator=gen, dtype=torch.float64)))
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}"

@@ -1,8 +1,10 @@
 """Helpers that several balancers share: one inner optimiser and one Gram preprocessing.
 
 * :class:`InnerAdam`: Adam with bias correction for a balancer's own small parameter vector
-  (GradNorm's weights, FAMO's logits), its moments registered as buffers so that they are saved
-  with the balancer's ``state_dict()``.
+  (GradNorm's weights on the device, FAMO's logits on the host), its moments registered as
+  buffers so that they are saved with the balancer's ``state_dict()``.
+* :func:`host_view`: a cached NumPy view of a module's host buffer; :func:`softmax` of a few
+  floats in plain Python.
 * :func:`normalize_gramian`: the Gram matrix in float64 divided by its trace (most weightings
   are invariant to that scale; dividing first keeps the solvers' tolerances meaningful).
 * :func:`cosine_gramian`: the Gram matrix of the unit task gradients, invariant to the scale of
@@ -14,6 +16,12 @@
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -28,12 +36,16 @@ class InnerAdam(nn.Module):
     buffers (``m``, ``v`` of shape (n,), ``t`` a scalar), so they are part of the balancer's
     ``state_dict()`` and a resumed run continues the same trajectory.
 
+    :meth:`step` works on the device (torch tensors, no host synchronisation: GradNorm,
+    Auto-Lambda) or on the host (FAMO's logits, a NumPy view of a host buffer: the moments must
+    then be host buffers too, read and written through NumPy views), with the same formula.
+
     Args:
         size: length of the parameter vector.
         lr: learning rate.
         betas: decay rates of the moments (default (0.9, 0.999)).
         eps: added to the square root of the second moment (default 1e-8).
-        weight_decay: L2 penalty added to the gradient, as ``torch.optim.Adam`` (default 0).
+        dtype: dtype of the moments (default float32).
 
     Example:
         >>> import torch
@@ -42,37 +54,100 @@ class InnerAdam(nn.Module):
         >>> adam.step(x, torch.tensor([3.0, -0.5]))  # the first step is lr * sign(grad)
         >>> x
         tensor([0.9000, 1.1000])
+        >>> import numpy as np
+        >>> host = InnerAdam(2, lr=0.1, dtype=torch.float64)
+        >>> y = np.ones(2)
+        >>> host.step(y, [3.0, -0.5])  # the same step on the host
+        >>> y, host.t.item()
+        (array([0.9, 1.1]), 1)
     """
 
     m: Tensor
     v: Tensor
     t: Tensor
+    #: Buffer name -> (NumPy view, buffer) for host steps (see :func:`host_view`). Not state.
+    _views: dict[str, tuple[np.ndarray, Tensor]]
 
     def __init__(self, size: int, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-8, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
-        self.register_buffer("m", torch.zeros(size))
-        self.register_buffer("v", torch.zeros(size))
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.register_buffer("m", torch.zeros(size, dtype=dtype))
+        self.register_buffer("v", torch.zeros(size, dtype=dtype))
         self.register_buffer("t", torch.zeros((), dtype=torch.long))
 
-    @torch.no_grad()
-    def step(self, param: Tensor, grad: Tensor) -> None:
-        """One Adam step of ``param`` (in place) along ``grad``; few in-place operations, no
-        host synchronisation (the bias corrections are computed on the device)."""
-        grad = grad.to(self.m.dtype)
-        if self.weight_decay:
-            grad = grad + self.weight_decay * param
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_views", None)  # views of this object's buffers, not of a copy's
+        return state
+
+    def step(self, param: Tensor | np.ndarray, grad: Tensor | Sequence[float]) -> None:
+        """One Adam step of ``param`` (in place) along ``grad``: on the host (``param`` a NumPy
+        array, ``grad`` a list of floats: the formula runs on each entry in Python floats, the
+        step count read as an integer), or on the device (tensors: no host synchronisation,
+        the bias corrections are computed there)."""
+        if isinstance(param, np.ndarray):
+            m, v, t = host_view(self, "m"), host_view(self, "v"), host_view(self, "t")
+            t[()] = count = int(t) + 1
+            steps = [self._update(x, g, a, b, count, math.sqrt)
+                     for x, g, a, b in zip(param.tolist(), grad, m.tolist(), v.tolist())]
+            param[:], m[:], v[:] = zip(*steps)
+        else:
+            with torch.no_grad():
+                self.t += 1
+                new = self._update(param, grad.to(self.m.dtype), self.m, self.v,  # type: ignore[union-attr]
+                                   self.t.to(self.m.dtype), torch.sqrt)
+                for old, value in zip((param, self.m, self.v), new):
+                    old.copy_(value)
+
+    def _update(self, param: Any, grad: Any, m: Any, v: Any, t: Any,
+                sqrt: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
+        """The Adam update (torch.optim.Adam's form) of floats or tensors: (param, m, v) after
+        it, with ``t`` the step count after this step."""
         b1, b2 = self.betas
-        self.t += 1
-        t = self.t.to(self.m.dtype)
-        self.m.mul_(b1).add_(grad, alpha=1 - b1)
-        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (self.v / (1 - b2**t)).sqrt_().add_(self.eps)
-        param.sub_((self.m / (1 - b1**t)).div_(denom).mul_(self.lr).to(param.dtype))
+        m = b1 * m + (1 - b1) * grad
+        v = b2 * v + (1 - b2) * grad * grad
+        param = param - self.lr * (m / (1 - b1**t)) / (sqrt(v / (1 - b2**t)) + self.eps)
+        return param, m, v
 
     def extra_repr(self) -> str:
-        return f"lr={self.lr}, betas={self.betas}, weight_decay={self.weight_decay}"
+        return f"lr={self.lr}, betas={self.betas}"
+
+
+@functools.cache
+def finfo(dtype: torch.dtype) -> torch.finfo:
+    """``torch.finfo(dtype)``, cached (it costs more than a step's K-sized host maths)."""
+    return torch.finfo(dtype)
+
+
+def softmax(values: list[float]) -> list[float]:
+    """The softmax of a few floats in plain Python (K-sized host maths: a Python float
+    operation costs ~0.05 us where a NumPy one costs ~0.5 us and a torch one 2-9 us).
+
+    >>> softmax([0.0, 0.0])
+    [0.5, 0.5]
+    """
+    top = max(values)
+    e = [math.exp(v - top) for v in values]
+    total = sum(e)
+    return [v / total for v in e]
+
+
+def host_view(module: nn.Module, name: str) -> np.ndarray:
+    """A NumPy view of the host buffer ``name`` of ``module`` (reads and in-place writes go to
+    the buffer), cached in ``module._views`` and remade only when the buffer is another tensor
+    (assigned, or moved). A view costs ~0.3 us where a tensor operation costs 2-9 us: the step
+    counter and the host state of loss weightings are read and written this way every step. A
+    module that uses it drops ``_views`` from its pickled state (a copy's views would not view
+    the copy's buffers; :class:`~mtlkit.balancers.Balancer` and :class:`InnerAdam` do)."""
+    views = module.__dict__.get("_views")
+    if views is None:
+        views = module.__dict__["_views"] = {}
+    buffer = module._buffers[name]
+    hit = views.get(name)
+    if hit is None or hit[1] is not buffer:
+        hit = views[name] = (buffer.numpy(), buffer)  # type: ignore[union-attr]
+    return hit[0]
 
 
 def normalize_gramian(gramian: Tensor) -> tuple[Tensor, Tensor]:

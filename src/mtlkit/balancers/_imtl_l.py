@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,15 +54,23 @@ class IMTLL(LossWeighting):
     """
 
     log_scales: nn.Parameter
+    minus_ones: Tensor
 
     def __init__(self, tasks: Sequence[str], **options: Any) -> None:
         super().__init__(tasks, **options)
         self.log_scales = nn.Parameter(torch.zeros(self.num_tasks))
+        self.register_buffer("minus_ones", torch.full((self.num_tasks,), -1.0), persistent=False)
 
-    def objective(self, losses: Tensor, values: Tensor,
-                   context: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
-        # Differentiable in the scales: they learn from this same backward pass.
-        s = self.log_scales if self.log_scales.dtype == losses.dtype else \
-            self.log_scales.to(losses.dtype)
+    def learned_weights(self, values: Tensor) -> tuple[Tensor, Callable[[], Tensor],
+                                                       list[Tensor]]:
+        # w_k = e^{s_k}; d/ds_k of (e^{s_k} L_k - s_k) = w_k L_k - 1, from the whole batch's
+        # loss values (the objective is linear in the losses). Three operations: this is the
+        # whole overhead over a plain sum (the regulariser -sum_k s_k is computed from the
+        # weights, and only when read).
+        s = self._parameters["log_scales"].detach()  # type: ignore[union-attr]
+        minus_ones = self._buffers["minus_ones"]
         weights = torch.exp(s)
-        return losses @ weights - s.sum(), weights
+        if values.dtype != s.dtype:
+            values = values.to(s.dtype)
+        grad = torch.addcmul(minus_ones, weights, values)  # type: ignore[arg-type]
+        return weights, lambda: minus_ones @ weights.log(), [grad]  # type: ignore[operator]

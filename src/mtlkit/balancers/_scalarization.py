@@ -9,73 +9,113 @@ those weights; the classes add the preference and the validation.
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
+from mtlkit.balancers._functional import finfo, host_view, softmax
 from mtlkit.balancers._registry import register
 
 
 # ---------------------------------------------------------------------------- pure functions
-def stch_weights(losses: Tensor, preference: Tensor, mu: float, reference: Tensor) -> Tensor:
+# K numbers in, K numbers out. The maths runs on Python floats (float64): for the few loss
+# values of a step, a float operation costs ~0.05 us where an operation on a small NumPy array
+# costs 1-5 us (measured in a training loop on the tiny suite of the speed benchmark), and that
+# difference is the method's whole overhead over a plain sum. The public functions take and
+# return float64 NumPy arrays; the classes call the list forms with the step's loss values.
+def _floats(x: ArrayLike) -> list[float]:
+    return np.asarray(x, dtype=np.float64).tolist()
+
+
+def _stch(losses: list[float], pref: list[float], mu: float, ref: list[float]) -> list[float]:
+    # (the softmax subtracts the maximum: finite for any finite losses and any mu > 0)
+    x = softmax([p * (v - z) / mu for v, p, z in zip(losses, pref, ref)])
+    return [p * v for p, v in zip(pref, x)]
+
+
+def stch_weights(losses: ArrayLike, preference: ArrayLike, mu: float,
+                 reference: ArrayLike) -> np.ndarray:
     r"""d/dL of :math:`\mu \log \sum_k \exp(\lambda_k (L_k - z_k) / \mu)`:
-    :math:`w_k = \lambda_k\, \mathrm{softmax}(\lambda (L - z) / \mu)_k`.
+    :math:`w_k = \lambda_k\, \mathrm{softmax}(\lambda (L - z) / \mu)_k` (float64).
 
-    >>> stch_weights(torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.5]), 1.0, torch.zeros(2))
-    tensor([0.2500, 0.2500])
+    >>> stch_weights(np.array([1.0, 1.0]), np.array([0.5, 0.5]), 1.0, np.zeros(2))
+    array([0.25, 0.25])
     """
-    # softmax subtracts the maximum first: finite for any finite losses and any mu > 0.
-    return preference * torch.softmax(preference * (losses - reference) / mu, dim=0)
+    return np.array(_stch(_floats(losses), _floats(preference), mu, _floats(reference)))
 
 
-def cosmos_weights(losses: Tensor, preference: Tensor, penalty: float) -> Tensor:
-    r"""d/dL of :math:`r^\top L - \lambda\, r^\top L / (\lVert r\rVert \lVert L\rVert)`.
+def _cosmos(losses: list[float], r: list[float], penalty: float) -> list[float]:
+    top = max(map(abs, losses))
+    if not top > 0:
+        return list(r)
+    # Work on L / max|L|: the cosine is scale-invariant, and its gradient scales as 1/||L||,
+    # so computing at unit scale and dividing once keeps 1e-300 or 1e300 losses finite.
+    unit = [v / top for v in losses]
+    norm_l = math.hypot(*unit)
+    norm_r = math.hypot(*r)
+    l_hat = [u / norm_l for u in unit]
+    cos = sum(map(operator.mul, r, l_hat)) / norm_r
+    scale = norm_l * top
+    return [a - penalty * ((a / norm_r - cos * h) / scale) for a, h in zip(r, l_hat)]
+
+
+def cosmos_weights(losses: ArrayLike, preference: ArrayLike, penalty: float) -> np.ndarray:
+    r"""d/dL of :math:`r^\top L - \lambda\, r^\top L / (\lVert r\rVert \lVert L\rVert)` (float64).
 
     The cosine term's derivative is :math:`(r - \cos(r, L) \lVert r\rVert\, \hat L)
     / (\lVert r\rVert \lVert L\rVert)`, with :math:`\hat L = L / \lVert L\rVert`; where all
     losses are 0 the cosine is undefined and only the linear part is kept.
 
-    >>> cosmos_weights(torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.5]), 1.0)
-    tensor([0.5000, 0.5000])
+    >>> cosmos_weights(np.array([1.0, 1.0]), np.array([0.5, 0.5]), 1.0)
+    array([0.5, 0.5])
     """
-    # Work on L / max|L|: the cosine is scale-invariant, and its gradient scales as 1/||L||,
-    # so computing at unit scale and dividing once keeps 1e-30 or 1e30 losses finite.
-    top = losses.abs().max()
-    unit = losses / torch.where(top > 0, top, torch.ones_like(top))
-    norm_l = unit.norm()
-    norm_r = preference.norm()
-    safe = torch.where(norm_l > 0, norm_l, torch.ones_like(norm_l))
-    l_hat = unit / safe
-    cos = (preference @ l_hat) / norm_r
-    d_cos = (preference / norm_r - cos * l_hat) / (safe * torch.where(top > 0, top, 1.0))
-    d_cos = torch.where(norm_l > 0, d_cos, torch.zeros_like(d_cos))
-    return preference - penalty * d_cos
+    return np.array(_cosmos(_floats(losses), _floats(preference), penalty))
 
 
-def pbi_weights(losses: Tensor, preference: Tensor, theta: float, reference: Tensor) -> Tensor:
+def _pbi(losses: list[float], w: list[float], theta: float, ref: list[float],
+         eps: float) -> list[float]:
+    norm_w = math.hypot(*w)
+    w_hat = [x / norm_w for x in w]
+    r = [v - z for v, z in zip(losses, ref)]
+    # d2's direction does not depend on the scale of r: normalise first so that 1e-300 and
+    # 1e300 losses give the same finite weights.
+    top = max(map(abs, r))
+    if top > 0:
+        r = [x / top for x in r]
+    d1 = sum(map(operator.mul, r, w_hat))
+    perp = [x - d1 * h for x, h in zip(r, w_hat)]
+    d2 = math.hypot(*perp)
+    # d2 below the rounding of r is a point on the ray: no perpendicular direction.
+    if d2 <= 4 * eps * math.hypot(*r):
+        return w_hat
+    return [h + theta * (p / d2) for h, p in zip(w_hat, perp)]
+
+
+def pbi_weights(losses: ArrayLike, preference: ArrayLike, theta: float, reference: ArrayLike,
+                eps: float | None = None) -> np.ndarray:
     r"""d/dL of :math:`d_1 + \theta d_2`, with :math:`r = L - z`, :math:`\hat w = w/\lVert w\rVert`,
     :math:`d_1 = r^\top \hat w` and :math:`d_2 = \lVert r - d_1 \hat w\rVert`:
-    :math:`\hat w + \theta (r - d_1 \hat w) / d_2`; where :math:`d_2 = 0` (the losses on the
-    preference ray) the perpendicular part's subgradient 0 is taken.
+    :math:`\hat w + \theta (r - d_1 \hat w) / d_2` (float64); where :math:`d_2 = 0` (the losses
+    on the preference ray) the perpendicular part's subgradient 0 is taken.
 
-    >>> pbi_weights(torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.5]), 5.0, torch.zeros(2))
-    tensor([0.7071, 0.7071])
+    ``eps`` is the relative rounding of the losses (default: the machine epsilon of their dtype,
+    float64 for anything but a float array): a :math:`d_2` within 4 ``eps`` of
+    :math:`\lVert r\rVert` counts as a point on the ray.
+
+    >>> pbi_weights(np.array([1.0, 1.0]), np.array([0.5, 0.5]), 5.0, np.zeros(2)).round(4)
+    array([0.7071, 0.7071])
     """
-    w_hat = preference / preference.norm()
-    r = losses - reference
-    # d2's direction does not depend on the scale of r: normalise first so that 1e-30 and
-    # 1e30 losses give the same finite weights.
-    top = r.abs().max()
-    r = r / torch.where(top > 0, top, torch.ones_like(top))
-    perp = r - (r @ w_hat) * w_hat
-    d2 = perp.norm()
-    unit_perp = perp / torch.where(d2 > 0, d2, torch.ones_like(d2))
-    # d2 below float rounding of r is a point on the ray: no perpendicular direction.
-    on_ray = d2 <= 4 * torch.finfo(r.dtype).eps * r.norm()
-    return w_hat + theta * torch.where(on_ray, torch.zeros_like(unit_perp), unit_perp)
+    losses = np.asarray(losses)
+    if eps is None:
+        eps = float(np.finfo(losses.dtype if losses.dtype.kind == "f" else np.float64).eps)
+    return np.array(_pbi(_floats(losses), _floats(preference), theta, _floats(reference), eps))
 
 
 # ---------------------------------------------------------------------------- classes
@@ -85,12 +125,13 @@ class _PreferenceScalarization(LossWeighting):
     preference: Tensor
 
     def _preference(self, preference: float | Mapping[str, float] | None) -> Tensor:
+        """The preference as a float64 buffer value (of the float32 numbers the options give)."""
         if preference is None:
-            return torch.full((self.num_tasks,), 1.0 / self.num_tasks)
+            return torch.full((self.num_tasks,), 1.0 / self.num_tasks).double()
         pref = self._task_values(preference, "preference")
         if bool((pref < 0).any()) or not bool((pref > 0).any()):
             raise ValueError(f"preference must be >= 0 with one entry > 0, got {pref.tolist()}")
-        return pref
+        return pref.double()
 
 
 @register("stch")
@@ -142,13 +183,14 @@ class STCH(_PreferenceScalarization):
     ) -> None:
         super().__init__(tasks, **options)
         self.mu = positive("mu", mu)
+        # (host buffers: float64 state of the host maths, read through NumPy views)
         self.register_buffer("preference", self._preference(preference), persistent=False)
-        self.register_buffer("reference", self._task_values(reference, "reference"),
+        self.register_buffer("reference", self._task_values(reference, "reference").double(),
                              persistent=False)
 
-    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
-        return stch_weights(values, self.preference.to(values.dtype), self.mu,
-                            self.reference.to(values.dtype))
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
+        return _stch(values, host_view(self, "preference").tolist(), self.mu,
+                     host_view(self, "reference").tolist())
 
     def extra_repr(self) -> str:
         return f"mu={self.mu}, preference={self.preference.tolist()}"
@@ -207,24 +249,29 @@ class COSMOS(_PreferenceScalarization):
         self.alpha = positive("alpha", alpha)
         self.seed = int(seed)
         self.fixed = preference is not None
-        pref = self._preference(preference) if self.fixed else torch.zeros(self.num_tasks)
+        pref = (self._preference(preference) if self.fixed
+                else torch.zeros(self.num_tasks, dtype=torch.float64))
         self.register_buffer("preference", pref, persistent=False)
+        # The Dirichlet concentration, made once (not state: it follows from alpha).
+        self._concentration = torch.full((self.num_tasks,), self.alpha, dtype=torch.float64)
 
     def preference_at(self, step: int) -> Tensor:
         """The preference :math:`r` used at step ``step`` (float64, on the host)."""
-        if self.fixed:
-            return self.preference.double().cpu()
-        gen = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + int(step) * 7919) % (2**63 - 1)
-        )
-        # Dirichlet(alpha) as normalised Gamma(alpha) draws, from our own generator.
-        conc = torch.full((self.num_tasks,), self.alpha, dtype=torch.float64)
-        g = torch._standard_gamma(conc, generator=gen)
-        return g / g.sum()
+        return torch.tensor(self._preference_list(int(step)), dtype=torch.float64)
 
-    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
-        pref = self.preference_at(int(self.step)).to(values.device, values.dtype)
-        return cosmos_weights(values, pref, self.penalty)
+    def _preference_list(self, step: int) -> list[float]:
+        if self.fixed:
+            return host_view(self, "preference").tolist()
+        # Dirichlet(alpha) as normalised Gamma(alpha) draws (counter-based: the same for a
+        # step whatever step the run started or resumed at).
+        g = self._host_draws(step, lambda gen, n: torch._standard_gamma(
+            self._concentration.expand(n, -1).contiguous(), generator=gen))
+        total = sum(g)
+        return [x / total for x in g]
+
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
+        return _cosmos(values, self._preference_list(int(host_view(self, "step"))),
+                       self.penalty)
 
     def extra_repr(self) -> str:
         r = self.preference.tolist() if self.fixed else f"Dir({self.alpha})"
@@ -279,13 +326,15 @@ class PBI(_PreferenceScalarization):
     ) -> None:
         super().__init__(tasks, **options)
         self.theta = positive("theta", theta, allow_zero=True)
+        # (host buffers: float64 state of the host maths, read through NumPy views)
         self.register_buffer("preference", self._preference(preference), persistent=False)
-        self.register_buffer("reference", self._task_values(reference, "reference"),
+        self.register_buffer("reference", self._task_values(reference, "reference").double(),
                              persistent=False)
 
-    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
-        return pbi_weights(values, self.preference.to(values.dtype), self.theta,
-                           self.reference.to(values.dtype))
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
+        # On the ray within the rounding of the losses' own dtype (the values are float64).
+        return _pbi(values, host_view(self, "preference").tolist(), self.theta,
+                    host_view(self, "reference").tolist(), finfo(self._loss_dtype).eps)
 
     def extra_repr(self) -> str:
         return f"theta={self.theta}, preference={self.preference.tolist()}"

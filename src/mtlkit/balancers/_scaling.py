@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
+from mtlkit.balancers._functional import host_view
 from mtlkit.balancers._registry import register
 
 #: Smallest loss a reciprocal weight divides by (keeps 1/L finite when a loss is exactly 0).
@@ -31,16 +33,10 @@ class EqualWeighting(LossWeighting):
         tensor(5.)
     """
 
-    _ones: Tensor | None = None
+    reads_values = False
 
-    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
-        # The same ones vector every step (one allocation, not one a step), remade when the
-        # dtype, device or number of values changes.
-        ones = self._ones
-        if (ones is None or ones.dtype != values.dtype or ones.shape != values.shape
-                or ones.device != values.device):
-            ones = self.__dict__["_ones"] = torch.ones_like(values)
-        return ones
+    def loss_weights(self, values: None, context: Mapping[str, Any]) -> np.ndarray:
+        return self._constant(lambda: np.ones(self.num_tasks))
 
 
 @register("fixed")
@@ -68,15 +64,17 @@ class FixedWeighting(LossWeighting):
         if not isinstance(weights, Mapping):
             raise TypeError("weights must be a mapping task -> weight")
         values = self._task_values(weights, "weights")
-        for t, v in zip(self.tasks, values.tolist()):
+        for t, v in zip(self.tasks, values):
             positive(f"weights[{t!r}]", v, allow_zero=True)
         self.register_buffer("weight_values", values)
 
-    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        return self.weight_values.to(losses)
+    reads_values = False
+
+    def loss_weights(self, values: None, context: Mapping[str, Any]) -> np.ndarray:
+        return self._constant(lambda: host_view(self, "weight_values"))
 
     def extra_repr(self) -> str:
-        return f"weights={dict(zip(self.tasks, self.weight_values.tolist()))}"
+        return f"weights={dict(zip(self.tasks, self.weight_values))}"
 
 
 @register("initial_loss")
@@ -119,41 +117,28 @@ class InitialLossWeighting(LossWeighting):
         if int(num_batches) != num_batches or num_batches < 1:
             raise ValueError(f"num_batches must be an integer >= 1, got {num_batches}")
         self.num_batches = int(num_batches)
-        self.register_buffer("initial_sum", torch.zeros(self.num_tasks))
+        self.register_buffer("initial_sum", torch.zeros(self.num_tasks, dtype=torch.float64))
         self.register_buffer("initial_count", torch.zeros((), dtype=torch.long))
         if initial is not None:
             values = self._task_values(initial, "initial")
-            for t, v in zip(self.tasks, values.tolist()):
+            for t, v in zip(self.tasks, values):
                 positive(f"initial[{t!r}]", v)
             self.initial_sum.copy_(values * self.num_batches)
             self.initial_count.fill_(self.num_batches)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> InitialLossWeighting:
-        # The counter stays on the host (as the step counter): reading it never syncs.
-        count = self.initial_count
-        self.__dict__["_cached"] = None
-        super()._apply(fn, recurse)
-        self._buffers["initial_count"] = count
-        return self
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> np.ndarray:
+        count = host_view(self, "initial_count")
+        if count < self.num_batches:
+            total = host_view(self, "initial_sum")
+            total += values
+            count += 1
+        else:  # L(0) is complete: the same weights every step
+            return self._constant(self._weights)
+        return self._weights()
 
-    def loss_weights(self, values: Tensor, context: Mapping[str, Any]) -> Tensor:
-        if int(self.initial_count) < self.num_batches:  # a host read, no device sync
-            self.initial_sum += values.float()
-            self.initial_count += 1
-        elif self._cached is not None and self._cached.device == values.device:
-            return self._cached  # L(0) is complete: the same weights every step
-        mean = self.initial_sum / self.initial_count.clamp_min(1).to(self.initial_sum.device)
-        weights = 1.0 / mean.clamp_min(LOSS_FLOOR)
-        if int(self.initial_count) >= self.num_batches:
-            self.__dict__["_cached"] = weights
-        return weights
-
-    #: The weights once L(0) is complete (dropped when the state is loaded or moved).
-    _cached: Tensor | None = None
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.__dict__["_cached"] = None
-        super()._load_from_state_dict(*args, **kwargs)
+    def _weights(self) -> np.ndarray:
+        mean = host_view(self, "initial_sum") / max(int(self.initial_count), 1)
+        return 1.0 / np.maximum(mean, LOSS_FLOOR)
 
     def extra_repr(self) -> str:
         return f"num_batches={self.num_batches}"
@@ -192,7 +177,7 @@ class PriorLossWeighting(LossWeighting):
         if not isinstance(priors, Mapping):
             raise TypeError("priors must be a mapping task -> prior loss")
         values = self._task_values(priors, "priors")
-        for t, v in zip(self.tasks, values.tolist()):
+        for t, v in zip(self.tasks, values):
             positive(f"priors[{t!r}]", v)
         self.register_buffer("priors", values)
 
@@ -207,8 +192,10 @@ class PriorLossWeighting(LossWeighting):
         """Build the weighting from training labels with :func:`prior_loss` per task."""
         return cls(tasks, {t: prior_loss(labels[t], kinds[t]) for t in tasks}, **kwargs)
 
-    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        return (1.0 / self.priors).to(losses)
+    reads_values = False
+
+    def loss_weights(self, values: None, context: Mapping[str, Any]) -> np.ndarray:
+        return self._constant(lambda: 1.0 / host_view(self, "priors").astype(np.float64))
 
     def extra_repr(self) -> str:
         return f"priors={dict(zip(self.tasks, self.priors.tolist()))}"
@@ -234,8 +221,8 @@ class GeometricWeighting(LossWeighting):
         {'a': 0.25, 'b': 2.0}
     """
 
-    def loss_weights(self, losses: Tensor, context: Mapping[str, Any]) -> Tensor:
-        return 1.0 / losses.clamp_min(LOSS_FLOOR)
+    def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
+        return [1.0 / max(v, LOSS_FLOOR) for v in values]
 
 
 def prior_loss(labels: Tensor, kind: str) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -84,15 +84,19 @@ class UncertaintyWeighting(LossWeighting):
         self.register_buffer("log_scale", torch.tensor(log_scale), persistent=False)
         self.register_buffer("halves", torch.full((self.num_tasks,), 0.5), persistent=False)
 
-    def objective(
-        self, losses: Tensor, values: Tensor, context: Mapping[str, Any]
-    ) -> tuple[Tensor, Tensor]:
-        # Differentiable in the log-variances: they learn from this same backward pass (linear
-        # in the losses, so the ranks' gradients average to the whole batch's). Few operations:
-        # this is the whole overhead over a plain sum.
-        s = self.log_vars if self.log_vars.dtype == losses.dtype else self.log_vars.to(losses)
-        weights = torch.exp(self.log_scale.to(s) - s)  # c_k e^{-s_k}
-        return losses @ weights + self.halves.to(s) @ s, weights
+    def learned_weights(self, values: Tensor) -> tuple[Tensor, Callable[[], Tensor],
+                                                       list[Tensor]]:
+        # w_k = c_k e^{-s_k}; d/ds_k of (c_k e^{-s_k} L_k + s_k / 2) = 1/2 - w_k L_k, from the
+        # whole batch's loss values (the objective is linear in the losses). Four operations:
+        # this is the whole overhead over a plain sum (the regulariser sum_k s_k / 2 is
+        # computed from the weights, and only when read).
+        s = self._parameters["log_vars"].detach()  # type: ignore[union-attr]
+        log_scale, halves = self._buffers["log_scale"], self._buffers["halves"]
+        weights = torch.exp(log_scale - s)  # type: ignore[operator]
+        if values.dtype != s.dtype:
+            values = values.to(s.dtype)
+        grad = torch.addcmul(halves, weights, values, value=-1)  # type: ignore[arg-type]
+        return weights, lambda: halves @ (log_scale - weights.log()), [grad]  # type: ignore[operator]
 
     def extra_repr(self) -> str:
         return f"kinds={self.kinds}"

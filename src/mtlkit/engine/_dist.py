@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -38,6 +39,16 @@ def all_mean(tensor: Tensor) -> Tensor:
     out = tensor.detach().clone()
     dist.all_reduce(out)
     return out.div_(n)
+
+
+def all_mean_host(values: np.ndarray) -> np.ndarray:
+    """The mean over the ranks of a float64 array on the host (through the default group's
+    device: the current CUDA device under NCCL, else the host)."""
+    if world_size() == 1:
+        return values
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    return all_mean(torch.from_numpy(values).to(device)).cpu().numpy()
 
 
 def all_mean_list(tensors: Sequence[Tensor]) -> list[Tensor]:
