@@ -178,3 +178,10 @@ def test_inner_adam_on_host_floats_equals_inner_adam_on_tensors():
     np.testing.assert_allclose(x, y.numpy(), rtol=1e-13, atol=0)
     np.testing.assert_allclose(host.v.numpy(), device.v.numpy(), rtol=1e-13)
     assert int(host.t) == int(device.t) == 20
+
+
+def test_fixed_and_prior_weightings_print_their_numbers():
+    fixed = balancers.create("fixed", ("a", "b"), weights={"a": 0.5, "b": 2.0})
+    prior = balancers.create("prior_loss", ("a", "b"), priors={"a": 2.0, "b": 0.5})
+    assert repr(fixed) == "FixedWeighting(weights={'a': 0.5, 'b': 2.0})"
+    assert repr(prior) == "PriorLossWeighting(priors={'a': 2.0, 'b': 0.5})"

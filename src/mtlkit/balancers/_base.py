@@ -16,7 +16,7 @@ base                        hook (all inputs detached)                          
 :class:`LossWeighting`      ``loss_weights(values, context) -> (K,)`` on the    ``losses``
                             host in Python floats; learned weights implement
                             ``learned_weights(values) -> (weights, r, grads)``
-                            ``objective(losses, values, context) -> (total,
+                            or ``objective(losses, values, context) -> (total,
                             weights)`` instead
 :class:`LastLayerWeighting` ``layer_objective(losses, values, layer_grads,       ``last_shared``
                             context) -> (total, weights)``

@@ -134,12 +134,13 @@ class FAMO(LossWeighting):
         K-sized maths in Python floats, ~0.05 us an operation: this runs every step.)"""
         logits, prev, pending, bounds = state
         delta = [math.log(d0 / d1) for d0, d1 in zip(_gaps(prev.tolist(), bounds.tolist()), gap)]
-        z = softmax(logits.tolist())
+        x = logits.tolist()
+        z = softmax(x)
         mean = sum(map(operator.mul, z, delta))
         # softmax Jacobian (symmetric) times delta, plus the L2 weight decay (as torch.optim.Adam
         # adds it to the gradient)
         gamma = self.gamma
-        grad = [zk * (dk - mean) + gamma * xk for zk, dk, xk in zip(z, delta, logits.tolist())]
+        grad = [zk * (dk - mean) + gamma * xk for zk, dk, xk in zip(z, delta, x)]
         self._modules["adam"].step(logits, grad)  # type: ignore[union-attr]
         pending[()] = False
 

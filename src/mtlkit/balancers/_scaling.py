@@ -64,7 +64,7 @@ class FixedWeighting(LossWeighting):
         if not isinstance(weights, Mapping):
             raise TypeError("weights must be a mapping task -> weight")
         values = self._task_values(weights, "weights")
-        for t, v in zip(self.tasks, values):
+        for t, v in zip(self.tasks, values.tolist()):
             positive(f"weights[{t!r}]", v, allow_zero=True)
         self.register_buffer("weight_values", values)
 
@@ -74,7 +74,7 @@ class FixedWeighting(LossWeighting):
         return self._constant(lambda: host_view(self, "weight_values"))
 
     def extra_repr(self) -> str:
-        return f"weights={dict(zip(self.tasks, self.weight_values))}"
+        return f"weights={dict(zip(self.tasks, self.weight_values.tolist()))}"
 
 
 @register("initial_loss")
@@ -121,7 +121,7 @@ class InitialLossWeighting(LossWeighting):
         self.register_buffer("initial_count", torch.zeros((), dtype=torch.long))
         if initial is not None:
             values = self._task_values(initial, "initial")
-            for t, v in zip(self.tasks, values):
+            for t, v in zip(self.tasks, values.tolist()):
                 positive(f"initial[{t!r}]", v)
             self.initial_sum.copy_(values * self.num_batches)
             self.initial_count.fill_(self.num_batches)
@@ -177,7 +177,7 @@ class PriorLossWeighting(LossWeighting):
         if not isinstance(priors, Mapping):
             raise TypeError("priors must be a mapping task -> prior loss")
         values = self._task_values(priors, "priors")
-        for t, v in zip(self.tasks, values):
+        for t, v in zip(self.tasks, values.tolist()):
             positive(f"priors[{t!r}]", v)
         self.register_buffer("priors", values)
 
