@@ -23,6 +23,7 @@ from _inputs import CountBackward, Net, batches, degenerate_jacobians, linear_lo
 
 from mtlkit import balancers
 from mtlkit.balancers import (
+    BalanceStep,
     GradientBalancer,
     GramianWeighting,
     LossWeighting,
@@ -95,7 +96,7 @@ EXCEPTIONS: dict[str, dict[str, str]] = {
 # Auto-Lambda's step needs held_out= (a function that reruns the model on a held-out batch)
 # and parameters=, which these generic properties cannot build from their losses; the same
 # properties are checked in tests/balancers/test_bilevel.py.
-for _prop in ("degenerate", "heads", "resume", "bad_input"):
+for _prop in ("degenerate", "heads", "resume", "bad_input", "own_memory"):
     EXCEPTIONS.setdefault(_prop, {})["auto_lambda"] = (
         "needs a held-out closure and the parameters (test_bilevel.py checks this property)")
 for _name in ("modo", "sdmgrad"):
@@ -349,6 +350,37 @@ def check_rejects_bad_input(make: Factory) -> None:
             quiet_step(b, [p.sum() * (k + 1) for k in range(3)], shared=[p, p])
 
 
+def check_gradients_own_their_memory(make: Factory) -> None:
+    """A leaf that receives a loss's gradient unchanged (a 0-d parameter added to a loss) may keep
+    the very tensor autograd hands it as its ``.grad``; optimiser code then changes ``.grad`` in
+    place (``clip_grad_norm_``, ``GradScaler.unscale_``, ``zero_grad(set_to_none=False)``). That
+    must change nothing else: the step's weights and loss as read afterwards, and every later
+    step, equal those of the same losses through a node that copies the gradient."""
+
+    def run(passes_through: bool) -> list[Any]:
+        torch.manual_seed(5)
+        w = torch.nn.Parameter(torch.randn(4))
+        s = torch.nn.Parameter(torch.tensor(0.5))  # in task b's loss only
+        rows = torch.tensor([[1.0, 0.5, 0.0, 2.0], [0.0, 1.0, 3.0, 1.0], [2.0, 0.0, 1.0, 0.5]])
+        b = make()
+        seen = []
+        for i in range(4):
+            losses = [(w * r).sum() ** 2 * (10.0 ** (k - 1)) for k, r in enumerate(rows)]
+            # task b's loss: s plus a data term (the add hands its gradient to s as it is)
+            losses[1] = (s if passes_through else s * 1.0) + (1.0 + 0.25 * i)
+            step = quiet_step(b, losses, i, shared=[w])
+            s_grad = s.grad.item()
+            s.grad.mul_(0.5)  # in place, as gradient clipping does
+            seen.append((step.weight_tensor.tolist(), step.loss.item(), s_grad))
+            if b.needs_after_step:
+                b.after_step([v.detach() for v in losses])
+            s.grad.zero_()  # zero_grad(set_to_none=False)
+            w.grad = None
+        return seen
+
+    assert run(passes_through=True) == run(passes_through=False)
+
+
 def check_citation(name: str, cls: type) -> None:
     """The docstring cites the paper with its arXiv id (exceptions say why not)."""
     assert "arXiv:" in (cls.__doc__ or ""), f"{name}: cite the paper's arXiv id"
@@ -361,6 +393,7 @@ PROPERTIES: dict[str, Callable[[Factory], None]] = {
     "task_names": check_state_names_the_tasks,
     "heads": check_heads_and_passes,
     "bad_input": check_rejects_bad_input,
+    "own_memory": check_gradients_own_their_memory,
 }
 
 
@@ -447,7 +480,20 @@ class _DoubleBackward(LossWeighting):
         return losses @ (2 * w), w
 
 
+class _SharedSeed(LossWeighting):
+    """Equal weights, its backward pass seeded with the tensor the step reports (and keeps)."""
+
+    def loss_weights(self, values, context):
+        return [1.0] * len(values)
+
+    def _balance(self, items, stacked, values, shared, features, context):
+        weights = self.__dict__.setdefault("_kept", torch.ones_like(values))
+        stacked.backward(weights)
+        return BalanceStep(self.tasks, values @ weights, weights)
+
+
 @pytest.mark.parametrize(("cls", "prop"), [
+    (_SharedSeed, "own_memory"),
     (_ZeroOnIdentical, "degenerate"),
     (_Float32Norms, "degenerate"),
     (_Forgetful, "resume"),

@@ -79,6 +79,7 @@ weights (``tests/engine/test_dist.py``). In one process no collective is called.
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -112,8 +113,9 @@ from mtlkit.engine._grads import _task_leaves
 #: Steps per block of random draws made on the host (see :meth:`Balancer._host_draws`).
 DRAW_BLOCK = 64
 
-#: NumPy's dtype of a torch dtype, where it has one (bfloat16 has none).
-_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+#: The ``array`` type code of a torch dtype, where it has one (the cheapest way from Python floats
+#: to a CPU tensor: ``torch.frombuffer`` of an ``array.array``).
+_ARRAY_CODES = {torch.float64: "d", torch.float32: "f"}
 
 Requirement = Literal["losses", "last_shared", "gramian", "block_gramian", "jacobian"]
 Losses = Mapping[str, Tensor] | Sequence[Tensor]
@@ -132,22 +134,31 @@ class BalanceStep:
             arguments, computed when first read (a loss weighting's step costs no operation for
             a value nobody reads).
         weight_tensor: effective weight of each task's gradient in the shared update, shape (K,).
+            May be given as a function of no arguments, made when first read.
         gramian: the K x K Gram matrix of the task gradients (float64), for gradient methods;
             else None.
     """
 
     # A plain class with slots, not a dataclass: built every step (see the tiny suite of the
     # speed benchmark, where a frozen dataclass's construction was a visible share).
-    __slots__ = ("_loss", "extras", "gramian", "tasks", "weight_tensor")
+    __slots__ = ("_loss", "_weight_tensor", "extras", "gramian", "tasks")
 
     def __init__(self, tasks: tuple[str, ...], loss: Tensor | Callable[[], Tensor],
-                 weight_tensor: Tensor, gramian: Tensor | None = None,
+                 weight_tensor: Tensor | Callable[[], Tensor], gramian: Tensor | None = None,
                  extras: dict[str, Tensor] | None = None) -> None:
         self.tasks = tasks
         self._loss = loss
-        self.weight_tensor = weight_tensor
+        self._weight_tensor = weight_tensor
         self.gramian = gramian
         self.extras: dict[str, Tensor] = {} if extras is None else extras
+
+    @property
+    def weight_tensor(self) -> Tensor:
+        """Effective weight of each task's gradient in the shared update, shape (K,)."""
+        weights = self._weight_tensor
+        if not isinstance(weights, Tensor):
+            weights = self._weight_tensor = weights()
+        return weights
 
     @property
     def loss(self) -> Tensor:
@@ -221,6 +232,9 @@ class Balancer(nn.Module):
     _skipped: bool = False
     #: The number of processes, read once per step by :meth:`backward`. Not state.
     _world: int = 1
+    #: This step's loss values as Python floats when the finiteness check read them to the
+    #: host, else None (set by :meth:`backward`). Not state.
+    _host_values: list[float] | None = None
     #: Buffer name -> (NumPy view of its memory, the buffer); see :func:`._functional.host_view`.
     _views: dict[str, tuple[np.ndarray, Tensor]]
 
@@ -352,8 +366,8 @@ class Balancer(nn.Module):
         self.__dict__["_world"] = world  # (Module.__setattr__ costs more than the read)
         if world > 1:
             values = all_mean(values)
-        if self.check_finite:
-            self._check_finite(values)
+        # (the K values on the host when the check read them there: loss weightings use them)
+        self.__dict__["_host_values"] = self._check_finite(values) if self.check_finite else None
         if self._skipped:  # (a module attribute assignment costs more than this read)
             self._skipped = False
         if scaler is None or not scaler.is_enabled():
@@ -483,21 +497,24 @@ class Balancer(nn.Module):
             self._check_finite(values)
         return values
 
-    def _check_finite(self, values: Tensor) -> None:
+    def _check_finite(self, values: Tensor) -> list[float] | None:
+        """Raise on a non-finite value, naming the tasks; the values as Python floats when they
+        were read to the host (on CPU), else None."""
         # On the host the K values are read directly (a list read costs less than one torch
         # operation) and summed (finite when every value is; a non-finite or overflowing sum
         # takes the per-task check); on an accelerator one reduction and one synchronisation.
         if values.is_cpu:
             host = values.tolist()
             if math.isfinite(sum(host)):
-                return
+                return host
         elif bool(torch.isfinite(values).all()):
-            return
+            return None
         else:
             host = values.tolist()
         if not all(map(math.isfinite, host)):
             bad = [t for t, v in zip(self.tasks, host) if not math.isfinite(v)]
             raise FloatingPointError(f"non-finite loss for task(s) {bad}: {host}")
+        return host
 
     def _check_context(self, context: Mapping[str, Any]) -> None:
         unknown = [k for k in context if k not in self.context_keys]
@@ -696,50 +713,73 @@ class LossWeighting(Balancer):
         if hook == "objective":
             total, weights = self.objective(stacked, values, context)
             return self._backward_total(total, weights)
+        # The objective sum_k w_k L_k (+ r) with constant weights: its gradient in the model is
+        # the backward pass of the stacked losses seeded with the weights (no product node, no
+        # graph root of its own); its value is values @ weights (+ r), the whole batch's under
+        # torch.distributed. The seed is a tensor nobody else holds: autograd may hand its
+        # memory to a leaf as that leaf's .grad (a 0-d parameter added to a loss), which
+        # optimiser code then changes in place (clipping, unscaling, zeroing).
+        scale = self._loss_scale
+        weights: Tensor | _HostWeights
         if hook == "learned_weights":
             weights, regulariser, grads = self.learned_weights(values)
             self._accumulate_own(grads)
             if weights.dtype != stacked.dtype:
                 weights = weights.to(stacked.dtype)
+            seed = weights.clone() if scale is None else weights * scale
         else:
-            # Host maths: the values as Python floats (the cheapest way to the host for any
-            # dtype and device).
-            host = values.tolist() if self.reads_values else None
+            # Host maths: the values as Python floats, read once per step (by the finiteness
+            # check when it ran on the host).
+            host = None
+            if self.reads_values:
+                host = self._host_values
+                if host is None:
+                    host = values.tolist()
             self.__dict__["_loss_dtype"] = stacked.dtype  # (cheaper than Module.__setattr__)
-            weights = self._weights_tensor(self.loss_weights(host, context), stacked)
+            weights, seed = self._weights_tensors(self.loss_weights(host, context), stacked)
+            if scale is not None:
+                seed = seed * scale
             regulariser = None
-        # The objective sum_k w_k L_k (+ r) with constant weights: its gradient in the model is
-        # the backward pass of the stacked losses seeded with the weights (no product node, no
-        # graph root of its own); its value is values @ weights (+ r), the whole batch's under
-        # torch.distributed.
-        scale = self._loss_scale
-        _seeded_backward(stacked, weights if scale is None else weights * scale)
-        if regulariser is None:
-            return BalanceStep(self.tasks, lambda: values @ weights, weights)
-        return BalanceStep(self.tasks, lambda: values @ weights + (
-            regulariser() if callable(regulariser) else regulariser), weights)
+        _seeded_backward(stacked, seed)
+        if type(weights) is _HostWeights:
+            read = weights
+            loss: Callable[[], Tensor] = lambda: values @ read()
+        else:
+            loss = lambda: values @ weights
+        if regulariser is not None:
+            value = loss
+            loss = lambda: value() + (
+                regulariser() if callable(regulariser) else regulariser)
+        return BalanceStep(self.tasks, loss, weights)
 
-    def _weights_tensor(self, weights: Any, like: Tensor) -> Tensor:
-        """The hook's K weights as a tensor of the losses' dtype and device."""
+    def _weights_tensors(self, weights: Any, like: Tensor
+                         ) -> tuple[Tensor | _HostWeights, Tensor]:
+        """(the step's weights: a tensor, or a :class:`_HostWeights` that makes one when read;
+        the seed of the backward pass: a new tensor) from the hook's K weights, in the losses'
+        dtype and device."""
         cached = self._weights_cache
         if (cached is not None and cached[0] is weights and cached[1].dtype == like.dtype
                 and cached[1].device == like.device):
-            return cached[1]
-        # A new tensor in every case (the weights outlive the step in BalanceStep; an array
-        # may be a view of the method's state): on the host through NumPy (two calls, a third
-        # of torch.tensor's cost), else made on the device in one call.
-        listed = weights if type(weights) is list else np.asarray(weights, np.float64).tolist()
-        dtype = _NUMPY_DTYPES.get(like.dtype)
-        if dtype is not None and like.is_cpu:
-            out = torch.from_numpy(np.array(listed, dtype))
-        else:
-            out = torch.tensor(listed, dtype=like.dtype, device=like.device)
-        if out.shape != like.shape:
+            return cached[1], cached[1].clone()
+        # A list is copied (it may be the method's state), an array converted (it may be a view
+        # of the method's state); on the host through array.array, a fifth of torch.tensor's
+        # cost, else made on the device in one call.
+        listed = tuple(weights) if type(weights) is list else np.asarray(weights, np.float64).tolist()
+        code = _ARRAY_CODES.get(like.dtype)
+        try:
+            if code is None or not like.is_cpu:
+                raise TypeError
+            seed = torch.frombuffer(array(code, listed), dtype=like.dtype)
+        except TypeError:  # another dtype or device, or not K floats (the shape is named below)
+            seed = torch.tensor(listed, dtype=like.dtype, device=like.device)
+        if seed.shape != like.shape:
             raise ValueError(f"{type(self).__name__}.loss_weights returned shape "
-                             f"{tuple(out.shape)}; expected {tuple(like.shape)}")
+                             f"{tuple(seed.shape)}; expected {tuple(like.shape)}")
         if type(weights) is np.ndarray and not weights.flags.writeable:
-            self.__dict__["_weights_cache"] = (weights, out)
-        return out
+            kept = seed.clone()
+            self.__dict__["_weights_cache"] = (weights, kept)
+            return kept, seed
+        return _HostWeights(listed, like), seed
 
     def _accumulate_own(self, grads: Sequence[Tensor]) -> None:
         """Add the gradients of the balancer's own parameters (times the loss scale of a
@@ -1011,6 +1051,22 @@ def _blend_block_weights(per_block: Tensor, gramians: Tensor) -> Tensor:
     total = sq.sum(0)
     blended = (per_block * sq).sum(0) / total.clamp_min(torch.finfo(total.dtype).tiny)
     return torch.where(total > 0, blended, per_block.mean(0))
+
+
+class _HostWeights:
+    """A step's weights computed on the host, made into a tensor (of the losses' dtype and
+    device) only when read: a loop that never reads them pays nothing for them."""
+
+    __slots__ = ("_device", "_dtype", "_tensor", "_values")
+
+    def __init__(self, values: Sequence[float], like: Tensor) -> None:
+        self._values, self._dtype, self._device = values, like.dtype, like.device
+        self._tensor: Tensor | None = None
+
+    def __call__(self) -> Tensor:
+        if self._tensor is None:
+            self._tensor = torch.tensor(self._values, dtype=self._dtype, device=self._device)
+        return self._tensor
 
 
 def frozen(values: Any) -> np.ndarray:
