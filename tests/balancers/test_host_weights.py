@@ -173,7 +173,7 @@ def test_inner_adam_on_host_floats_equals_inner_adam_on_tensors():
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         g = torch.randn(3, generator=gen, dtype=torch.float64) * 1e3
-        host.step(x, g.tolist())
+        host.step(memoryview(x), g.tolist())
         device.step(y, g)
     np.testing.assert_allclose(x, y.numpy(), rtol=1e-13, atol=0)
     np.testing.assert_allclose(host.v.numpy(), device.v.numpy(), rtol=1e-13)

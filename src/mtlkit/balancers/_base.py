@@ -232,11 +232,11 @@ class Balancer(nn.Module):
     _skipped: bool = False
     #: The number of processes, read once per step by :meth:`backward`. Not state.
     _world: int = 1
-    #: This step's loss values as Python floats when the finiteness check read them to the
-    #: host, else None (set by :meth:`backward`). Not state.
+    #: The loss values last checked (by :meth:`backward`, :meth:`after_step`) as Python floats
+    #: when the finiteness check read them to the host, else None. Not state.
     _host_values: list[float] | None = None
-    #: Buffer name -> (NumPy view of its memory, the buffer); see :func:`._functional.host_view`.
-    _views: dict[str, tuple[np.ndarray, Tensor]]
+    #: Buffer name -> (memoryview of its memory, the buffer); see :func:`._functional.host_view`.
+    _views: dict[str, tuple[memoryview, Tensor]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -306,7 +306,7 @@ class Balancer(nn.Module):
         return self
 
     def __getstate__(self) -> dict[str, Any]:
-        # Caches tied to this object's tensors (NumPy views of buffers, which a copy would
+        # Caches tied to this object's tensors (memoryviews of buffers, which a copy would
         # detach from the copied buffers) and generators are remade, not copied.
         state = super().__getstate__()
         state.pop("_views", None)
@@ -489,12 +489,11 @@ class Balancer(nn.Module):
     def _loss_values(self, stacked: Tensor) -> Tensor:
         """The whole batch's loss values, detached: the mean over the ranks under
         ``torch.distributed`` (so every rank computes the same weights), checked for finiteness
-        (after the mean, so that every rank raises together)."""
-        values = stacked.detach()
+        (after the mean, so that every rank raises together). Sets ``_host_values``."""
+        values = stacked.detach() if stacked.requires_grad else stacked
         if world_size() > 1:
             values = all_mean(values)
-        if self.check_finite:
-            self._check_finite(values)
+        self.__dict__["_host_values"] = self._check_finite(values) if self.check_finite else None
         return values
 
     def _check_finite(self, values: Tensor) -> list[float] | None:
@@ -581,7 +580,7 @@ class Balancer(nn.Module):
         if gen is None:
             gen = gens[key] = torch.Generator() if device is None else torch.Generator(device=device)
         if counter is None:
-            counter = int(host_view(self, "step"))
+            counter = host_view(self, "step")[()]
         gen.manual_seed((seed * 1_000_003 + counter * 7919 + salt) % (2**63 - 1))
         return gen
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, frozen, positive
-from mtlkit.balancers._functional import host_view, softmax
+from mtlkit.balancers._functional import host_view, host_write, softmax
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._scaling import LOSS_FLOOR
 from mtlkit.engine._dist import all_mean_host
@@ -73,7 +73,7 @@ class DynamicWeightAverage(LossWeighting):
     def _refresh(self) -> None:
         k = self.num_tasks
         if int(self.epochs_seen) >= 2:
-            history = host_view(self, "history")
+            history = np.asarray(host_view(self, "history"))
             z = history[1] / np.maximum(history[0], LOSS_FLOOR) / self.temperature
             e = np.exp(z - z.max())
             weights = k * e / e.sum()
@@ -84,16 +84,15 @@ class DynamicWeightAverage(LossWeighting):
     def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> np.ndarray:
         out = self._current
         if self.per_batch:
-            history = host_view(self, "history")
+            history = np.asarray(host_view(self, "history"))
             history[0] = history[1]
             history[1] = values
             self.epochs_seen += 1
             self._refresh()
         else:  # the hot path: two in-place additions on the host
             total = host_view(self, "epoch_sum")
-            total += values
-            count = host_view(self, "epoch_count")
-            count += 1
+            host_write(total, [a + b for a, b in zip(total.tolist(), values)])
+            host_view(self, "epoch_count")[()] += 1
         return out
 
     def new_epoch(self) -> None:
@@ -167,6 +166,7 @@ class DynamicTaskPrioritization(LossWeighting):
         self.alpha = alpha
         self.register_buffer("gamma", gammas, persistent=False)
         self._gammas: list[float] = gammas.tolist()
+        self._unit_gammas = all(g == 1.0 for g in self._gammas)
         self.register_buffer("kpi_avg", torch.ones(self.num_tasks, dtype=torch.float64))
         self.register_buffer("kpi_seen", torch.zeros((), dtype=torch.bool))
         self.register_buffer("first_loss", torch.ones(self.num_tasks, dtype=torch.float64))
@@ -179,7 +179,10 @@ class DynamicTaskPrioritization(LossWeighting):
         kpi = context.get("kpi")
         if type(kpi) is dict and len(kpi) == len(self.tasks):
             given = [kpi.get(t, False) for t in self.tasks]
-            if all(v is None or (type(v) is float and 0.0 < v <= 1.0) for v in given):
+            for v in given:
+                if not (v is None or (type(v) is float and 0.0 < v <= 1.0)):
+                    break
+            else:
                 self.__dict__["_kpi_given"] = given  # (cheaper than Module.__setattr__)
                 return
         if "kpi" not in context:
@@ -217,13 +220,19 @@ class DynamicTaskPrioritization(LossWeighting):
                     if not first_seen[k]:
                         first[k], first_seen[k] = loss, True
                     kpi[k] = min(max(math.exp(-loss / first[k]), 1e-3), 1.0)
-        average, seen = host_view(self, "kpi_avg"), host_view(self, "kpi_seen")
-        if seen:
+        average = host_view(self, "kpi_avg")
+        seen = host_view(self, "kpi_seen")
+        if seen[()]:
             a = self.alpha
-            kpi = [a * k + (1 - a) * m for k, m in zip(kpi, average.tolist())]
-        average[:] = kpi
-        seen[()] = True
-        return [-((1 - k) ** g) * math.log(k) for k, g in zip(kpi, self._gammas)]
+            b = 1 - a
+            kpi = [a * k + b * m for k, m in zip(kpi, average.tolist())]
+        else:
+            seen[()] = True
+        host_write(average, kpi)
+        log = math.log
+        if self._unit_gammas:  # the default: (1 - k) ** 1, without the power
+            return [(k - 1) * log(k) for k in kpi]
+        return [-((1 - k) ** g) * log(k) for k, g in zip(kpi, self._gammas)]
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma.tolist()}, alpha={self.alpha}"
@@ -261,8 +270,8 @@ class LossBalancedTaskWeighting(LossWeighting):
 
     def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
         initial, need = host_view(self, "epoch_initial"), host_view(self, "need_initial")
-        if need:
-            initial[:] = values
+        if need[()]:
+            host_write(initial, values)
             need[()] = False
         alpha = self.alpha
         return [max(v / max(i, LOSS_FLOOR), 0.0) ** alpha
@@ -298,7 +307,7 @@ class RandomLossWeighting(LossWeighting):
     reads_values = False
 
     def loss_weights(self, values: None, context: Mapping[str, Any]) -> list[float]:
-        step = int(host_view(self, "step"))
+        step = host_view(self, "step")[()]
         return softmax(self._host_draws(step, lambda gen, n: torch.randn(
             n, self.num_tasks, generator=gen, dtype=torch.float64)))
 

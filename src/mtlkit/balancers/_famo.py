@@ -7,12 +7,11 @@ import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
-from mtlkit.balancers._functional import InnerAdam, host_view, softmax
+from mtlkit.balancers._functional import InnerAdam, host_view, host_write
 from mtlkit.balancers._registry import register
 
 EPS = 1e-8  # keeps log(L - b) finite when a loss reaches its lower bound
@@ -105,49 +104,55 @@ class FAMO(LossWeighting):
         self.register_buffer("prev_losses", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("pending", torch.zeros((), dtype=torch.bool))
 
-    def _state(self) -> tuple[np.ndarray, ...]:
-        """NumPy views of (logits, prev_losses, pending, min_losses)."""
+    def _state(self) -> tuple[memoryview, ...]:
+        """Host views of (logits, prev_losses, pending, min_losses) (see ``host_view``)."""
         return (host_view(self, "logits"), host_view(self, "prev_losses"),
                 host_view(self, "pending"), host_view(self, "min_losses"))
 
+    # The K-sized maths below is in Python floats, in few passes over few objects: this runs
+    # every step, and inside a training step each object or array call it touches costs more
+    # than the arithmetic (see LossWeighting).
     def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
-        state = logits, prev, pending, bounds = self._state()
-        gap = _gaps(values, bounds.tolist())
-        if pending and not self.needs_after_step:
-            self._move_logits(gap, state)  # next_batch: these losses are L(t+1)
-        # w = (z / gap) / sum(z / gap) with z = softmax(logits)
-        ratio = [e / d for e, d in zip(softmax(logits.tolist()), gap)]
-        prev[:] = values
+        logits, prev, pending, bounds = self._state()
+        low = bounds.tolist()
+        if pending[()] and not self.needs_after_step:  # next_batch: these losses are L(t+1)
+            x = self._move_logits(values, logits, prev, pending, low)
+        else:
+            x = logits.tolist()
+        host_write(prev, values)
         pending[()] = True
+        # w = (z / D) / sum(z / D) with z = softmax(logits): the softmax's sum cancels
+        top = max(x)
+        ratio = [math.exp(a - top) / (max(v - b, 0.0) + EPS) for a, v, b in zip(x, values, low)]
         total = sum(ratio)
         return [r / total for r in ratio]
 
     def _after_step(self, losses: Tensor) -> None:
-        state = self._state()
-        if not state[2]:
+        logits, prev, pending, bounds = self._state()
+        if not pending[()]:
             raise RuntimeError("famo.after_step() called without a backward() before it")
-        self._move_logits(_gaps(losses.tolist(), state[3].tolist()), state)
+        host = self._host_values  # read by the finiteness check, when it ran
+        self._move_logits(losses.tolist() if host is None else host, logits, prev, pending,
+                          bounds.tolist())
 
-    def _move_logits(self, gap: list[float], state: tuple[np.ndarray, ...]) -> None:
-        """One Adam step of the logits along the drop of the log gaps from ``prev_losses`` to
-        the losses whose gaps are ``gap``; clears ``pending``. ``state``: :meth:`_state`. (The
-        K-sized maths in Python floats, ~0.05 us an operation: this runs every step.)"""
-        logits, prev, pending, bounds = state
-        delta = [math.log(d0 / d1) for d0, d1 in zip(_gaps(prev.tolist(), bounds.tolist()), gap)]
+    def _move_logits(self, losses: list[float], logits: memoryview, prev: memoryview,
+                     pending: memoryview, low: list[float]) -> list[float]:
+        """One Adam step of the logits along the drop of the log gaps D = L - b + eps from
+        ``prev_losses`` to ``losses``; clears ``pending``; returns the new logits."""
         x = logits.tolist()
-        z = softmax(x)
-        mean = sum(map(operator.mul, z, delta))
+        top = max(x)
+        e = [math.exp(a - top) for a in x]  # z = e / sum(e)
+        total = sum(e)
+        delta = [math.log((max(p - b, 0.0) + EPS) / (max(v - b, 0.0) + EPS))
+                 for p, v, b in zip(prev.tolist(), losses, low)]
+        mean = sum(map(operator.mul, e, delta)) / total
         # softmax Jacobian (symmetric) times delta, plus the L2 weight decay (as torch.optim.Adam
         # adds it to the gradient)
         gamma = self.gamma
-        grad = [zk * (dk - mean) + gamma * xk for zk, dk, xk in zip(z, delta, x)]
-        self._modules["adam"].step(logits, grad)  # type: ignore[union-attr]
+        grad = [ek / total * (dk - mean) + gamma * xk for ek, dk, xk in zip(e, delta, x)]
         pending[()] = False
+        return self._modules["adam"].step(logits, grad)  # type: ignore[union-attr,return-value]
 
     def extra_repr(self) -> str:
         return f"lr={self.lr}, gamma={self.gamma}, update={self.update!r}"
 
-
-def _gaps(losses: list[float], bounds: list[float]) -> list[float]:
-    """D_k = max(L_k - b_k, 0) + eps."""
-    return [max(v - b, 0.0) + EPS for v, b in zip(losses, bounds)]

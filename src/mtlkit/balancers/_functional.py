@@ -3,8 +3,8 @@
 * :class:`InnerAdam`: Adam with bias correction for a balancer's own small parameter vector
   (GradNorm's weights on the device, FAMO's logits on the host), its moments registered as
   buffers so that they are saved with the balancer's ``state_dict()``.
-* :func:`host_view`: a cached NumPy view of a module's host buffer; :func:`softmax` of a few
-  floats in plain Python.
+* :func:`host_view`: a cached memoryview of a module's host buffer, :func:`host_write`;
+  :func:`softmax` of a few floats in plain Python.
 * :func:`normalize_gramian`: the Gram matrix in float64 divided by its trace (most weightings
   are invariant to that scale; dividing first keeps the solvers' tolerances meaningful).
 * :func:`cosine_gramian`: the Gram matrix of the unit task gradients, invariant to the scale of
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import functools
 import math
+from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -37,8 +37,9 @@ class InnerAdam(nn.Module):
     ``state_dict()`` and a resumed run continues the same trajectory.
 
     :meth:`step` works on the device (torch tensors, no host synchronisation: GradNorm,
-    Auto-Lambda) or on the host (FAMO's logits, a NumPy view of a host buffer: the moments must
-    then be host buffers too, read and written through NumPy views), with the same formula.
+    Auto-Lambda) or on the host (FAMO's logits, a :func:`host_view` of a host buffer: the
+    moments must then be host buffers too, read and written the same way), with the same
+    formula.
 
     Args:
         size: length of the parameter vector.
@@ -54,19 +55,19 @@ class InnerAdam(nn.Module):
         >>> adam.step(x, torch.tensor([3.0, -0.5]))  # the first step is lr * sign(grad)
         >>> x
         tensor([0.9000, 1.1000])
-        >>> import numpy as np
         >>> host = InnerAdam(2, lr=0.1, dtype=torch.float64)
-        >>> y = np.ones(2)
-        >>> host.step(y, [3.0, -0.5])  # the same step on the host
+        >>> y = torch.ones(2, dtype=torch.float64)
+        >>> host.step(memoryview(y.numpy()), [3.0, -0.5])  # the same step on the host
+        [0.9000000003333333, 1.099999998]
         >>> y, host.t.item()
-        (array([0.9, 1.1]), 1)
+        (tensor([0.9000, 1.1000], dtype=torch.float64), 1)
     """
 
     m: Tensor
     v: Tensor
     t: Tensor
-    #: Buffer name -> (NumPy view, buffer) for host steps (see :func:`host_view`). Not state.
-    _views: dict[str, tuple[np.ndarray, Tensor]]
+    #: Buffer name -> (memoryview, buffer) for host steps (see :func:`host_view`). Not state.
+    _views: dict[str, tuple[memoryview, Tensor]]
 
     def __init__(self, size: int, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, dtype: torch.dtype = torch.float32) -> None:
@@ -81,33 +82,44 @@ class InnerAdam(nn.Module):
         state.pop("_views", None)  # views of this object's buffers, not of a copy's
         return state
 
-    def step(self, param: Tensor | np.ndarray, grad: Tensor | Sequence[float]) -> None:
-        """One Adam step of ``param`` (in place) along ``grad``: on the host (``param`` a NumPy
-        array, ``grad`` a list of floats: the formula runs on each entry in Python floats, the
-        step count read as an integer), or on the device (tensors: no host synchronisation,
-        the bias corrections are computed there)."""
-        if isinstance(param, np.ndarray):
+    def step(self, param: Tensor | memoryview, grad: Tensor | Sequence[float]
+             ) -> list[float] | None:
+        """One Adam step of ``param`` (in place) along ``grad``: on the host (``param`` a
+        memoryview, see :func:`host_view`; ``grad`` a list of floats: the formula runs on each
+        entry in Python floats; returns the new values), or on the device (tensors: no host
+        synchronisation, the bias corrections are computed there)."""
+        b1, b2 = self.betas
+        if not isinstance(param, Tensor):
             m, v, t = host_view(self, "m"), host_view(self, "v"), host_view(self, "t")
-            t[()] = count = int(t) + 1
-            steps = [self._update(x, g, a, b, count, math.sqrt)
-                     for x, g, a, b in zip(param.tolist(), grad, m.tolist(), v.tolist())]
-            param[:], m[:], v[:] = zip(*steps)
-        else:
-            with torch.no_grad():
-                self.t += 1
-                new = self._update(param, grad.to(self.m.dtype), self.m, self.v,  # type: ignore[union-attr]
-                                   self.t.to(self.m.dtype), torch.sqrt)
-                for old, value in zip((param, self.m, self.v), new):
-                    old.copy_(value)
+            t[()] = count = t[()] + 1
+            # _update's formula written out per entry (a call per entry doubles the cost; the
+            # two are checked equal in tests/balancers/test_host_weights.py)
+            c1, c2, lr, eps, sqrt = 1 - b1**count, 1 - b2**count, self.lr, self.eps, math.sqrt
+            ms = [b1 * a + (1 - b1) * g for a, g in zip(m.tolist(), grad)]
+            vs = [b2 * a + (1 - b2) * g * g for a, g in zip(v.tolist(), grad)]
+            new = [x - lr * (a / c1) / (sqrt(b / c2) + eps)
+                   for x, a, b in zip(param.tolist(), ms, vs)]
+            host_write(param, new)
+            host_write(m, ms)
+            host_write(v, vs)
+            return new
+        with torch.no_grad():
+            self.t += 1
+            count = self.t.to(self.m.dtype)
+            new = self._update(param, grad.to(self.m.dtype), self.m, self.v,  # type: ignore[union-attr]
+                               1 - b1**count, 1 - b2**count, torch.sqrt)
+            for old, value in zip((param, self.m, self.v), new):
+                old.copy_(value)
+        return None
 
-    def _update(self, param: Any, grad: Any, m: Any, v: Any, t: Any,
+    def _update(self, param: Any, grad: Any, m: Any, v: Any, c1: Any, c2: Any,
                 sqrt: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
         """The Adam update (torch.optim.Adam's form) of floats or tensors: (param, m, v) after
-        it, with ``t`` the step count after this step."""
+        it, with ``c1``, ``c2`` the bias corrections 1 - beta^t of this step."""
         b1, b2 = self.betas
         m = b1 * m + (1 - b1) * grad
         v = b2 * v + (1 - b2) * grad * grad
-        param = param - self.lr * (m / (1 - b1**t)) / (sqrt(v / (1 - b2**t)) + self.eps)
+        param = param - self.lr * (m / c1) / (sqrt(v / c2) + self.eps)
         return param, m, v
 
     def extra_repr(self) -> str:
@@ -133,21 +145,29 @@ def softmax(values: list[float]) -> list[float]:
     return [v / total for v in e]
 
 
-def host_view(module: nn.Module, name: str) -> np.ndarray:
-    """A NumPy view of the host buffer ``name`` of ``module`` (reads and in-place writes go to
-    the buffer), cached in ``module._views`` and remade only when the buffer is another tensor
-    (assigned, or moved). A view costs ~0.3 us where a tensor operation costs 2-9 us: the step
-    counter and the host state of loss weightings are read and written this way every step. A
-    module that uses it drops ``_views`` from its pickled state (a copy's views would not view
-    the copy's buffers; :class:`~mtlkit.balancers.Balancer` and :class:`InnerAdam` do)."""
+def host_view(module: nn.Module, name: str) -> memoryview:
+    """A memoryview of the host buffer ``name`` of ``module``: ``view.tolist()``, ``view[k]``
+    (``view[()]`` for a 0-d buffer) read the buffer, item assignments and :func:`host_write`
+    write it in place. Cached in ``module._views`` and remade only when the buffer is another
+    tensor (assigned, or moved). The step counter and the host state of loss weightings are
+    read and written this way every step: inside a training step a NumPy or torch call costs
+    ~4 us (its machinery touches memory the step evicted from the caches), an item access of a
+    memoryview tens of ns. A module that uses it drops ``_views`` from its pickled state (a
+    copy's views would not view the copy's buffers; :class:`~mtlkit.balancers.Balancer` and
+    :class:`InnerAdam` do)."""
     views = module.__dict__.get("_views")
     if views is None:
         views = module.__dict__["_views"] = {}
     buffer = module._buffers[name]
     hit = views.get(name)
     if hit is None or hit[1] is not buffer:
-        hit = views[name] = (buffer.numpy(), buffer)  # type: ignore[union-attr]
+        hit = views[name] = (memoryview(buffer.numpy()), buffer)  # type: ignore[union-attr]
     return hit[0]
+
+
+def host_write(view: memoryview, values: Sequence[float]) -> None:
+    """Write the floats ``values`` into the 1-D :func:`host_view` ``view`` (one copy)."""
+    view[:] = array(view.format, values)
 
 
 def normalize_gramian(gramian: Tensor) -> tuple[Tensor, Tensor]:

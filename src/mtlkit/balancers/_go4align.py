@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
-from mtlkit.balancers._functional import finfo, host_view
+from mtlkit.balancers._functional import finfo, host_view, host_write
 from mtlkit.balancers._registry import register
 
 
@@ -35,6 +36,18 @@ def _kmeans_1d_labels(values: Sequence[float], groups: int) -> list[int]:
         b += x * x
         pre.append(a)
         pre2.append(b)
+    if groups == 2:  # one cut: the earliest best of the n - 1 (the layer below, written flat)
+        a, b = pre[n], pre2[n]
+        bc, bi = math.inf, 0
+        for i in range(1, n):
+            e, tot = pre2[i] - pre[i] * pre[i] / i, a - pre[i]
+            c = max(0.0, e) + max(0.0, b - pre2[i] - tot * tot / (n - i))
+            if c < bc:
+                bc, bi = c, i
+        labels = [1] * n
+        for k in order[:bi]:
+            labels[k] = 0
+        return labels
     inf = math.inf
     # cost[j]: the least within-group sum of squares of sorted[:j] in g groups (infinite where
     # j < g), here g = 1. The sum of squares of sorted[i:j] is
@@ -100,6 +113,13 @@ def group_means(indicators: Tensor, labels: Tensor) -> Tensor:
     return (total / count)[labels]
 
 
+@functools.cache
+def _limits(dtype: torch.dtype) -> tuple[float, float]:
+    """(sqrt of the largest float, the smallest normal float) of a dtype."""
+    info = finfo(dtype)
+    return math.sqrt(info.max), info.tiny
+
+
 @register("go4align")
 class GO4Align(LossWeighting):
     r"""GO4Align: weight tasks by group, grouping tasks whose risk-guided indicators agree.
@@ -162,28 +182,32 @@ class GO4Align(LossWeighting):
 
     def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
         # K numbers, in Python floats (cheaper than array operations for a few values).
-        info = finfo(self._loss_dtype)
-        sqrt_max, tiny = math.sqrt(info.max), info.tiny
         # A loss below the largest over sqrt(float max) of the losses' dtype counts as that
         # floor: beta_k = sum / L_k stays finite in that dtype (a zero would make it infinite).
-        floor = max(max(values) / sqrt_max, tiny)
-        eta = self.step_size
+        root_max, tiny = _limits(self._loss_dtype)
+        largest = max(values)
+        floor = max(largest / root_max, tiny)
+        safe = [max(floor, x) for x in values]
+        largest = max(largest, floor)
         view = host_view(self, "omega")
-        safe, log_omega = [], []
-        for w, x in zip(view.tolist(), values):
-            x = max(x, floor)
-            safe.append(x)
-            # Multiplicative update in log space: exp(-eta L) underflows for huge losses.
-            log_omega.append((math.log(w) if w > 0.0 else -math.inf) - eta * x)
-        top = max(log_omega)
-        omega = [math.exp(x - top) for x in log_omega]
+        # omega <- normalise(omega * exp(-eta L)), each factor relative to the smallest loss's
+        # (the largest factor is 1); in log space when the products come near underflow (huge
+        # losses, or a tiny omega where the factor is 1).
+        eta, low = self.step_size, min(safe)
+        omega = [w * math.exp(eta * (low - x)) for w, x in zip(view.tolist(), safe)]
         total = sum(omega)
+        if not total > 1e-200:
+            logs = [(math.log(w) if w > 0.0 else -math.inf) - eta * x
+                    for w, x in zip(view.tolist(), safe)]
+            top = max(logs)
+            omega = [math.exp(x - top) for x in logs]
+            total = sum(omega)
         omega = [w / total for w in omega]
-        view[:] = omega  # the state, written in place
-        largest = max(safe)
-        ratio = [x / largest for x in safe]  # beta_k = sum_j L_j / L_k, relative to the largest
-        ratio_sum = sum(ratio)
-        indicators = [ratio_sum / r * w for r, w in zip(ratio, omega)]
+        host_write(view, omega)  # the state, written in place
+        # indicator_k = beta_k omega_k with beta_k = sum_j L_j / L_k, the losses relative to the
+        # largest (no overflow of the sum)
+        ratio_sum = sum(x / largest for x in safe)
+        indicators = [ratio_sum / (x / largest) * w for x, w in zip(safe, omega)]
         groups = self.num_groups
         if groups >= len(indicators):  # a group per task: its own indicator
             return indicators

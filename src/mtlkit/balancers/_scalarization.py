@@ -270,7 +270,7 @@ class COSMOS(_PreferenceScalarization):
         return [x / total for x in g]
 
     def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> list[float]:
-        return _cosmos(values, self._preference_list(int(host_view(self, "step"))),
+        return _cosmos(values, self._preference_list(host_view(self, "step")[()]),
                        self.penalty)
 
     def extra_repr(self) -> str:

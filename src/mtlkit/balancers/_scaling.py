@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
-from mtlkit.balancers._functional import host_view
+from mtlkit.balancers._functional import host_view, host_write
 from mtlkit.balancers._registry import register
 
 #: Smallest loss a reciprocal weight divides by (keeps 1/L finite when a loss is exactly 0).
@@ -128,16 +128,16 @@ class InitialLossWeighting(LossWeighting):
 
     def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> np.ndarray:
         count = host_view(self, "initial_count")
-        if count < self.num_batches:
+        if count[()] < self.num_batches:
             total = host_view(self, "initial_sum")
-            total += values
-            count += 1
+            host_write(total, [a + b for a, b in zip(total.tolist(), values)])
+            count[()] += 1
         else:  # L(0) is complete: the same weights every step
             return self._constant(self._weights)
         return self._weights()
 
     def _weights(self) -> np.ndarray:
-        mean = host_view(self, "initial_sum") / max(int(self.initial_count), 1)
+        mean = np.asarray(host_view(self, "initial_sum")) / max(int(self.initial_count), 1)
         return 1.0 / np.maximum(mean, LOSS_FLOOR)
 
     def extra_repr(self) -> str:
@@ -195,7 +195,7 @@ class PriorLossWeighting(LossWeighting):
     reads_values = False
 
     def loss_weights(self, values: None, context: Mapping[str, Any]) -> np.ndarray:
-        return self._constant(lambda: 1.0 / host_view(self, "priors").astype(np.float64))
+        return self._constant(lambda: 1.0 / np.asarray(host_view(self, "priors"), np.float64))
 
     def extra_repr(self) -> str:
         return f"priors={dict(zip(self.tasks, self.priors.tolist()))}"
