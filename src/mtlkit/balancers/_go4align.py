@@ -206,7 +206,7 @@ class GO4Align(LossWeighting):
         host_write(view, omega)  # the state, written in place
         # indicator_k = beta_k omega_k with beta_k = sum_j L_j / L_k, the losses relative to the
         # largest (no overflow of the sum)
-        ratio_sum = sum(x / largest for x in safe)
+        ratio_sum = sum([x / largest for x in safe])
         indicators = [ratio_sum / (x / largest) * w for x, w in zip(safe, omega)]
         groups = self.num_groups
         if groups >= len(indicators):  # a group per task: its own indicator
