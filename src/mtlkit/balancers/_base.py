@@ -764,13 +764,15 @@ class LossWeighting(Balancer):
         # of the method's state); on the host through array.array, a fifth of torch.tensor's
         # cost, else made on the device in one call.
         listed = tuple(weights) if type(weights) is list else np.asarray(weights, np.float64).tolist()
-        code = _ARRAY_CODES.get(like.dtype)
+        code = _ARRAY_CODES.get(like.dtype) if like.is_cpu else None
         try:
-            if code is None or not like.is_cpu:
-                raise TypeError
-            seed = torch.frombuffer(array(code, listed), dtype=like.dtype)
-        except TypeError:  # another dtype or device, or not K floats (the shape is named below)
+            packed = None if code is None else array(code, listed)
+        except TypeError:  # not K floats: made below, and its shape named
+            packed = None
+        if packed is None:
             seed = torch.tensor(listed, dtype=like.dtype, device=like.device)
+        else:
+            seed = torch.frombuffer(packed, dtype=like.dtype)
         if seed.shape != like.shape:
             raise ValueError(f"{type(self).__name__}.loss_weights returned shape "
                              f"{tuple(seed.shape)}; expected {tuple(like.shape)}")

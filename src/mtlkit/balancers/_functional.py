@@ -39,7 +39,7 @@ class InnerAdam(nn.Module):
     :meth:`step` works on the device (torch tensors, no host synchronisation: GradNorm,
     Auto-Lambda) or on the host (FAMO's logits, a :func:`host_view` of a host buffer: the
     moments must then be host buffers too, read and written the same way), with the same
-    formula.
+    formula (:meth:`_update`; written out per entry on the host, checked equal in the tests).
 
     Args:
         size: length of the parameter vector.
