@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, frozen, positive
-from mtlkit.balancers._functional import host_view, host_write, softmax
+from mtlkit.balancers._functional import host_add, host_view, host_write, softmax
 from mtlkit.balancers._registry import register
 from mtlkit.balancers._scaling import LOSS_FLOOR
 from mtlkit.engine._dist import all_mean_host
@@ -90,8 +90,7 @@ class DynamicWeightAverage(LossWeighting):
             self.epochs_seen += 1
             self._refresh()
         else:  # the hot path: two in-place additions on the host
-            total = host_view(self, "epoch_sum")
-            host_write(total, [a + b for a, b in zip(total.tolist(), values)])
+            host_add(host_view(self, "epoch_sum"), values)
             host_view(self, "epoch_count")[()] += 1
         return out
 

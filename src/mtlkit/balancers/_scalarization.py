@@ -183,7 +183,7 @@ class STCH(_PreferenceScalarization):
     ) -> None:
         super().__init__(tasks, **options)
         self.mu = positive("mu", mu)
-        # (host buffers: float64 state of the host maths, read through NumPy views)
+        # (host buffers: float64 state of the host maths, read through host_view)
         self.register_buffer("preference", self._preference(preference), persistent=False)
         self.register_buffer("reference", self._task_values(reference, "reference").double(),
                              persistent=False)
@@ -326,7 +326,7 @@ class PBI(_PreferenceScalarization):
     ) -> None:
         super().__init__(tasks, **options)
         self.theta = positive("theta", theta, allow_zero=True)
-        # (host buffers: float64 state of the host maths, read through NumPy views)
+        # (host buffers: float64 state of the host maths, read through host_view)
         self.register_buffer("preference", self._preference(preference), persistent=False)
         self.register_buffer("reference", self._task_values(reference, "reference").double(),
                              persistent=False)

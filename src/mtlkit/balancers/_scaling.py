@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mtlkit.balancers._base import LossWeighting, positive
-from mtlkit.balancers._functional import host_view, host_write
+from mtlkit.balancers._functional import host_add, host_view
 from mtlkit.balancers._registry import register
 
 #: Smallest loss a reciprocal weight divides by (keeps 1/L finite when a loss is exactly 0).
@@ -71,7 +71,7 @@ class FixedWeighting(LossWeighting):
     reads_values = False
 
     def loss_weights(self, values: None, context: Mapping[str, Any]) -> np.ndarray:
-        return self._constant(lambda: host_view(self, "weight_values"))
+        return self._constant(lambda: self.weight_values.tolist())
 
     def extra_repr(self) -> str:
         return f"weights={dict(zip(self.tasks, self.weight_values.tolist()))}"
@@ -129,8 +129,7 @@ class InitialLossWeighting(LossWeighting):
     def loss_weights(self, values: list[float], context: Mapping[str, Any]) -> np.ndarray:
         count = host_view(self, "initial_count")
         if count[()] < self.num_batches:
-            total = host_view(self, "initial_sum")
-            host_write(total, [a + b for a, b in zip(total.tolist(), values)])
+            host_add(host_view(self, "initial_sum"), values)
             count[()] += 1
         else:  # L(0) is complete: the same weights every step
             return self._constant(self._weights)
@@ -195,7 +194,7 @@ class PriorLossWeighting(LossWeighting):
     reads_values = False
 
     def loss_weights(self, values: None, context: Mapping[str, Any]) -> np.ndarray:
-        return self._constant(lambda: 1.0 / np.asarray(host_view(self, "priors"), np.float64))
+        return self._constant(lambda: [1.0 / p for p in self.priors.tolist()])
 
     def extra_repr(self) -> str:
         return f"priors={dict(zip(self.tasks, self.priors.tolist()))}"
