@@ -215,6 +215,11 @@ class Balancer(nn.Module):
     #: Whether :meth:`after_step` must be called with the post-step losses (FAMO; an instance
     #: may set it from its options).
     needs_after_step: bool = False
+    #: Whether a step takes the losses of a second, independent mini-batch (``second_losses``:
+    #: MoDo, SDMGrad) or of a held-out batch (``held_out``, ``parameters``: Auto-Lambda); the
+    #: trainer draws those batches.
+    needs_second_batch: ClassVar[bool] = False
+    needs_held_out_batch: ClassVar[bool] = False
     #: Registry name, set by :func:`mtlkit.balancers.register`.
     name: ClassVar[str] = ""
     #: Where per-task gradients are taken; "parameters" for methods that take none (the trainer
@@ -403,7 +408,7 @@ class Balancer(nn.Module):
         """Look at the losses after the optimiser step (only methods with ``needs_after_step``;
         nothing after a step that a gradient scaler skips)."""
         if self.needs_after_step and not self._skipped:
-            self._after_step(self._check_losses(losses, need_grad=False))
+            self._after_step(self._host_loss_values(self._loss_list(losses, need_grad=False)))
 
     def new_epoch(self) -> None:
         """Mark an epoch boundary (used by per-epoch methods such as DWA and LBTW)."""
@@ -419,8 +424,10 @@ class Balancer(nn.Module):
         """The step is done: advance the counter."""
         host_view(self, "step")[()] += 1
 
-    def _after_step(self, losses: Tensor) -> None:
-        pass
+    def _after_step(self, values: list[float]) -> None:
+        """The hook of :meth:`after_step`: ``values`` are the K losses after the optimiser step
+        as Python floats, the whole batch's (the mean over the ranks under
+        ``torch.distributed``), checked finite."""
 
     # ------------------------------------------------------------------ validation
     def _check_losses(self, losses: Losses, need_grad: bool = True) -> Tensor:
@@ -495,6 +502,19 @@ class Balancer(nn.Module):
             values = all_mean(values)
         self.__dict__["_host_values"] = self._check_finite(values) if self.check_finite else None
         return values
+
+    def _host_loss_values(self, items: list[Tensor]) -> list[float]:
+        """The values of the 0-d losses ``items`` as Python floats, the whole batch's (the mean
+        over the ranks under ``torch.distributed``), checked finite."""
+        if len(items) <= 8 and items[0].is_cpu and world_size() == 1:
+            # (a read per loss costs less than stacking a few: this runs every step)
+            host = [x.item() for x in items]
+            if self.check_finite and not math.isfinite(sum(host)):
+                self._check_finite(torch.tensor(host, dtype=torch.float64))
+            return host
+        values = self._loss_values(torch.stack(items).detach())
+        host = self._host_values
+        return values.tolist() if host is None else host
 
     def _check_finite(self, values: Tensor) -> list[float] | None:
         """Raise on a non-finite value, naming the tasks; the values as Python floats when they

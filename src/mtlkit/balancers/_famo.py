@@ -127,13 +127,11 @@ class FAMO(LossWeighting):
         total = sum(ratio)
         return [r / total for r in ratio]
 
-    def _after_step(self, losses: Tensor) -> None:
+    def _after_step(self, values: list[float]) -> None:
         logits, prev, pending, bounds = self._state()
         if not pending[()]:
             raise RuntimeError("famo.after_step() called without a backward() before it")
-        host = self._host_values  # read by the finiteness check, when it ran
-        self._move_logits(losses.tolist() if host is None else host, logits, prev, pending,
-                          bounds.tolist())
+        self._move_logits(values, logits, prev, pending, bounds.tolist())
 
     def _move_logits(self, losses: list[float], logits: memoryview, prev: memoryview,
                      pending: memoryview, low: list[float]) -> list[float]:
@@ -141,10 +139,12 @@ class FAMO(LossWeighting):
         ``prev_losses`` to ``losses``; clears ``pending``; returns the new logits."""
         x = logits.tolist()
         top = max(x)
-        e = [math.exp(a - top) for a in x]  # z = e / sum(e)
+        exp, log = math.exp, math.log
+        e, delta = [], []  # z = e / sum(e); delta: the drop of log D
+        for a, p, v, b in zip(x, prev.tolist(), losses, low):
+            e.append(exp(a - top))
+            delta.append(log((max(p - b, 0.0) + EPS) / (max(v - b, 0.0) + EPS)))
         total = sum(e)
-        delta = [math.log((max(p - b, 0.0) + EPS) / (max(v - b, 0.0) + EPS))
-                 for p, v, b in zip(prev.tolist(), losses, low)]
         mean = sum(map(operator.mul, e, delta)) / total
         # softmax Jacobian (symmetric) times delta, plus the L2 weight decay (as torch.optim.Adam
         # adds it to the gradient)

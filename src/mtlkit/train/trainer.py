@@ -405,8 +405,7 @@ class Trainer:
         (``needs_held_out_batch``: Auto-Lambda, whose official code also draws it from the
         training set; the validation split stays for model selection). Seeded by
         ``(seed, epoch)`` like the main loader, so a resumed run draws the same batches."""
-        if not (getattr(self.balancer, "needs_second_batch", False)
-                or getattr(self.balancer, "needs_held_out_batch", False)):
+        if not (self.balancer.needs_second_batch or self.balancer.needs_held_out_batch):
             return None
         gen = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch + 7_777_777)
         if isinstance(train, MultiInputDataset):
@@ -421,7 +420,7 @@ class Trainer:
         def losses() -> dict[str, Tensor]:
             return self._losses(_forward(self.forward_model, x), y, mask)
 
-        if getattr(self.balancer, "needs_second_batch", False):
+        if self.balancer.needs_second_batch:
             no_sync = self.ranks > 1 and self.balancer.takes_task_gradients
             with self.forward_model.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
                 return {"second_losses": losses()}
