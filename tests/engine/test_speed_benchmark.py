@@ -274,3 +274,47 @@ def test_compiled_vs_eager_table():
 def test_unknown_compile_backend_is_named():
     with pytest.raises(SystemExit, match="unknown --compile-backend 'nope'"):
         speed.main(["--quick", "--compile", "--compile-backend", "nope"])
+
+
+
+def _famo_floor():
+    """bench/famo_floor.py, imported."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "famo_floor.py"
+    spec = importlib.util.spec_from_file_location("famo_floor", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_famo_floor_script_computes_famos_maths():
+    """bench/famo_floor.py's bare FAMO (the least a Python FAMO does per step) gives the
+    weights and logits of mtlkit's FAMO over many steps at spread loss scales."""
+    import random
+
+    from mtlkit.balancers import FAMO
+
+    floor = _famo_floor()
+    ours = FAMO(["a", "b", "c"])
+    rng = random.Random(0)
+    scale = [1e-3, 1.0, 1e3]
+    logits, m, v = [0.0] * 3, [0.0] * 3, [0.0] * 3
+    for count in range(1, 60):
+        before = [s * rng.uniform(0.5, 2.0) for s in scale]
+        after = [x * rng.uniform(0.8, 1.1) for x in before]
+        step = ours.backward([torch.tensor(x, dtype=torch.float64, requires_grad=True)
+                              for x in before])
+        assert list(step.weights.values()) == pytest.approx(floor.weights(logits, before),
+                                                            rel=1e-12)
+        ours.after_step([torch.tensor(x, dtype=torch.float64) for x in after])
+        logits, m, v = floor.update(logits, m, v, count, before, after)
+        assert ours.logits.tolist() == pytest.approx(logits, rel=1e-12, abs=1e-15)
+    assert max(logits) - min(logits) > 0.1  # the logits moved
+
+
+def test_famo_floor_script_prints_its_table(capsys):
+    _famo_floor().main(["--blocks", "2", "--steps", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| sum+forward", "| bare", "| famo"]

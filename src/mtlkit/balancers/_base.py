@@ -507,8 +507,9 @@ class Balancer(nn.Module):
         """The values of the 0-d losses ``items`` as Python floats, the whole batch's (the mean
         over the ranks under ``torch.distributed``), checked finite."""
         if len(items) <= 8 and items[0].is_cpu and world_size() == 1:
-            # (a read per loss costs less than stacking a few: this runs every step)
-            host = [x.item() for x in items]
+            # (a read per loss costs less than stacking a few: this runs every step; a 0-d
+            # tensor's tolist() is its item() without the dispatcher)
+            host = [x.tolist() for x in items]
             if self.check_finite and not math.isfinite(sum(host)):
                 self._check_finite(torch.tensor(host, dtype=torch.float64))
             return host

@@ -37,8 +37,10 @@ class FAMO(LossWeighting):
     * ``"same_batch"`` (default; the paper's Algorithm 1 and its official code): after the
       optimiser step, :meth:`after_step` takes the losses of the *same* batch at the new
       parameters. That is one more no-grad forward pass per step (the trainer runs it;
-      1.47-1.51x a plain sum's step time on the tiny suite of ``mtlkit bench speed``, where
-      the plain sum plus that forward takes 1.31-1.34x; 1.06-1.07x for ``"next_batch"``).
+      1.05-1.10x the step of a plain sum plus that forward, measured beside it on the tiny
+      suite of ``mtlkit bench speed``, where a plain Python FAMO with no validation and no
+      saved state, ``bench/famo_floor.py``, takes 1.02-1.07x; 1.03-1.08x a plain sum's step
+      for ``"next_batch"``).
     * ``"next_batch"``: no extra forward. At the next :meth:`backward`, the new batch's losses
       (also at :math:`\theta_{t+1}`, but on other data) stand in for :math:`L(t+1)`, and the
       logits move before that step's weights are computed. :math:`\delta` then also holds the
