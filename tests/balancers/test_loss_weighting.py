@@ -219,6 +219,22 @@ def test_famo_next_batch_uses_the_next_losses_as_the_post_step_losses():
         FAMO(["a", "b"], update="later")
 
 
+@pytest.mark.parametrize("k", [3, 12])  # losses read one by one / stacked
+def test_famo_after_step_rejects_a_non_finite_loss_and_keeps_its_state(k):
+    tasks = [f"t{i}" for i in range(k)]
+    b = FAMO(tasks, lr=0.1)
+    step(b, [1.0 + i for i in range(k)])
+    saved = {n: v.clone() for n, v in b.state_dict().items()}
+    for bad in (float("nan"), float("inf")):
+        losses = [torch.tensor(0.5)] * k
+        losses[1] = torch.tensor(bad)
+        with pytest.raises(FloatingPointError, match=r"\['t1'\]"):
+            b.after_step(losses)
+        assert all(torch.equal(v, saved[n]) for n, v in b.state_dict().items())
+    b.after_step([torch.tensor(0.5)] * k)  # the step's update is still due, and is made
+    assert not b.pending and not torch.equal(b.logits, saved["logits"])
+
+
 # ------------------------------------------------------------------ contract properties
 @pytest.mark.parametrize("name", ["initial_loss", "geometric"])
 def test_scale_invariance(name):

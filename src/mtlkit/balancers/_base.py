@@ -427,7 +427,7 @@ class Balancer(nn.Module):
     def _after_step(self, values: list[float]) -> None:
         """The hook of :meth:`after_step`: ``values`` are the K losses after the optimiser step
         as Python floats, the whole batch's (the mean over the ranks under
-        ``torch.distributed``), checked finite."""
+        ``torch.distributed``), checked finite (unless ``check_finite=False``)."""
 
     # ------------------------------------------------------------------ validation
     def _check_losses(self, losses: Losses, need_grad: bool = True) -> Tensor:
@@ -513,7 +513,7 @@ class Balancer(nn.Module):
             if self.check_finite and not math.isfinite(sum(host)):
                 self._check_finite(torch.tensor(host, dtype=torch.float64))
             return host
-        values = self._loss_values(torch.stack(items).detach())
+        values = self._loss_values(torch.stack(items))
         host = self._host_values
         return values.tolist() if host is None else host
 

@@ -67,12 +67,12 @@ of tasks, or K where ``strategy="auto"`` loops (few tasks on CPU, see
 
 **Targets** (column ``target``, verdict ``PASS`` / ``MISS`` in ``result``): loss-weighting
 methods (``requires == "losses"``) ``time/sum <= 1.05``, and those whose step has a no-grad
-forward for ``after_step`` by definition (FAMO's default) ``time/(sum+forward) <= 1.05``, against
-``sum+forward`` (a plain sum's step plus that forward), measured back to back with the method
-in each repeat like a peer (the median of those ratios follows the verdict, in parentheses);
-``grad_on="features"`` at K=3 ``time/sum <= 1.5``; parameter-level methods that TorchJD also implements ``ours/torchjd time
-<= 1.00`` (K=3 and K=40) and at K=40 also ``ours/torchjd mem <= 0.50``. Other rows have no
-target (``-``).
+forward for ``after_step`` by definition (FAMO's default) ``time/(sum+forward) <= 1.05``,
+against ``sum+forward`` (a plain sum's step plus that forward), measured back to back with the
+method in each repeat like a peer (the median of those ratios follows the verdict, in
+parentheses); ``grad_on="features"`` at K=3 ``time/sum <= 1.5``; parameter-level methods that
+TorchJD also implements ``ours/torchjd time <= 1.00`` (K=3 and K=40) and at K=40 also
+``ours/torchjd mem <= 0.50``. Other rows have no target (``-``).
 
 **Peers** (``--peers``): for methods TorchJD implements, a step with
 ``torchjd.autojac.mtl_backward(losses, features=...)`` followed by ``jac_to_grad(shared,
