@@ -510,9 +510,7 @@ class Balancer(nn.Module):
             # (a read per loss costs less than stacking a few: this runs every step; a 0-d
             # tensor's tolist() is its item() without the dispatcher)
             host = [x.tolist() for x in items]
-            if self.check_finite and not math.isfinite(sum(host)):
-                self._check_finite(torch.tensor(host, dtype=torch.float64))
-            return host
+            return self._check_host_finite(host) if self.check_finite else host
         values = self._loss_values(torch.stack(items))
         host = self._host_values
         return values.tolist() if host is None else host
@@ -521,17 +519,17 @@ class Balancer(nn.Module):
         """Raise on a non-finite value, naming the tasks; the values as Python floats when they
         were read to the host (on CPU), else None."""
         # On the host the K values are read directly (a list read costs less than one torch
-        # operation) and summed (finite when every value is; a non-finite or overflowing sum
-        # takes the per-task check); on an accelerator one reduction and one synchronisation.
-        if values.is_cpu:
-            host = values.tolist()
-            if math.isfinite(sum(host)):
-                return host
-        elif bool(torch.isfinite(values).all()):
+        # operation); on an accelerator one reduction and one synchronisation.
+        if not values.is_cpu and bool(torch.isfinite(values).all()):
             return None
-        else:
-            host = values.tolist()
-        if not all(map(math.isfinite, host)):
+        return self._check_host_finite(values.tolist())
+
+    def _check_host_finite(self, host: list[float]) -> list[float]:
+        """Raise on a non-finite value of the K loss values ``host``, naming the tasks; else
+        return them."""
+        # The sum first: finite when every value is (a non-finite or overflowing sum takes the
+        # per-task check).
+        if not math.isfinite(sum(host)) and not all(map(math.isfinite, host)):
             bad = [t for t, v in zip(self.tasks, host) if not math.isfinite(v)]
             raise FloatingPointError(f"non-finite loss for task(s) {bad}: {host}")
         return host
